@@ -1,0 +1,90 @@
+"""WeightBroadcaster: brings every engine to the newest version the learner published.
+
+Per sync: pause(abort) -> update weights -> continue -> tell the buffer the new served version.
+Pausing with "abort" makes each in-flight request return what it has (at the old version); the
+generator resumes it, and the resumed request waits in the paused engine until weights are new.
+So no request ever sees its weights change under it, and one version per engine answer is exact.
+Only the newest published version is synced: a learner faster than the sync skips versions
+rather than queueing them (a mailbox of one, newest wins). Every sync is timed and bounded by
+``timeout_s``: a stuck engine becomes an error, not a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+from buffers.buffer import StalenessBuffer
+
+
+class SyncRecord(msgspec.Struct):
+    version: int
+    total_s: float  # publish seen -> engines serving it
+    paused_s: float  # generation paused on the engines
+
+
+class ControlledEngines(Protocol):
+    async def pause(self, mode: str = "abort") -> None: ...
+    async def resume(self) -> None: ...
+    async def update_weights_from_disk(self, path: str | Path, version: int) -> None: ...
+
+
+class WeightSyncError(RuntimeError):
+    pass
+
+
+class WeightBroadcaster:
+    def __init__(self, *, engines: ControlledEngines, buffer: StalenessBuffer, timeout_s: float,
+                 served_version: int = 0):
+        self.engines = engines
+        self.buffer = buffer
+        self.timeout_s = timeout_s
+        self.served_version = served_version
+        self.records: list[SyncRecord] = []
+        self._published: tuple[int, Path] | None = None
+        self._changed = asyncio.Condition()
+
+    async def publish(self, version: int, path: Path) -> None:
+        """The learner's weights at ``version`` are in ``path``; returns at once."""
+        async with self._changed:
+            stale = self._published
+            self._published = (version, path)
+            self._changed.notify_all()
+        if stale is not None:  # never synced: superseded
+            shutil.rmtree(stale[1], ignore_errors=True)
+
+    async def wait_served(self, version: int) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.served_version >= version)
+
+    async def run(self) -> None:
+        while True:
+            async with self._changed:
+                await self._changed.wait_for(lambda: self._published is not None)
+                assert self._published is not None
+                version, path = self._published
+                self._published = None
+            await self.sync(version, path)
+
+    async def sync(self, version: int, path: Path) -> None:
+        start = time.monotonic()
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.engines.pause("abort")
+                paused = time.monotonic()
+                await self.engines.update_weights_from_disk(path, version)
+                await self.engines.resume()
+        except TimeoutError:
+            raise WeightSyncError(f"weight sync to version {version} took over {self.timeout_s}s") from None
+        done = time.monotonic()
+        self.records.append(SyncRecord(version=version, total_s=done - start, paused_s=done - paused))
+        shutil.rmtree(path, ignore_errors=True)
+        async with self._changed:
+            self.served_version = version
+            self._changed.notify_all()
+        await self.buffer.set_served_version(version)

@@ -1,0 +1,58 @@
+"""Generator: admits prompt groups under the staleness bound, generates, scores, hands them on.
+
+Lifecycle of one group (each a named task owned by the generator's task set):
+    reserve a slot (waits: the admission rule) -> ledger ADMITTED -> GENERATING
+    -> n samples in parallel (``SampleRunner``: resumed across weight-update aborts, every token
+       stamped with the version that produced it)
+    -> SCORED -> buffer.put (BUFFERED), or dropped with a reason when no sample is trainable.
+The generator only ever waits on admission: rollout runs ahead of training by up to
+``max_staleness`` versions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from actors.reward import RewardScorer
+from actors.rollout import SampleRunner
+from buffers.buffer import StalenessBuffer, Ticket
+from buffers.types import Group, Prompt, Sample, Status
+from runtime.ledger import Ledger, State
+from runtime.waits import WaitClock
+
+
+class Generator:
+    def __init__(self, *, prompts: Callable[[int], Prompt], buffer: StalenessBuffer, ledger: Ledger,
+                 runner: SampleRunner, scorer: RewardScorer, n_samples: int, cursor: int = 0):
+        self.prompts, self.buffer, self.ledger = prompts, buffer, ledger
+        self.runner, self.scorer = runner, scorer
+        self.n_samples = n_samples
+        self.cursor = cursor  # index of the next prompt to admit: the data cursor
+        self.clock = WaitClock("generator")
+
+    async def run(self) -> None:
+        """Admit groups until cancelled. A crashing group task is a bug: it ends the run loudly
+        (the TaskGroup cancels the loop and its siblings and re-raises)."""
+        async with asyncio.TaskGroup() as groups:
+            while True:
+                ticket = await self.buffer.reserve(self.ledger.admit, clock=self.clock)
+                prompt = self.prompts(self.cursor)
+                self.cursor += 1
+                groups.create_task(self._run_group(ticket, prompt), name=f"group-{ticket.group_id}")
+
+    async def _run_group(self, ticket: Ticket, prompt: Prompt) -> None:
+        gid = ticket.group_id
+        self.ledger.advance(gid, State.GENERATING)
+        samples = [Sample(group_id=gid, index=i, prompt_ids=prompt.input_ids) for i in range(self.n_samples)]
+        await asyncio.gather(*(self.runner.run(s) for s in samples))
+        await asyncio.gather(*(self.scorer.score(prompt, s) for s in samples if s.status != Status.FAILED))
+        self.ledger.advance(gid, State.SCORED)
+        group = Group(group_id=gid, prompt=prompt, samples=samples, admitted_version=ticket.admitted_version,
+                      deadline_version=ticket.deadline_version)
+        if group.n_trainable == 0:
+            self.ledger.dropped(gid, "no_trainable_sample")
+            await self.buffer.cancel(gid)
+            return
+        self.ledger.advance(gid, State.BUFFERED)
+        await self.buffer.put(group)

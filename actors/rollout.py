@@ -1,0 +1,68 @@
+"""Generating one sample through the engines, resuming it across weight-update aborts.
+
+Shared by the generator (training groups) and the evaluator (held-out prompts).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from buffers.types import Sample, Status
+from policies.engine.client import EngineError, GenerateOutput
+
+
+class Engines(Protocol):
+    async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None
+                       ) -> GenerateOutput: ...
+
+
+class SampleRunner:
+    """Drives one sample to completion: a loop of /generate calls.
+
+    An answer that ends in "abort" (engines paused to swap weights) is resumed with prompt +
+    tokens so far and the remaining budget; each answer's tokens get that answer's weight
+    version, exact because weights never change under a running request. An engine error is
+    retried (the engine set routes to the least-loaded engine) up to ``retries`` times, then the
+    sample fails with the reason. Counts go to ``counters``.
+    """
+
+    def __init__(self, *, engines: Engines, sampling_params: dict[str, Any], decode: Callable[[list[int]], str],
+                 seed: int = 0, retries: int = 3):
+        self.engines = engines
+        self.sampling_params = sampling_params
+        self.max_new_tokens = int(sampling_params["max_new_tokens"])
+        self.decode = decode
+        self.seed = seed
+        self.retries = retries
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    async def run(self, sample: Sample) -> None:
+        sample.timing.submitted = time.monotonic()
+        errors = 0
+        while sample.status == Status.PENDING:
+            budget = self.max_new_tokens - len(sample.response_ids)
+            if budget <= 0:
+                sample.status = Status.TRUNCATED
+                break
+            seed = hash((self.seed, sample.group_id, sample.index, sample.n_segments)) % 2**31
+            params = dict(self.sampling_params, max_new_tokens=budget, sampling_seed=seed)
+            try:
+                out = await self.engines.generate(sample.prompt_ids + sample.response_ids, params)
+            except EngineError as e:
+                errors += 1
+                self.counters["engine_errors"] += 1
+                if errors > self.retries:
+                    sample.fail(f"engine failed {errors} times: {e}")
+                    self.counters["samples_failed_engine"] += 1
+                continue
+            sample.add_segment(list(out.output_ids), list(out.logprobs), int(out.weight_version))
+            if out.finish_reason == "abort":
+                self.counters["resumed_after_abort"] += 1
+            else:
+                sample.status = Status.COMPLETED if out.finish_reason == "stop" else Status.TRUNCATED
+        sample.timing.generated = time.monotonic()
+        if sample.status != Status.FAILED:
+            sample.response_text = self.decode(sample.response_ids)

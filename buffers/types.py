@@ -1,0 +1,109 @@
+"""The data model that flows through the loop: prompts in, scored groups of samples out.
+
+Invariant carried by these types (DESIGN.md, invariant 1): every generated token records the policy
+version of the weights that produced it and the engine's behavior logprob of it. A response is
+built from *segments*; each segment comes from one engine answer, during which the engine's
+weights never changed (the broadcaster aborts in-flight requests before it swaps weights), so the
+answer's single ``weight_version`` is exact for all its tokens. A sample whose generation spanned
+a weight update therefore carries several versions.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class Status(enum.StrEnum):
+    """How a sample's generation ended."""
+
+    PENDING = "pending"  # still being generated
+    COMPLETED = "completed"  # the engine stopped on a stop token
+    TRUNCATED = "truncated"  # hit ``max_new_tokens``
+    ABORTED = "aborted"  # aborted and not resumed (only at shutdown)
+    FAILED = "failed"  # engine error or reward failure: excluded from the loss, counted
+
+
+class Prompt(msgspec.Struct, frozen=True):
+    """One prompt of the task. ``index`` is its position in the prompt stream (the data cursor)."""
+
+    index: int
+    input_ids: list[int]
+    label: str = ""  # what the reward function checks against
+    text: str = ""
+
+
+class Timing(msgspec.Struct):
+    """Wall-clock seconds (``time.monotonic``) of one sample's life."""
+
+    submitted: float = 0.0
+    generated: float = 0.0  # last token received
+    scored: float = 0.0
+
+
+class Sample(msgspec.Struct):
+    """One response to a prompt. Per-token lists are aligned with ``response_ids``."""
+
+    group_id: int
+    index: int  # position within its group
+    prompt_ids: list[int]
+    response_ids: list[int] = msgspec.field(default_factory=list)
+    loss_mask: list[int] = msgspec.field(default_factory=list)  # 1: the token is trained on
+    token_versions: list[int] = msgspec.field(default_factory=list)  # policy version per token
+    behavior_logprobs: list[float] = msgspec.field(default_factory=list)  # engine logprob per token
+    response_text: str = ""
+    reward: float = 0.0
+    reward_info: dict[str, float] = msgspec.field(default_factory=dict)
+    status: Status = Status.PENDING
+    failure: str = ""  # why, when ``status`` is FAILED
+    timing: Timing = msgspec.field(default_factory=Timing)
+    n_segments: int = 0  # engine answers this response was built from (>1: it spanned an abort)
+
+    def add_segment(self, token_ids: list[int], logprobs: list[float], version: int) -> None:
+        """Append one engine answer's tokens, all produced by weights at ``version``."""
+        if len(token_ids) != len(logprobs):
+            raise ValueError(f"{len(token_ids)} tokens but {len(logprobs)} logprobs")
+        self.response_ids.extend(token_ids)
+        self.behavior_logprobs.extend(logprobs)
+        self.token_versions.extend([version] * len(token_ids))
+        self.loss_mask.extend([1] * len(token_ids))
+        self.n_segments += 1
+
+    def fail(self, reason: str) -> None:
+        """Exclude this sample from training, keeping the reason."""
+        self.status = Status.FAILED
+        self.failure = reason
+        self.loss_mask = [0] * len(self.response_ids)
+
+    @property
+    def trainable(self) -> bool:
+        return self.status in (Status.COMPLETED, Status.TRUNCATED) and any(self.loss_mask)
+
+
+class Group(msgspec.Struct):
+    """The ``n_samples_per_prompt`` samples of one prompt, the unit of admission and training.
+
+    ``admitted_version`` is the weight version served by every engine when the group was admitted,
+    so every token of the group has a version >= it. ``deadline_version`` is the last learner
+    version allowed to train on it (``admitted_version + max_staleness``); the buffer never hands
+    it out later, which is what makes the staleness bound hold by construction.
+    """
+
+    group_id: int
+    prompt: Prompt
+    samples: list[Sample]
+    admitted_version: int
+    deadline_version: int
+
+    @property
+    def rewards(self) -> list[float]:
+        return [s.reward for s in self.samples]
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(s.trainable for s in self.samples)
+
+    def min_token_version(self) -> int | None:
+        versions = [v for s in self.samples for v, m in zip(s.token_versions, s.loss_mask) if m]
+        return min(versions) if versions else None

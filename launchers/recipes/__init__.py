@@ -1,0 +1,30 @@
+"""Built-in recipes: a task (prompts, reward, tokenizer) plus the config defaults it was tuned with."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from runtime.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    defaults: dict[str, dict[str, Any]]  # config overrides, by section
+    make_task: Callable[..., Any]  # (seed=int, eval_num_prompts=int) -> Task
+
+
+def _registry() -> dict[str, Recipe]:
+    from launchers.recipes import copy_digits
+
+    return {"default": copy_digits.RECIPE}
+
+
+def get_recipe(name: str) -> Recipe:
+    recipes = _registry()
+    if name not in recipes:
+        raise ConfigError("--recipe", f"unknown recipe {name!r} (known: {', '.join(sorted(recipes))})")
+    return recipes[name]

@@ -1,0 +1,264 @@
+"""Typed run configuration: one small msgspec Struct per concern, grouped like Miles's arguments.
+
+Each component receives only its own section (or a few fields of it), never the whole ``Config``.
+Values resolve in this order, later winning: field defaults < recipe < ``--config FILE`` (TOML,
+one table per section) < command-line flags. Every flag is the field name with dashes
+(``rollout_batch_size`` -> ``--rollout-batch-size``), so a field name is unique across sections.
+Invalid values raise ``ConfigError`` naming the flag; ``runtime.cli`` turns that into exit 2.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+Pos = Annotated[int, Meta(ge=1)]
+NonNeg = Annotated[int, Meta(ge=0)]
+PosF = Annotated[float, Meta(gt=0)]
+NonNegF = Annotated[float, Meta(ge=0)]
+Prob = Annotated[float, Meta(gt=0, le=1)]
+
+
+class ConfigError(ValueError):
+    """A bad value, with the flag it came from: ``str()`` is the one line the user sees."""
+
+    def __init__(self, flag: str, reason: str):
+        super().__init__(f"{flag}: {reason}")
+        self.flag = flag
+        self.reason = reason
+
+
+class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class RunConfig(Section):
+    """RUN: what to run and where it writes."""
+
+    recipe: str = "default"  # a built-in recipe (launchers.recipes)
+    run_dir: str = ""  # default: runs/<recipe>-<timestamp>
+    backend: Literal["local"] = "local"
+    seed: int = 1234
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+
+
+class ModelConfig(Section):
+    """MODEL: the shape of the random-init model built when no ``--hf-checkpoint`` is given."""
+
+    num_layers: Pos = 2
+    hidden_size: Pos = 64
+    num_attention_heads: Pos = 4
+    num_query_groups: Pos = 2  # key/value heads
+    ffn_hidden_size: Pos = 128
+    max_position_embeddings: Pos = 64
+
+
+class CkptConfig(Section):
+    """CKPT: model and tokenizer source."""
+
+    hf_checkpoint: str = ""  # a local HF directory; empty: build the recipe's model from MODEL
+
+
+class RolloutConfig(Section):
+    """ROLLOUT: prompts, sampling, reward, and the four batch knobs."""
+
+    rollout_batch_size: Pos = 16  # prompts per rollout
+    n_samples_per_prompt: Pos = 8
+    global_batch_size: Pos = 128  # samples per optimizer step
+    num_steps_per_rollout: Pos | None = None  # derived when unset
+    num_rollout: Pos = 250
+    rollout_temperature: NonNegF = 1.0
+    rollout_top_p: Prob = 1.0
+    rollout_top_k: int = -1
+    rollout_max_response_len: Pos = 8
+    rollout_num_engines: Pos = 1
+    custom_rm_path: str = ""  # module:function; empty: the recipe's reward
+    reward_timeout: PosF = 10.0  # seconds per sample before the reward counts as failed
+    rollout_seed: int = 42
+
+    @property
+    def steps_per_rollout(self) -> int:
+        if self.num_steps_per_rollout is not None:
+            return self.num_steps_per_rollout
+        return max(1, self.rollout_batch_size * self.n_samples_per_prompt // self.global_batch_size)
+
+    @property
+    def groups_per_step(self) -> int:
+        """Prompt groups one optimizer step consumes: the unit of staleness admission."""
+        return self.global_batch_size // self.n_samples_per_prompt
+
+    @property
+    def num_steps(self) -> int:
+        return self.num_rollout * self.steps_per_rollout
+
+
+class EvalConfig(Section):
+    """EVAL: periodic evaluation on held-out prompts; flags left unset inherit ROLLOUT's."""
+
+    eval_interval: NonNeg = 25  # learner steps between evaluations; 0: only first and final
+    eval_temperature: NonNegF = 0.0  # greedy by default
+    eval_top_p: Prob = 1.0
+    eval_max_response_len: Pos | None = None
+    n_samples_per_eval_prompt: Pos = 1
+    eval_num_prompts: Pos = 200
+
+
+class PerfConfig(Section):
+    """PERF: threads and engine capacity."""
+
+    learner_threads: Pos = 1
+    engine_threads: Pos = 1
+    engine_max_running_requests: Pos = 512
+
+
+class GrpoConfig(Section):
+    """GRPO: the RL objective."""
+
+    advantage_estimator: Literal["grpo"] = "grpo"
+    normalize_advantage_std: bool = True  # divide by the group's std (Dr.GRPO turns this off)
+    eps_clip: PosF = 0.2
+    eps_clip_high: PosF | None = None  # default: eps_clip
+    use_tis: bool = False
+    tis_clip: PosF = 2.0
+    tis_clip_low: NonNegF = 0.0
+    use_kl_loss: bool = False
+    kl_loss_coef: NonNegF = 0.0
+    kl_loss_type: Literal["k1", "k2", "low_var_kl"] = "low_var_kl"
+    entropy_coef: NonNegF = 0.0
+
+
+class OptimizerConfig(Section):
+    """OPTIMIZER."""
+
+    optimizer: Literal["adam"] = "adam"
+    lr: PosF = 1e-3
+    weight_decay: NonNegF = 0.0
+    adam_beta1: Annotated[float, Meta(ge=0, lt=1)] = 0.9
+    adam_beta2: Annotated[float, Meta(ge=0, lt=1)] = 0.999
+    adam_eps: PosF = 1e-8
+    clip_grad: NonNegF = 1.0  # 0: off
+
+
+class AsyncConfig(Section):
+    """ASYNC: freshness against throughput, and the timeouts that keep the loop from hanging."""
+
+    max_staleness: NonNeg = 1  # policy versions; 0 = synchronous on-policy
+    buffer_capacity: Pos | None = None  # groups; default (max_staleness + 1) * groups per step
+    engine_timeout: PosF = 120.0  # seconds for one engine call
+    engine_start_timeout: PosF = 180.0
+    weight_sync_timeout: PosF = 120.0
+    stall_timeout: PosF = 600.0  # no learner step for this long ends the run with a dump
+
+    def capacity(self, groups_per_step: int) -> int:
+        """Groups that may be admitted and not yet trained (the buffer's bound).
+
+        AReaL's rule: admitted - dropped <= (version + max_staleness + 1) * groups_per_step, so at
+        most ``(max_staleness + 1) * groups_per_step`` groups are outstanding; a smaller explicit
+        capacity trades throughput for memory and freshness.
+        """
+        bound = (self.max_staleness + 1) * groups_per_step
+        return bound if self.buffer_capacity is None else min(bound, self.buffer_capacity)
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    run: RunConfig = msgspec.field(default_factory=RunConfig)
+    model: ModelConfig = msgspec.field(default_factory=ModelConfig)
+    ckpt: CkptConfig = msgspec.field(default_factory=CkptConfig)
+    rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
+    eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
+    perf: PerfConfig = msgspec.field(default_factory=PerfConfig)
+    grpo: GrpoConfig = msgspec.field(default_factory=GrpoConfig)
+    optimizer: OptimizerConfig = msgspec.field(default_factory=OptimizerConfig)
+    async_: AsyncConfig = msgspec.field(default_factory=AsyncConfig, name="async")
+
+
+SECTIONS: dict[str, type[Section]] = {
+    f.encode_name: f.type for f in msgspec.structs.fields(Config)  # type: ignore[misc]
+}
+GROUP_TITLES = {
+    "run": "RUN", "model": "MODEL", "ckpt": "CKPT", "rollout": "ROLLOUT", "eval": "EVAL",
+    "perf": "PERF", "grpo": "GRPO", "optimizer": "OPTIMIZER", "async": "ASYNC",
+}
+
+
+def flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def merge(base: dict[str, dict[str, Any]], over: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Section-wise overlay of plain dicts; unknown sections raise with the section's name."""
+    out = {k: dict(v) for k, v in base.items()}
+    for section, values in over.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"[{section}]", f"unknown section (known: {', '.join(SECTIONS)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}]", "must be a table")
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def build(data: dict[str, dict[str, Any]]) -> Config:
+    """Validate plain values into a ``Config``; the first problem raises ``ConfigError``."""
+    try:
+        cfg = msgspec.convert(data, Config, strict=False)
+    except msgspec.ValidationError as e:
+        raise _as_config_error(e) from None
+    check(cfg)
+    return cfg
+
+
+def _as_config_error(e: msgspec.ValidationError) -> ConfigError:
+    msg = str(e)
+    reason, _, path = msg.rpartition(" - at `")
+    parts = path.rstrip("`").split(".")
+    if len(parts) >= 3:
+        name = flag(parts[2]) if parts[2] not in ("", "$") else f"[{parts[1]}]"
+        return ConfigError(name, reason or msg)
+    if "unknown field" in msg.lower():
+        return ConfigError(path.rstrip("`") or "config", msg)
+    return ConfigError("config", msg)
+
+
+def check(cfg: Config) -> None:
+    """Cross-field rules, each naming the flag a user would change."""
+    r = cfg.rollout
+    if r.global_batch_size % r.n_samples_per_prompt:
+        raise ConfigError(
+            "--global-batch-size",
+            f"{r.global_batch_size} is not a multiple of --n-samples-per-prompt {r.n_samples_per_prompt}"
+            " (a step trains whole groups)",
+        )
+    produced = r.rollout_batch_size * r.n_samples_per_prompt
+    if produced != r.global_batch_size * r.steps_per_rollout:
+        raise ConfigError(
+            "--global-batch-size",
+            f"rollout batch x samples per prompt = {r.rollout_batch_size} x {r.n_samples_per_prompt} = "
+            f"{produced} must equal global batch x steps per rollout = "
+            f"{r.global_batch_size} x {r.steps_per_rollout}",
+        )
+    if r.rollout_top_k == 0 or r.rollout_top_k < -1:
+        raise ConfigError("--rollout-top-k", f"must be -1 (off) or >= 1, got {r.rollout_top_k}")
+    if r.custom_rm_path and ":" not in r.custom_rm_path:
+        raise ConfigError("--custom-rm-path", f"must be module:function, got {r.custom_rm_path!r}")
+    a = cfg.async_
+    if a.buffer_capacity is not None and a.buffer_capacity < r.groups_per_step:
+        raise ConfigError(
+            "--buffer-capacity",
+            f"{a.buffer_capacity} groups cannot hold one step's {r.groups_per_step} groups",
+        )
+    m = cfg.model
+    if m.hidden_size % m.num_attention_heads:
+        raise ConfigError("--hidden-size", f"{m.hidden_size} is not divisible by {m.num_attention_heads} heads")
+    if m.num_attention_heads % m.num_query_groups:
+        raise ConfigError("--num-query-groups", "must divide --num-attention-heads")
+    g = cfg.grpo
+    if g.tis_clip_low >= g.tis_clip:
+        raise ConfigError("--tis-clip-low", f"must be below --tis-clip {g.tis_clip}")
+
+
+def to_toml_dict(cfg: Config) -> dict[str, Any]:
+    """The resolved config as plain tables (None values left out: TOML has no null)."""
+    raw = msgspec.to_builtins(cfg)
+    return {s: {k: v for k, v in t.items() if v is not None} for s, t in raw.items()}

@@ -1,0 +1,176 @@
+"""``python -m runtime.launch``: fully asynchronous RL post-training, on the embedded default or a recipe.
+
+The algorithm, as wired below:
+    1. build the task (prompts, held-out prompts, reward) and the initial policy checkpoint;
+    2. start the engines on that checkpoint (version 0);
+    3. the generator admits prompt groups while the staleness rule allows, samples
+       ``n_samples_per_prompt`` responses per prompt on the engines and scores them;
+    4. the learner takes each batch of groups (earliest deadline first), computes GRPO advantages
+       and a PPO-clip step (TIS against the engines' logprobs), and publishes version v+1;
+    5. the broadcaster brings the engines to the newest version, which admits more groups;
+    6. evaluations on held-out prompts run on the side; the run ends after the last step with a
+       final synced evaluation and writes ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from actors.broadcaster import WeightBroadcaster
+from actors.evaluator import Evaluator
+from actors.generator import Generator
+from actors.learner import Learner
+from actors.reward import RewardScorer
+from actors.rollout import SampleRunner
+from buffers.buffer import StalenessBuffer
+from launchers.recipes import get_recipe
+from launchers.recipes.task import Task
+from policies.model import qwen3_config, write_random_checkpoint
+from policies.trainer import PolicyTrainer
+from runtime import cli
+from runtime.config import Config, to_toml_dict
+from runtime.engines import EngineSet
+from runtime.ledger import Ledger
+from runtime.metrics import write_json
+from runtime.plugins import load_function
+from runtime.progress import Progress
+from runtime.scheduler import Actors, RunFailed, Scheduler
+from runtime.summary import summarize
+
+log = logging.getLogger("runtime.launch")
+
+
+def prepare_run_dir(cfg: Config) -> Path:
+    run_dir = Path(cfg.run.run_dir or f"runs/{cfg.run.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(cli.dumps_toml(to_toml_dict(cfg)))
+    return run_dir
+
+
+def initial_checkpoint(cfg: Config, task: Task, run_dir: Path) -> str:
+    if cfg.ckpt.hf_checkpoint:
+        return cfg.ckpt.hf_checkpoint
+    m, tok = cfg.model, task.tokenizer
+    config = qwen3_config(
+        vocab_size=len(tok), num_layers=m.num_layers, hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size, max_position_embeddings=m.max_position_embeddings,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    return str(write_random_checkpoint(run_dir / "initial_model", config, tok, seed=cfg.run.seed))
+
+
+def sampling_params(*, temperature: float, top_p: float, top_k: int, max_new_tokens: int,
+                    stop_token_ids: list[int]) -> dict[str, Any]:
+    return {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
+            "stop_token_ids": stop_token_ids}
+
+
+def weights_dir() -> Path:
+    """Where the learner hands weights to CPU engines: shared memory when the host has it."""
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="asyncrl-weights-", dir=base))
+
+
+def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress) -> Scheduler:
+    r, a, e = cfg.rollout, cfg.async_, cfg.eval
+    task = get_recipe(cfg.run.recipe).make_task(seed=r.rollout_seed, eval_num_prompts=e.eval_num_prompts)
+    reward_fn = load_function(r.custom_rm_path or task.reward_path, flag="--custom-rm-path")
+    model_path = initial_checkpoint(cfg, task, run_dir)
+    decode = lambda ids: task.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+
+    engines = EngineSet(model_path=model_path, n=r.rollout_num_engines, log_dir=run_dir / "logs",
+                        threads=cfg.perf.engine_threads, max_running_requests=cfg.perf.engine_max_running_requests,
+                        timeout_s=a.engine_timeout, start_timeout_s=a.engine_start_timeout)
+    buffer = StalenessBuffer(groups_per_step=r.groups_per_step, max_staleness=a.max_staleness,
+                             capacity=a.capacity(r.groups_per_step))
+    ledger = Ledger()
+    scorer = RewardScorer(reward_fn, timeout_s=r.reward_timeout)
+    rollout = SampleRunner(engines=engines, decode=decode, seed=r.rollout_seed, sampling_params=sampling_params(
+        temperature=r.rollout_temperature, top_p=r.rollout_top_p, top_k=r.rollout_top_k,
+        max_new_tokens=r.rollout_max_response_len, stop_token_ids=task.stop_token_ids))
+    generator = Generator(prompts=task.train_prompt, buffer=buffer, ledger=ledger, runner=rollout,
+                          scorer=scorer, n_samples=r.n_samples_per_prompt)
+    trainer = PolicyTrainer(model_path, grpo=cfg.grpo, optim=cfg.optimizer, temperature=r.rollout_temperature,
+                            pad_id=task.tokenizer.pad_token_id, threads=cfg.perf.learner_threads)
+    broadcaster = WeightBroadcaster(engines=engines, buffer=buffer, timeout_s=a.weight_sync_timeout)
+    learner = Learner(trainer=trainer, buffer=buffer, ledger=ledger, publisher=broadcaster,
+                      num_steps=r.num_steps, max_staleness=a.max_staleness, weights_dir=weights)
+    eval_runner = SampleRunner(engines=engines, decode=decode, seed=r.rollout_seed + 1, sampling_params=sampling_params(
+        temperature=e.eval_temperature, top_p=e.eval_top_p, top_k=-1 if e.eval_temperature == 0 else r.rollout_top_k,
+        max_new_tokens=e.eval_max_response_len or r.rollout_max_response_len, stop_token_ids=task.stop_token_ids))
+    evaluator = Evaluator(prompts=task.eval_prompts, runner=eval_runner, scorer=RewardScorer(
+        reward_fn, timeout_s=r.reward_timeout), n_samples=e.n_samples_per_eval_prompt)
+    actors = Actors(engines=engines, buffer=buffer, ledger=ledger, generator=generator, learner=learner,
+                    broadcaster=broadcaster, evaluator=evaluator)
+    scheduler = Scheduler(actors, run_dir=run_dir, eval_interval=e.eval_interval,
+                          stall_timeout_s=a.stall_timeout, progress=progress)
+    learner.on_step = scheduler.on_step
+    return scheduler
+
+
+async def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
+    progress = Progress(total_steps=cfg.rollout.num_steps, mode=cfg.run.progress)
+    weights = weights_dir()
+    scheduler: Scheduler | None = None
+    status, error = "failed", ""
+    try:
+        scheduler = build(cfg, run_dir, weights, progress)
+        await scheduler.run()
+        status = "completed"
+    except asyncio.CancelledError:
+        status, error = "interrupted", "interrupted (Ctrl-C)"
+        raise
+    except RunFailed as e:
+        error = str(e)
+        raise
+    finally:
+        shutil.rmtree(weights, ignore_errors=True)
+        summary = summarize(scheduler, status=status, error=error) if scheduler else {"status": status}
+        write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = cli.resolve(argv, prog="python -m runtime.launch")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    run_dir = prepare_run_dir(cfg)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[logging.FileHandler(run_dir / "run.log"), logging.StreamHandler()])
+    logging.getLogger().handlers[1].setLevel(logging.WARNING)  # the terminal gets progress, not chatter
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    try:
+        summary = _run(train(cfg, run_dir))
+    except KeyboardInterrupt:
+        print(f"interrupted; partial record in {run_dir}", file=sys.stderr)
+        return 130
+    except RunFailed as e:
+        print(f"run failed: {e}", file=sys.stderr)
+        return 1
+    print(f"done: {summary['steps']} steps in {summary['wall_s']:.0f}s, eval reward "
+          f"{summary['first_eval_reward']:.3f} -> {summary['final_eval_reward']:.3f}; {run_dir}/summary.json",
+          file=sys.stderr)
+    return 0
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

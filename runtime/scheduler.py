@@ -1,0 +1,228 @@
+"""The scheduler: owns every actor's lifetime, the run's completion, its failure and its record.
+
+Dataflow (local backend: each actor is a named asyncio task in this process, engines are
+subprocesses reached over HTTP):
+
+    prompts -> Generator --reserve()--> StalenessBuffer --get_batch(v)--> Learner
+                  |  ^      waits: admission           waits: EDF batch     |  step on a thread
+         /generate|  |abort answers are resumed                             | publish(v+1, weights)
+                  v  |                                                      v
+               Engines <--- pause -> update -> continue --- WeightBroadcaster
+                                                                |
+                          buffer.set_served_version(v+1) <------+  (wakes admission)
+
+Bounds and who waits on whom:
+- Admission: live groups < (served_version + max_staleness + 1) * groups_per_step and untrained
+  groups < capacity = min(--buffer-capacity, (max_staleness + 1) * groups_per_step). The
+  generator waits here and nowhere else; the buffer can therefore never overflow.
+- The learner waits for the earliest-deadline batch; it never waits on the broadcaster.
+- The broadcaster's mailbox holds one version (newest wins), so a slow sync skips versions
+  instead of queueing them; each sync is bounded by --weight-sync-timeout.
+- An evaluation is a task of its own on the same engines, outside admission: it never stalls
+  training. At most one runs at a time; a trigger while one runs is skipped and counted.
+Completion: the learner returning after --num-rollout x steps-per-rollout steps. Then the final
+version is synced and evaluated, every task is cancelled and every engine stopped. Any other task
+ending (it never should) or raising ends the run with that task's traceback; a learner that makes
+no step for --stall-timeout ends it with a dump of what every actor was waiting on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from actors.broadcaster import WeightBroadcaster
+from actors.evaluator import EvalResult, Evaluator
+from actors.generator import Generator
+from actors.learner import Learner, StepRecord
+from buffers.buffer import StalenessBuffer
+from runtime.engines import EngineSet
+from runtime.ledger import Ledger
+from runtime.metrics import MetricsLog
+from runtime.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Actors:
+    engines: EngineSet
+    buffer: StalenessBuffer
+    ledger: Ledger
+    generator: Generator
+    learner: Learner
+    broadcaster: WeightBroadcaster
+    evaluator: Evaluator
+
+    def rollout_counters(self) -> dict[str, int]:
+        """Fault and recovery counts from the rollout side (engine errors, resumes, reward failures)."""
+        out = dict(self.generator.runner.counters)
+        for kind, n in self.generator.scorer.failures.items():
+            out[kind] = out.get(kind, 0) + n
+        return out
+
+
+class Scheduler:
+    def __init__(self, actors: Actors, *, run_dir: Path, eval_interval: int, stall_timeout_s: float,
+                 progress: Progress):
+        self.a = actors
+        self.run_dir = run_dir
+        self.eval_interval = eval_interval
+        self.stall_timeout_s = stall_timeout_s
+        self.progress = progress
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.evals: list[EvalResult] = []
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.staleness_max_observed = 0
+        self._start = time.monotonic()
+        self._last_step_at = self._start
+        self._last_tokens = 0
+        self._eval_task: asyncio.Task[None] | None = None
+        self._unreported: list[EvalResult] = []
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._failure: str | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            await self.a.engines.start()
+            self._start = self._last_step_at = time.monotonic()
+            self._start_eval(0)
+            self._tasks = {
+                name: asyncio.create_task(coro, name=name)
+                for name, coro in [
+                    ("learner", self.a.learner.run()),
+                    ("generator", self.a.generator.run()),
+                    ("broadcaster", self.a.broadcaster.run()),
+                    ("watchdog", self._watchdog()),
+                ]
+            }
+            done, _ = await asyncio.wait(self._tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+            finished = done.pop()
+            if self._failure is not None:
+                raise RunFailed(self._failure)
+            if finished.get_name() != "learner" or finished.cancelled() or finished.exception() is not None:
+                raise RunFailed(_describe_end(finished))
+            await self._finish()
+        finally:
+            await self._shutdown()
+
+    async def _finish(self) -> None:
+        final = self.a.learner.version
+        await asyncio.wait_for(self.a.broadcaster.wait_served(final), self.a.broadcaster.timeout_s)
+        if self._eval_task is not None:
+            await self._eval_task
+        result = await self.a.evaluator.evaluate(final)
+        self.evals.append(result)
+        self.progress.message(f"final eval at version {final}: reward {result.reward:.3f}")
+
+    async def _shutdown(self) -> None:
+        tasks = [*self._tasks.values(), *([self._eval_task] if self._eval_task else [])]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.a.buffer.close()
+        await self.a.engines.stop()
+        self.metrics.close()
+
+    # -- per step --------------------------------------------------------------------------------
+    def on_step(self, rec: StepRecord) -> None:
+        now = time.monotonic()
+        tokens = self.a.engines.generated_tokens
+        dt = max(now - self._last_step_at, 1e-9)
+        self.staleness_max_observed = max(self.staleness_max_observed, rec.staleness_max)
+        ledger = self.a.ledger.counts()
+        line: dict[str, Any] = {
+            "step": rec.step, "version": rec.version, "time_s": round(now - self._start, 4),
+            "reward/mean": rec.reward_mean, "response_len/mean": rec.response_len_mean,
+            "staleness/max": rec.staleness_max, "staleness/mean": rec.staleness_mean,
+            "learner/wait_frac": self.a.learner.clock.lap(),
+            "generator/wait_frac": self.a.generator.clock.lap(),
+            "learner/train_s": rec.train_s,
+            "buffer/groups": self.a.buffer.n_ready, "buffer/pending": self.a.buffer.n_pending,
+            "buffer/capacity": self.a.buffer.capacity, "buffer/served_version": self.a.buffer.served_version,
+            "throughput/tokens_per_s": (tokens - self._last_tokens) / dt,
+            **{f"train/{k}": v for k, v in _struct_items(rec.stats)},
+            "ledger/admitted": ledger.admitted, "ledger/trained": ledger.trained,
+            "ledger/dropped": sum(ledger.dropped.values()), "ledger/in_flight": ledger.in_flight,
+        }
+        if self.a.broadcaster.records:
+            last = self.a.broadcaster.records[-1]
+            line |= {"sync/version": last.version, "sync/total_s": last.total_s, "sync/paused_s": last.paused_s}
+        for ev in self._unreported:
+            line |= {"eval/reward": ev.reward, "eval/version": ev.version, "eval/wall_s": ev.wall_s}
+        self._unreported.clear()
+        self._last_step_at, self._last_tokens = now, tokens
+        self.metrics.write(line)
+        self.progress.update(line)
+        if self.eval_interval and rec.version % self.eval_interval == 0:
+            self._start_eval(rec.version)
+
+    def _start_eval(self, version: int) -> None:
+        if self._eval_task is not None and not self._eval_task.done():
+            self.counters["evals_skipped_busy"] += 1
+            return
+
+        async def evaluate() -> None:
+            result = await self.a.evaluator.evaluate(version)
+            self.evals.append(result)
+            self._unreported.append(result)
+
+        self._eval_task = asyncio.create_task(evaluate(), name=f"eval-v{version}")
+        self._eval_task.add_done_callback(self._eval_done)
+
+    def _eval_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # An evaluation failing is a bug (engine faults are absorbed below it): stop the run.
+            self._failure = _describe_end(task)
+            self._tasks["learner"].cancel()
+
+    # -- no hangs --------------------------------------------------------------------------------
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(min(5.0, self.stall_timeout_s / 4))
+            idle = time.monotonic() - max(self._last_step_at, self._start)
+            if idle > self.stall_timeout_s:
+                path = self.run_dir / "stall_dump.txt"
+                path.write_text(self.dump())
+                raise RunFailed(f"no learner step for {idle:.0f}s (--stall-timeout); what each actor "
+                                f"was waiting on is in {path}")
+
+    def dump(self) -> str:
+        """What every actor and task is waiting on right now."""
+        rows = [
+            f"learner: version {self.a.learner.version}, waiting on {self.a.learner.clock.waiting_on}",
+            f"generator: cursor {self.a.generator.cursor}, waiting on {self.a.generator.clock.waiting_on}",
+            f"buffer: served v{self.a.buffer.served_version}, ready {self.a.buffer.n_ready}, "
+            f"pending {self.a.buffer.n_pending}, admitted {self.a.buffer.admitted}, dropped {self.a.buffer.dropped}",
+            f"engines in flight: {self.a.engines.in_flight}",
+            f"ledger: {self.a.ledger.counts()}", "", "tasks:",
+        ]
+        for t in asyncio.all_tasks():
+            stack = "".join(traceback.format_stack(t.get_stack(limit=3)[-1])) if t.get_stack(limit=3) else ""
+            rows.append(f"- {t.get_name()}: {stack.strip()}")
+        return "\n".join(rows) + "\n"
+
+
+def _struct_items(obj: Any) -> list[tuple[str, Any]]:
+    return [(f, getattr(obj, f)) for f in obj.__struct_fields__]
+
+
+def _describe_end(task: asyncio.Task[Any]) -> str:
+    if task.cancelled():
+        return f"actor {task.get_name()!r} was cancelled"
+    exc = task.exception()
+    if exc is None:
+        return f"actor {task.get_name()!r} returned unexpectedly"
+    tb = "".join(traceback.format_exception(exc))
+    return f"actor {task.get_name()!r} crashed:\n{tb}"

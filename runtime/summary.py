@@ -1,0 +1,39 @@
+"""``summary.json``: the run's outcome in the keys other tools and tests rely on."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+if TYPE_CHECKING:
+    from runtime.scheduler import Scheduler
+
+
+def summarize(s: Scheduler, *, status: str, error: str = "") -> dict[str, Any]:
+    a = s.a
+    ledger = a.ledger.counts()
+    evals = sorted(s.evals, key=lambda e: e.version)
+    syncs = a.broadcaster.records
+    counters = a.rollout_counters() | dict(s.counters)
+    return {
+        "status": status,
+        "error": error,
+        "steps": a.learner.version,
+        "wall_s": time.monotonic() - s._start,
+        "first_eval_reward": evals[0].reward if evals else None,
+        "final_eval_reward": evals[-1].reward if evals else None,
+        "evals": [msgspec.to_builtins(e) for e in evals],
+        "staleness_max_observed": s.staleness_max_observed,
+        "ledger": {
+            "admitted": ledger.admitted, "trained": ledger.trained, "dropped": ledger.dropped,
+            "in_flight": ledger.in_flight, "duplicates": ledger.duplicates,
+        },
+        "counters": counters,
+        "weight_sync": {
+            "count": len(syncs),
+            "mean_s": sum(r.total_s for r in syncs) / len(syncs) if syncs else None,
+            "mean_paused_s": sum(r.paused_s for r in syncs) / len(syncs) if syncs else None,
+        },
+    }

@@ -1,0 +1,56 @@
+"""Measured waiting: each actor owns a ``WaitClock`` and wraps its blocking awaits in it.
+
+``wait_frac`` is the share of wall time since the last ``lap()`` spent inside ``waiting()``
+blocks, which is how "rollout never blocks training" becomes a number (DESIGN.md, invariant 7).
+The clock also remembers what its owner is waiting on right now, for the stall dump.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+
+class WaitClock:
+    def __init__(self, owner: str):
+        self.owner = owner
+        self.total_s = 0.0
+        self._depth = 0
+        self._since: float | None = None
+        self._lap_start = time.monotonic()
+        self._lap_wait_start = 0.0
+        self.waiting_on: str | None = None
+
+    @contextlib.contextmanager
+    def waiting(self, what: str) -> Iterator[None]:
+        """Count the enclosed time as waiting (nested or concurrent blocks count once)."""
+        if self._depth == 0:
+            self._since = time.monotonic()
+        self._depth += 1
+        previous, self.waiting_on = self.waiting_on, what
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            self.waiting_on = previous
+            if self._depth == 0 and self._since is not None:
+                self.total_s += time.monotonic() - self._since
+                self._since = None
+
+    def _now_total(self) -> float:
+        open_s = time.monotonic() - self._since if self._since is not None else 0.0
+        return self.total_s + open_s
+
+    def lap(self) -> float:
+        """Share of time spent waiting since the previous lap; starts a new lap."""
+        now, waited = time.monotonic(), self._now_total()
+        span = now - self._lap_start
+        frac = (waited - self._lap_wait_start) / span if span > 0 else 0.0
+        self._lap_start, self._lap_wait_start = now, waited
+        return min(1.0, max(0.0, frac))
+
+
+def waiting(clock: WaitClock | None, what: str) -> contextlib.AbstractContextManager[None]:
+    """``clock.waiting(what)``, or nothing when no clock is attached."""
+    return clock.waiting(what) if clock is not None else contextlib.nullcontext()
