@@ -6,7 +6,9 @@ Lifecycle of one group (each a named task owned by the generator's task set):
        stamped with the version that produced it)
     -> SCORED -> buffer.put (BUFFERED), or dropped with a reason when no sample is trainable.
 The generator only ever waits on admission: rollout runs ahead of training by up to
-``max_staleness`` versions.
+``max_staleness`` versions. Its ``clock`` counts the time rollout is *idle*: admission is closed
+and no admitted group is still generating (a closed admission while groups generate is not
+lost time: the engines are busy).
 """
 
 from __future__ import annotations
@@ -30,18 +32,49 @@ class Generator:
         self.n_samples = n_samples
         self.cursor = cursor  # index of the next prompt to admit: the data cursor
         self.clock = WaitClock("generator")
+        self._active = 0  # groups generating or scoring
+        self._blocked = False  # the admission loop is waiting for a slot
 
     async def run(self) -> None:
         """Admit groups until cancelled. A crashing group task is a bug: it ends the run loudly
         (the TaskGroup cancels the loop and its siblings and re-raises)."""
         async with asyncio.TaskGroup() as groups:
             while True:
-                ticket = await self.buffer.reserve(self.ledger.admit, clock=self.clock)
+                self._set_blocked(True)
+                try:
+                    ticket = await self.buffer.reserve(self.ledger.admit)
+                finally:
+                    self._set_blocked(False)
                 prompt = self.prompts(self.cursor)
                 self.cursor += 1
                 groups.create_task(self._run_group(ticket, prompt), name=f"group-{ticket.group_id}")
 
+    def _set_blocked(self, blocked: bool) -> None:
+        self._update_idle(lambda: setattr(self, "_blocked", blocked))
+
+    def _update_idle(self, change: Callable[[], None]) -> None:
+        was_idle = self._blocked and self._active == 0
+        change()
+        idle = self._blocked and self._active == 0
+        if idle and not was_idle:
+            self.clock.enter("admission (no group generating)")
+        elif was_idle and not idle:
+            self.clock.exit()
+
+    def _add_active(self, n: int) -> None:
+        def change() -> None:
+            self._active += n
+
+        self._update_idle(change)
+
     async def _run_group(self, ticket: Ticket, prompt: Prompt) -> None:
+        self._add_active(1)
+        try:
+            await self._generate_group(ticket, prompt)
+        finally:
+            self._add_active(-1)
+
+    async def _generate_group(self, ticket: Ticket, prompt: Prompt) -> None:
         gid = ticket.group_id
         self.ledger.advance(gid, State.GENERATING)
         samples = [Sample(group_id=gid, index=i, prompt_ids=prompt.input_ids) for i in range(self.n_samples)]

@@ -29,8 +29,11 @@ import dataclasses
 from collections.abc import Callable
 
 from buffers.types import Group
-from runtime.channel import Closed
 from runtime.waits import WaitClock, waiting
+
+
+class Closed(Exception):
+    """The buffer was closed: no more groups will be admitted or handed out."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -68,7 +68,7 @@ class RolloutConfig(Section):
     n_samples_per_prompt: Pos = 8
     global_batch_size: Pos = 128  # samples per optimizer step
     num_steps_per_rollout: Pos | None = None  # derived when unset
-    num_rollout: Pos = 250
+    num_rollout: Pos = 200
     rollout_temperature: NonNegF = 1.0
     rollout_top_p: Prob = 1.0
     rollout_top_k: int = -1

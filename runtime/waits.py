@@ -25,18 +25,27 @@ class WaitClock:
     @contextlib.contextmanager
     def waiting(self, what: str) -> Iterator[None]:
         """Count the enclosed time as waiting (nested or concurrent blocks count once)."""
-        if self._depth == 0:
-            self._since = time.monotonic()
-        self._depth += 1
-        previous, self.waiting_on = self.waiting_on, what
+        previous = self.waiting_on
+        self.enter(what)
         try:
             yield
         finally:
-            self._depth -= 1
+            self.exit()
             self.waiting_on = previous
-            if self._depth == 0 and self._since is not None:
-                self.total_s += time.monotonic() - self._since
-                self._since = None
+
+    def enter(self, what: str) -> None:
+        """Start waiting on ``what`` (pair with ``exit``; for waits that are not one block)."""
+        if self._depth == 0:
+            self._since = time.monotonic()
+        self._depth += 1
+        self.waiting_on = what
+
+    def exit(self) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._since is not None:
+            self.total_s += time.monotonic() - self._since
+            self._since = None
+            self.waiting_on = None
 
     def _now_total(self) -> float:
         open_s = time.monotonic() - self._since if self._since is not None else 0.0

@@ -1,0 +1,91 @@
+"""Named fakes for loop tests that must control timing exactly (a slow engine, a slow learner).
+
+``FakeEngines`` stands in for the engine set: one token per tick, and every token's id is
+``100 + the version its weights had`` so a test can check the version recorded for each token
+against ground truth. It honours pause(abort) like the real server: in-flight requests return
+their partial output with finish "abort", new requests wait until ``resume``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from pathlib import Path
+
+from buffers.types import Group
+from policies.engine.client import GenerateOutput
+from policies.trainer import StepStats
+
+TOKEN_BASE = 100
+
+
+class FakeEngines:
+    def __init__(self, *, tick_s: float = 0.0005, stop_prob: float = 0.2, seed: int = 0):
+        self.version = 0
+        self.tick_s = tick_s
+        self.stop_prob = stop_prob
+        self.rng = random.Random(seed)
+        self.generated_tokens = 0
+        self._running = asyncio.Event()
+        self._running.set()
+        self._abort = 0  # bumped by pause(abort): requests started before it end early
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def generate(self, input_ids, sampling_params, *, rid=None) -> GenerateOutput:
+        await self._running.wait()
+        epoch, version = self._abort, self.version
+        self._in_flight += 1
+        self._idle.clear()
+        out: list[int] = []
+        finish = "length"
+        try:
+            for _ in range(sampling_params["max_new_tokens"]):
+                await asyncio.sleep(self.tick_s * self.rng.random() * 2)
+                if self._abort != epoch:
+                    finish = "abort"
+                    break
+                out.append(TOKEN_BASE + version)
+                if self.rng.random() < self.stop_prob:
+                    finish = "stop"
+                    break
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+        self.generated_tokens += len(out)
+        return GenerateOutput(output_ids=out, logprobs=[-1.0] * len(out), finish_reason=finish,
+                              weight_version=str(version), prompt_tokens=len(input_ids),
+                              completion_tokens=len(out), latency_s=0.0)
+
+    async def pause(self, mode: str = "abort") -> None:
+        self._running.clear()
+        self._abort += 1
+        await self._idle.wait()
+
+    async def update_weights_from_disk(self, path: str | Path, version: int) -> None:
+        assert not self._running.is_set(), "weights updated while serving"
+        self.version = version
+
+    async def resume(self) -> None:
+        self._running.set()
+
+
+class FakeTrainer:
+    """Records each batch; ``delay_s`` makes a slow learner (it runs on the learner's thread)."""
+
+    def __init__(self, delay_s: float = 0.0):
+        self.delay_s = delay_s
+        self.batches: list[list[Group]] = []
+
+    def step(self, batch: list[Group]) -> StepStats:
+        time.sleep(self.delay_s)
+        self.batches.append(batch)
+        n = sum(len(s.response_ids) for g in batch for s in g.samples)
+        return StepStats(loss=0.0, pg_clipfrac=0.0, tis_mean=1.0, tis_clipfrac=0.0, kl=0.0, entropy=0.0,
+                         grad_norm=0.0, n_tokens=n, n_samples=sum(len(g.samples) for g in batch))
+
+    def save_weights(self, out_dir: Path) -> Path:
+        return out_dir

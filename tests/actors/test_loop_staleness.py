@@ -1,0 +1,103 @@
+"""The loop's invariants under controlled timing: the real generator, buffer, learner and
+broadcaster, driven by a fake engine set and a fake trainer (tests/actors/fakes.py)."""
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from actors.broadcaster import WeightBroadcaster
+from actors.generator import Generator
+from actors.learner import Learner
+from actors.reward import RewardScorer
+from actors.rollout import SampleRunner
+from buffers.buffer import StalenessBuffer
+from buffers.types import Prompt
+from runtime.ledger import Ledger
+from tests.actors.fakes import TOKEN_BASE, FakeEngines, FakeTrainer
+from tests.conftest import run
+
+
+def reward(prompt, sample):
+    return float(len(sample.response_ids) % 3)
+
+
+async def loop(*, max_staleness, engine_tick_s, learner_delay_s, steps=12, groups_per_step=3, n=4,
+               reward_fn=reward, reward_timeout=5.0, tmp=Path("/tmp")):
+    engines = FakeEngines(tick_s=engine_tick_s)
+    buffer = StalenessBuffer(groups_per_step=groups_per_step, max_staleness=max_staleness)
+    ledger = Ledger()
+    runner = SampleRunner(engines=engines, decode=lambda ids: " ".join(map(str, ids)),
+                          sampling_params={"max_new_tokens": 12, "temperature": 1.0})
+    scorer = RewardScorer(reward_fn, timeout_s=reward_timeout)
+    gen = Generator(prompts=lambda i: Prompt(i, [1, 2, 3]), buffer=buffer, ledger=ledger, runner=runner,
+                    scorer=scorer, n_samples=n)
+    trainer = FakeTrainer(delay_s=learner_delay_s)
+    bc = WeightBroadcaster(engines=engines, buffer=buffer, timeout_s=10)
+    learner = Learner(trainer=trainer, buffer=buffer, ledger=ledger, publisher=bc, num_steps=steps,
+                      max_staleness=max_staleness, weights_dir=tmp)
+    tasks = [asyncio.create_task(gen.run(), name="generator"), asyncio.create_task(bc.run(), name="bc")]
+    try:
+        await learner.run()
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return trainer, ledger, runner, scorer
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1, 3])
+@pytest.mark.parametrize("slow", ["learner", "engine"])
+def test_no_trained_token_exceeds_max_staleness(max_staleness, slow, tmp_path):
+    trainer, ledger, runner, _ = run(loop(
+        max_staleness=max_staleness,
+        engine_tick_s=0.003 if slow == "engine" else 0.0002,
+        learner_delay_s=0.03 if slow == "learner" else 0.0,
+        tmp=tmp_path,
+    ))
+    lags = []
+    for version, batch in enumerate(trainer.batches):
+        for g in batch:
+            for s in g.samples:
+                # the recorded version of every token is the version that produced it
+                assert s.token_versions == [t - TOKEN_BASE for t in s.response_ids]
+                lags += [version - v for v in s.token_versions]
+    assert lags and max(lags) <= max_staleness
+    if max_staleness == 0:
+        assert set(lags) == {0}
+    else:
+        # the bound is used, not just respected: rollout ran ahead of training
+        assert max(lags) >= 1
+    counts = ledger.counts()
+    assert counts.trained == 12 * 3 and counts.duplicates == 0 and counts.balanced
+
+
+def test_requests_spanning_updates_keep_per_token_versions(tmp_path):
+    trainer, _, runner, _ = run(loop(max_staleness=2, engine_tick_s=0.002, learner_delay_s=0.0, tmp=tmp_path))
+    spanning = [s for b in trainer.batches for g in b for s in g.samples if len(set(s.token_versions)) > 1]
+    assert runner.counters["resumed_after_abort"] > 0 and spanning
+    for s in spanning:
+        assert s.token_versions == sorted(s.token_versions)
+        assert s.token_versions == [t - TOKEN_BASE for t in s.response_ids]
+        assert len(s.behavior_logprobs) == len(s.loss_mask) == len(s.response_ids)
+
+
+def test_reward_that_raises_or_hangs_is_counted_and_the_loop_completes(tmp_path):
+    import threading
+
+    never = threading.Event()
+
+    def flaky(prompt, sample):
+        if sample.index == 0:
+            raise ValueError("boom")
+        if sample.index == 1 and sample.group_id % 2 == 0:
+            never.wait()  # hangs forever
+        return 1.0 if sample.index == 2 else 0.0
+
+    trainer, ledger, _, scorer = run(loop(max_staleness=1, engine_tick_s=0.0002, learner_delay_s=0.0,
+                                          reward_fn=flaky, reward_timeout=0.2, steps=4, tmp=tmp_path))
+    assert len(trainer.batches) == 4
+    assert scorer.failures["reward_error"] >= 4 * 3 and scorer.failures["reward_timeout"] >= 1
+    failed = [s for b in trainer.batches for g in b for s in g.samples if s.status == "failed"]
+    assert failed and all(not any(s.loss_mask) for s in failed)
+    assert ledger.counts().balanced
