@@ -9,6 +9,7 @@ Invalid values raise ``ConfigError`` naming the flag; ``runtime.cli`` turns that
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -210,15 +211,19 @@ def build(data: dict[str, dict[str, Any]]) -> Config:
 
 
 def _as_config_error(e: msgspec.ValidationError) -> ConfigError:
-    msg = str(e)
-    reason, _, path = msg.rpartition(" - at `")
-    parts = path.rstrip("`").split(".")
-    if len(parts) >= 3:
-        name = flag(parts[2]) if parts[2] not in ("", "$") else f"[{parts[1]}]"
-        return ConfigError(name, reason or msg)
-    if "unknown field" in msg.lower():
-        return ConfigError(path.rstrip("`") or "config", msg)
-    return ConfigError("config", msg)
+    """Turn msgspec's ``reason - at `$.section.field``` into the flag a user would type."""
+    reason, _, where = str(e).rpartition(" - at `")
+    if not reason:
+        reason, where = str(e), "$"
+    parts = where.rstrip("`").split(".")[1:]
+    unknown = re.search(r"unknown field `([^`]+)`", reason)
+    if unknown and len(parts) == 0:
+        return ConfigError(f"[{unknown.group(1)}]", f"unknown section (known: {', '.join(SECTIONS)})")
+    if unknown and len(parts) == 1:
+        return ConfigError(f"[{parts[0]}] {unknown.group(1)}", "unknown field")
+    if len(parts) >= 2:
+        return ConfigError(flag(parts[1]), reason)
+    return ConfigError(f"[{parts[0]}]" if parts else "config", reason)
 
 
 def check(cfg: Config) -> None:

@@ -1,0 +1,279 @@
+"""Async HTTP client for one engine speaking the SGLang subset (real SGLang or the embedded server).
+
+Contract: every call is bounded by an aiohttp timeout; a connection failure, a timeout, a non-200
+answer or a body that does not decode raises EngineError(url, route, reason) and nothing hangs.
+The probes `health` and `health_generate` answer False instead of raising. Responses are decoded
+into typed msgspec structs that ignore unknown fields, so SGLang's richer answers decode too.
+Only fields SGLang accepts are sent (`sampling_params` keys are checked against SGLang's list).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import msgspec
+
+# SamplingParams.__init__ keywords of SGLang 0.5.x; anything else would make SGLang reject the call.
+SGLANG_SAMPLING_KEYS = frozenset(
+    {
+        "max_new_tokens", "stop", "stop_token_ids", "stop_regex", "temperature", "top_p", "top_k",
+        "min_p", "frequency_penalty", "presence_penalty", "repetition_penalty", "min_new_tokens",
+        "n", "json_schema", "regex", "ebnf", "structural_tag", "ignore_eos", "skip_special_tokens",
+        "spaces_between_special_tokens", "no_stop_trim", "custom_params", "stream_interval",
+        "logit_bias", "sampling_seed",
+    }
+)  # fmt: skip
+PAUSE_MODES = ("abort", "retract", "in_place")
+
+
+class EngineError(RuntimeError):
+    """A call to an engine failed; `reason` is one line, `status` the HTTP status if any."""
+
+    def __init__(self, url: str, route: str, reason: str, *, status: int | None = None) -> None:
+        super().__init__(f"engine {url}{route}: {reason}")
+        self.url, self.route, self.reason, self.status = url, route, reason, status
+
+
+class GenerateOutput(msgspec.Struct, frozen=True):
+    """One finished (or aborted) generation.
+
+    logprobs[i] is the behaviour logprob of output_ids[i] (empty if logprobs were not asked for).
+    weight_version is the engine's version when the response was produced; finish_reason is
+    "stop", "length" or "abort" (an aborted request returns the tokens generated so far).
+    """
+
+    output_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    weight_version: str
+    prompt_tokens: int
+    completion_tokens: int
+    latency_s: float
+
+
+class WeightUpdateResult(msgspec.Struct, frozen=True):
+    success: bool
+    message: str = ""
+    num_paused_requests: int = 0
+
+
+# ---- response shapes (SGLang's; unknown fields ignored) -----------------------------------
+
+
+class _FinishReason(msgspec.Struct):
+    type: str
+
+
+class _MetaInfo(msgspec.Struct):
+    finish_reason: _FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    e2e_latency: float = 0.0
+    weight_version: str = ""
+    output_token_logprobs: list[tuple[float, int, Any]] | None = None
+
+
+class _GenerateResponse(msgspec.Struct):
+    output_ids: list[int]
+    meta_info: _MetaInfo
+
+
+class _WeightVersion(msgspec.Struct):
+    weight_version: str
+
+
+class EngineClient:
+    """Client for one engine at `base_url`; owns its aiohttp session unless one is passed in."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout_s: float = 60.0,
+        session: aiohttp.ClientSession | None = None,
+        api_key: str | None = None,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self._session = session
+        self._owns_session = session is None
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def __aenter__(self) -> EngineClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the session if this client created it; a session passed in stays open."""
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ---- generation ---------------------------------------------------------------------
+
+    async def generate(
+        self,
+        input_ids: list[int],
+        sampling_params: dict[str, Any],
+        *,
+        rid: str | None = None,
+        return_logprob: bool = True,
+        timeout_s: float | None = None,
+    ) -> GenerateOutput:
+        unknown = set(sampling_params) - SGLANG_SAMPLING_KEYS
+        if unknown:
+            raise ValueError(f"sampling_params keys SGLang does not accept: {sorted(unknown)}")
+        body: dict[str, Any] = {
+            "input_ids": list(input_ids),
+            "sampling_params": sampling_params,
+            "return_logprob": return_logprob,
+        }
+        if rid is not None:
+            body["rid"] = rid
+        raw = await self._call("POST", "/generate", body, timeout_s)
+        resp = self._decode("/generate", raw, _GenerateResponse)
+        return self._to_output(resp, return_logprob)
+
+    def _to_output(self, resp: _GenerateResponse, return_logprob: bool) -> GenerateOutput:
+        meta = resp.meta_info
+        if meta.finish_reason is None:
+            raise EngineError(self.base_url, "/generate", "response has no finish_reason")
+        logprobs = [entry[0] for entry in meta.output_token_logprobs or ()]
+        if return_logprob and len(logprobs) != len(resp.output_ids):
+            raise EngineError(
+                self.base_url,
+                "/generate",
+                f"{len(logprobs)} logprobs for {len(resp.output_ids)} output tokens",
+            )
+        return GenerateOutput(
+            output_ids=resp.output_ids,
+            logprobs=logprobs,
+            finish_reason=meta.finish_reason.type,
+            weight_version=meta.weight_version,
+            prompt_tokens=meta.prompt_tokens,
+            completion_tokens=meta.completion_tokens or len(resp.output_ids),
+            latency_s=meta.e2e_latency,
+        )
+
+    async def abort(self, rid: str) -> None:
+        await self._call("POST", "/abort_request", {"rid": rid})
+
+    async def abort_all(self) -> None:
+        await self._call("POST", "/abort_request", {"abort_all": True})
+
+    async def pause(self, mode: str = "abort") -> None:
+        """Pause generation; returns once the engine is quiescent (see PROTOCOL.md for modes)."""
+        if mode not in PAUSE_MODES:
+            raise ValueError(f"mode must be one of {PAUSE_MODES}, got {mode!r}")
+        await self._call("POST", "/pause_generation", {"mode": mode})
+
+    async def resume(self) -> None:
+        await self._call("POST", "/continue_generation", {})
+
+    # ---- probes and info ----------------------------------------------------------------
+
+    async def health(self, *, timeout_s: float | None = None) -> bool:
+        return await self._probe("/health", timeout_s)
+
+    async def health_generate(self, *, timeout_s: float | None = None) -> bool:
+        return await self._probe("/health_generate", timeout_s)
+
+    async def _probe(self, route: str, timeout_s: float | None) -> bool:
+        try:
+            await self._call("GET", route, None, timeout_s)
+        except EngineError:
+            return False
+        return True
+
+    async def get_weight_version(self) -> str:
+        raw = await self._call("GET", "/get_weight_version", None)
+        return self._decode("/get_weight_version", raw, _WeightVersion).weight_version
+
+    async def get_server_info(self) -> dict[str, Any]:
+        raw = await self._call("GET", "/get_server_info", None)
+        return self._decode("/get_server_info", raw, dict[str, Any])
+
+    async def flush_cache(self) -> None:
+        await self._call("POST", "/flush_cache", None)
+
+    # ---- weights ------------------------------------------------------------------------
+
+    async def update_weights_from_disk(
+        self,
+        model_path: str,
+        *,
+        weight_version: str | None,
+        abort_all_requests: bool = False,
+        timeout_s: float | None = None,
+    ) -> WeightUpdateResult:
+        """Load a saved HF checkpoint into the live engine; raises EngineError if it refuses."""
+        body: dict[str, Any] = {"model_path": model_path, "abort_all_requests": abort_all_requests}
+        if weight_version is not None:
+            body["weight_version"] = weight_version
+        raw = await self._call("POST", "/update_weights_from_disk", body, timeout_s)
+        result = self._decode("/update_weights_from_disk", raw, WeightUpdateResult)
+        if not result.success:
+            raise EngineError(self.base_url, "/update_weights_from_disk", f"refused: {result.message}")
+        return result
+
+    async def update_weight_version(self, new_version: str, *, abort_all_requests: bool = False) -> None:
+        body = {"new_version": new_version, "abort_all_requests": abort_all_requests}
+        await self._call("POST", "/update_weight_version", body)
+
+    # ---- transport ----------------------------------------------------------------------
+
+    async def _call(self, method: str, route: str, body: Any, timeout_s: float | None = None) -> bytes:
+        """One HTTP exchange; returns the body of a 200, raises EngineError otherwise."""
+        limit = timeout_s if timeout_s is not None else self.timeout_s
+        data = None if body is None else msgspec.json.encode(body)
+        headers = {**self._headers, "Content-Type": "application/json"} if data is not None else self._headers
+        try:
+            async with self._get_session().request(
+                method,
+                self.base_url + route,
+                data=data,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=limit),
+            ) as resp:
+                payload = await resp.read()
+                status = resp.status
+        except TimeoutError:
+            raise EngineError(self.base_url, route, f"timed out after {limit:g}s") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise EngineError(self.base_url, route, f"connection failed: {exc!r}") from None
+        if status != 200:
+            raise EngineError(self.base_url, route, f"HTTP {status}: {_error_text(payload)}", status=status)
+        return payload
+
+    def _decode(self, route: str, raw: bytes, kind: Any) -> Any:
+        try:
+            return msgspec.json.decode(raw, type=kind)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise EngineError(self.base_url, route, f"undecodable response ({exc}): {raw[:200]!r}") from None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            # no connection cap: callers bound in-flight requests, and a pooled wait would eat
+            # into each request's timeout
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        return self._session
+
+
+def _error_text(payload: bytes) -> str:
+    """The one-line reason from an error body ({"error"} or {"message"}), else its start."""
+    try:
+        decoded = msgspec.json.decode(payload)
+    except msgspec.DecodeError:
+        decoded = None
+    if isinstance(decoded, dict):
+        for key in ("error", "message", "detail"):
+            if isinstance(decoded.get(key), str):
+                return decoded[key]
+            if isinstance(decoded.get(key), dict) and isinstance(decoded[key].get("message"), str):
+                return decoded[key]["message"]
+    return payload[:300].decode("utf-8", "replace").strip() or "(empty body)"

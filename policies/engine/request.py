@@ -1,0 +1,102 @@
+"""One generation request inside the embedded engine, from validated body to Completion."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import msgspec
+import torch
+
+from policies.engine.runner import ModelRunner, Row
+from policies.engine.sampling import RowParams
+from policies.engine.wire import BadRequest, GenerateReqInput
+
+
+class FinishReason(msgspec.Struct, frozen=True, omit_defaults=True):
+    """SGLang's finish_reason: stop (matched token), length (n tokens) or abort (message)."""
+
+    type: str
+    matched: int | None = None
+    length: int | None = None
+    message: str | None = None
+
+
+class Completion(msgspec.Struct, frozen=True):
+    """What a finished request returns. logprobs is row-aligned with output_ids; weight_version
+    is the version current when it finished (the only one it saw unless it was frozen)."""
+
+    rid: str
+    output_ids: list[int]
+    logprobs: list[float]
+    finish: FinishReason
+    prompt_tokens: int
+    weight_version: str
+    latency_s: float
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation in flight. output_ids/logprobs are mutated only by `Scheduler._apply`."""
+
+    rid: str
+    prompt: list[int]
+    max_new_tokens: int
+    stop_ids: frozenset[int]
+    params: RowParams
+    future: asyncio.Future[Completion]
+    probe: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+
+    def row(self) -> Row:
+        return Row(self.prompt + self.output_ids, self.params)
+
+
+def build_request(req: GenerateReqInput, runner: ModelRunner) -> Request:
+    """Check `req` against the model and build its Request; raises BadRequest with one line."""
+    prompt = _check(req, vocab_size=runner.vocab_size, max_context=runner.max_context)
+    sp = req.sampling_params
+    stop = set(sp.stop_token_ids or ())
+    if not sp.ignore_eos:
+        stop |= runner.eos_token_ids
+    params = RowParams(sp.temperature, sp.top_p, sp.top_k, _generator(sp.temperature, sp.sampling_seed))
+    return Request(
+        req.rid or uuid.uuid4().hex, prompt, sp.max_new_tokens, frozenset(stop), params, new_future()
+    )
+
+
+def _check(req: GenerateReqInput, *, vocab_size: int, max_context: int) -> list[int]:
+    if req.stream:
+        raise BadRequest("stream not supported")
+    if req.input_ids is None:
+        raise BadRequest("input_ids is required (text input is not supported: token-in, token-out)")
+    if not req.input_ids:
+        raise BadRequest("input_ids is empty")
+    if any(not 0 <= t < vocab_size for t in req.input_ids):
+        raise BadRequest(f"input_ids contain a token id outside [0, {vocab_size})")
+    req.sampling_params.check()
+    max_new = req.sampling_params.max_new_tokens
+    if len(req.input_ids) + max_new > max_context:
+        raise BadRequest(
+            f"prompt of {len(req.input_ids)} tokens + max_new_tokens {max_new}"
+            f" exceeds the context length (max_position_embeddings={max_context})"
+        )
+    return list(req.input_ids)
+
+
+def new_future() -> asyncio.Future[Completion]:
+    return asyncio.get_running_loop().create_future()
+
+
+def _generator(temperature: float, seed: int | None) -> torch.Generator | None:
+    """A private RNG per sampled request (None when greedy), seeded for reproducibility if asked."""
+    if temperature <= 0:
+        return None
+    generator = torch.Generator()
+    generator.manual_seed(seed % 2**63 if seed is not None else random.getrandbits(63))
+    return generator

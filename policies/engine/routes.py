@@ -1,0 +1,238 @@
+"""HTTP routes of the embedded engine: SGLang's route names and body shapes over a Scheduler.
+
+Error contract: a body or request the engine refuses is HTTP 400 with `{"error": "<one line>"}`
+(a failed weight update answers SGLang's `{"success": false, "message": ...}` with 400); an
+unexpected fault is 500 with a one-line error, its traceback going to the server log only.
+
+Choices where SGLang leaves room (see also the Scheduler docstring):
+- /health_generate while paused answers 200 at once without generating: a pause is a planned
+  state (a weight update is in progress), so a liveness probe must not fail or wait for it.
+  When not paused it runs a one-token request through the batching loop (timeout 503).
+- /abort_request and a client that disconnects both end the request; a disconnect frees its slot.
+- /flush_cache is a no-op: there is no prefix cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from policies.engine.request import Completion
+from policies.engine.scheduler import ENGINE_ERROR, Scheduler
+from policies.engine.wire import (
+    AbortReq,
+    BadRequest,
+    GenerateReqInput,
+    PauseReq,
+    Unavailable,
+    UpdateWeightsFromDiskReq,
+    UpdateWeightVersionReq,
+    decode,
+)
+
+log = logging.getLogger("engine.routes")
+
+HEALTH_GENERATE_TIMEOUT_S = 20.0
+LOAD_FORMATS = (None, "auto", "safetensors")
+
+
+@dataclass
+class Engine:
+    """What the routes need: the scheduler plus the facts /get_*_info report."""
+
+    scheduler: Scheduler
+    model_path: str
+    server_info: dict[str, Any]
+
+
+ENGINE_KEY = web.AppKey("engine", Engine)
+
+
+def build_app(engine: Engine) -> web.Application:
+    app = web.Application(middlewares=[_errors])
+    app[ENGINE_KEY] = engine
+    app.add_routes(
+        [
+            web.post("/generate", generate),
+            web.post("/abort_request", abort_request),
+            web.post("/pause_generation", pause_generation),
+            web.post("/continue_generation", continue_generation),
+            web.get("/health", health),
+            web.get("/health_generate", health_generate),
+            web.get("/get_server_info", get_server_info),
+            web.get("/get_model_info", get_model_info),
+            web.get("/get_weight_version", get_weight_version),
+            web.post("/update_weight_version", update_weight_version),
+            web.post("/update_weights_from_disk", update_weights_from_disk),
+            web.route("*", "/flush_cache", flush_cache),
+        ]
+    )
+    return app
+
+
+def _json(payload: Any, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(payload), status=status, content_type="application/json")
+
+
+def _engine(request: web.Request) -> Engine:
+    return request.app[ENGINE_KEY]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except BadRequest as exc:
+        return _json({"error": str(exc)}, 400)
+    except Unavailable as exc:
+        return _json({"error": str(exc)}, 503)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        log.exception("%s %s failed", request.method, request.path)
+        return _json({"error": f"internal error: {exc!r}"}, 500)
+
+
+# ---- generation ---------------------------------------------------------------------------
+
+
+async def generate(request: web.Request) -> web.Response:
+    req = decode(await request.read(), GenerateReqInput)
+    scheduler = _engine(request).scheduler
+    pending = scheduler.submit(req)
+    try:
+        done = await pending.future
+    except asyncio.CancelledError:  # the client went away: free its slot in the batch
+        scheduler.abort(pending.rid, "client disconnected")
+        raise
+    return _json(_generate_response(done, return_logprob=req.return_logprob))
+
+
+def _generate_response(done: Completion, *, return_logprob: bool) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "id": done.rid,
+        "finish_reason": msgspec.to_builtins(done.finish),
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": len(done.output_ids),
+        "cached_tokens": 0,
+        "e2e_latency": done.latency_s,
+        "weight_version": done.weight_version,
+    }
+    if return_logprob:
+        meta["output_token_logprobs"] = [
+            [lp, tok, None] for lp, tok in zip(done.logprobs, done.output_ids, strict=True)
+        ]
+    return {"text": "", "output_ids": done.output_ids, "meta_info": meta}
+
+
+async def abort_request(request: web.Request) -> web.Response:
+    req = decode(await request.read(), AbortReq)
+    scheduler = _engine(request).scheduler
+    if req.abort_all:
+        count = scheduler.abort_all("aborted by request")
+    else:
+        count = int(scheduler.abort(req.rid))
+    return _json({"num_aborted": count})
+
+
+async def pause_generation(request: web.Request) -> web.Response:
+    req = decode(await request.read(), PauseReq)
+    await _engine(request).scheduler.pause(req.mode)
+    return _json({"message": "Generation paused successfully.", "status": "ok"})
+
+
+async def continue_generation(request: web.Request) -> web.Response:
+    _engine(request).scheduler.resume()
+    return _json({"message": "Generation continued successfully.", "status": "ok"})
+
+
+# ---- health and info ----------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def health_generate(request: web.Request) -> web.Response:
+    scheduler = _engine(request).scheduler
+    if scheduler.paused:  # planned state: see the module docstring
+        return web.Response(status=200)
+    probe = scheduler.submit_probe()
+    try:
+        done = await asyncio.wait_for(probe.future, HEALTH_GENERATE_TIMEOUT_S)
+    except TimeoutError:
+        scheduler.abort(probe.rid)
+        return _json({"error": f"health_generate timed out after {HEALTH_GENERATE_TIMEOUT_S:.0f}s"}, 503)
+    except asyncio.CancelledError:
+        scheduler.abort(probe.rid)
+        raise
+    if done.finish.message and done.finish.message.startswith(ENGINE_ERROR):
+        return _json({"error": done.finish.message}, 503)
+    return web.Response(status=200)
+
+
+async def get_server_info(request: web.Request) -> web.Response:
+    engine = _engine(request)
+    info = {**engine.server_info, "model_path": engine.model_path}
+    info["weight_version"] = engine.scheduler.weight_version
+    info["internal_states"] = [engine.scheduler.stats()]
+    return _json(info)
+
+
+async def get_model_info(request: web.Request) -> web.Response:
+    engine = _engine(request)
+    return _json(
+        {
+            "model_path": engine.model_path,
+            "tokenizer_path": None,
+            "is_generation": True,
+            "weight_version": engine.scheduler.weight_version,
+        }
+    )
+
+
+async def get_weight_version(request: web.Request) -> web.Response:
+    return _json({"weight_version": _engine(request).scheduler.weight_version})
+
+
+async def flush_cache(request: web.Request) -> web.Response:
+    return web.Response(text="Cache flushed (the embedded engine keeps no prefix cache).")
+
+
+# ---- weights ------------------------------------------------------------------------------
+
+
+async def update_weight_version(request: web.Request) -> web.Response:
+    req = decode(await request.read(), UpdateWeightVersionReq)
+    _engine(request).scheduler.set_version(req.new_version, abort_all=req.abort_all_requests)
+    return _json({"success": True, "message": "Weight version updated.", "new_version": req.new_version})
+
+
+async def update_weights_from_disk(request: web.Request) -> web.Response:
+    """Read and check the checkpoint off the decode thread, then copy it in between steps."""
+    req = decode(await request.read(), UpdateWeightsFromDiskReq)
+    engine = _engine(request)
+    if req.load_format not in LOAD_FORMATS:
+        return _update_failed(f"unsupported load_format {req.load_format!r}")
+    try:
+        pairs = await asyncio.to_thread(engine.scheduler.runner.read_checkpoint, req.model_path)
+    except Exception as exc:  # any unreadable or mismatched checkpoint is the caller's error
+        return _update_failed(f"{type(exc).__name__}: {exc}")
+    frozen = await engine.scheduler.update_weights(
+        pairs, version=req.weight_version, abort_all=req.abort_all_requests
+    )
+    engine.model_path = req.model_path
+    log.info("loaded weights from %s (version %s)", req.model_path, engine.scheduler.weight_version)
+    return _json(
+        {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": frozen}
+    )
+
+
+def _update_failed(message: str) -> web.Response:
+    log.warning("update_weights_from_disk refused: %s", message)
+    return _json({"success": False, "message": message, "num_paused_requests": 0}, 400)

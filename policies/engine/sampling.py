@@ -1,0 +1,68 @@
+"""Batched next-token sampling with per-request randomness.
+
+Invariants:
+- Row i's token depends only on row i's logits, its parameters and its own generator, so a
+  request samples the same tokens whatever else is in the batch (given equal logits).
+- Each sampled (temperature > 0) row draws exactly one uniform number per step from its generator;
+  greedy rows draw nothing. A seeded request is therefore reproducible.
+- The reported logprob is log_softmax(logits / T)[token] (log_softmax(logits) when greedy),
+  before top-k/top-p truncation, as SGLang reports it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class RowParams(NamedTuple):
+    """Sampling parameters of one batch row. generator is None exactly when temperature == 0."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    generator: torch.Generator | None
+
+
+def sample(logits: torch.Tensor, rows: list[RowParams]) -> tuple[list[int], list[float]]:
+    """Pick one token per row of `logits` [B, V]; returns (token ids, their logprobs)."""
+    logits = logits.float()
+    greedy = torch.tensor([r.temperature <= 0.0 for r in rows], device=logits.device)
+    temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows], device=logits.device)
+    scaled = logits / temps[:, None]
+    tokens = logits.argmax(dim=-1)
+    if not bool(greedy.all()):
+        drawn = _draw(_truncate(scaled, rows), rows)
+        tokens = torch.where(greedy, tokens, drawn)
+    logprobs = torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None])[:, 0]
+    return tokens.tolist(), logprobs.tolist()
+
+
+def _truncate(scaled: torch.Tensor, rows: list[RowParams]) -> torch.Tensor:
+    """Set logits outside each row's top-k / top-p set to -inf (the argmax always survives)."""
+    vocab = scaled.shape[-1]
+    top_k = torch.tensor([r.top_k if 0 < r.top_k < vocab else vocab for r in rows], device=scaled.device)
+    top_p = torch.tensor([r.top_p for r in rows], device=scaled.device)
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    rank = torch.arange(vocab, device=scaled.device)[None, :]
+    probs = sorted_logits.softmax(dim=-1)
+    # mass strictly before each token: the first token is always kept, so the set is never empty;
+    # top_p == 1 is skipped outright so float rounding in the cumsum never drops a tail token
+    mass_before = probs.cumsum(dim=-1) - probs
+    over_p = (mass_before > top_p[:, None]) & (top_p[:, None] < 1.0)
+    drop_sorted = (rank >= top_k[:, None]) | over_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return scaled.masked_fill(drop, float("-inf"))
+
+
+def _draw(truncated: torch.Tensor, rows: list[RowParams]) -> torch.Tensor:
+    """Inverse-CDF sampling with one uniform per sampled row from that row's generator."""
+    uniforms = [
+        float(torch.rand((), generator=r.generator)) if r.generator is not None else 0.0 for r in rows
+    ]
+    u = torch.tensor(uniforms, device=truncated.device, dtype=torch.float32)
+    cdf = truncated.softmax(dim=-1).cumsum(dim=-1)
+    # scale u by the row total so float rounding in the cumsum can never push u past the end
+    idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    return idx.clamp(max=truncated.shape[-1] - 1)

@@ -1,0 +1,264 @@
+"""Continuous batching for the embedded engine.
+
+Dataflow (all state here belongs to the event-loop thread; only `ModelRunner.step` and
+`ModelRunner.apply_weights` run on the single decode thread):
+
+    POST /generate ─submit()─► waiting (FIFO)
+                                  │ admitted between steps while len(running) < max_running,
+                                  │ not paused, and no weight update is pending
+                                  ▼
+                               running ─run_in_executor(step)─► decode thread: one token per row
+                                  ▲                                   │
+                                  └──── _apply(): append tokens ◄─────┘
+                                        finished / aborted requests leave; their futures resolve
+                                        and their HTTP handlers answer.
+
+The loop sleeps on `_wake` when there is nothing to decode; submit, abort, pause/continue and the
+end of a weight update set it (`_notify`). Coroutines that wait for a state (pause waiting for the
+step to end, an update waiting for the batch to drain) register a watcher future that `_notify`
+resolves, then re-check their predicate.
+
+The waiting queue has no bound of its own: HTTP callers bound it (the runtime admits a bounded
+number of in-flight requests per engine), and refusing requests during a pause would turn a
+weight update into errors.
+
+Invariants:
+- At most one step or weight copy runs at a time (one decode thread); weights change only
+  between steps.
+- Every token of a request comes from one weight version unless the request was frozen by an
+  in_place/retract pause across an update; it then reports the version current at its end.
+  An unpaused update waits for the running batch to drain while admission is closed (like the
+  model-update writer lock in SGLang's tokenizer manager).
+- Every accepted request's future resolves exactly once (finished, aborted, engine error or
+  shutdown), so no HTTP handler waits forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from policies.engine.request import Completion, FinishReason, Request, build_request, new_future
+from policies.engine.runner import ModelRunner
+from policies.engine.sampling import RowParams
+from policies.engine.wire import PAUSE_MODES, BadRequest, GenerateReqInput, Unavailable
+
+log = logging.getLogger("engine.scheduler")
+
+ENGINE_ERROR = "engine error"  # prefix of the abort message when a decode step raised
+
+
+class Scheduler:
+    """Owns the request queues and the decode loop (`run`, a task owned by the server)."""
+
+    def __init__(self, runner: ModelRunner, *, max_running: int, weight_version: str) -> None:
+        if max_running < 1:
+            raise ValueError(f"max_running must be >= 1, got {max_running}")
+        self.runner = runner
+        self.max_running = max_running
+        self.weight_version = weight_version
+        self.decode_steps = 0
+        self._waiting: dict[str, Request] = {}
+        self._running: dict[str, Request] = {}
+        self._paused = False
+        self._updating = 0
+        self._stepping = False
+        self._closed = False
+        self._watchers: list[asyncio.Future[None]] = []
+        self._wake = asyncio.Event()
+        self._update_lock = asyncio.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-decode")
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def stats(self) -> dict[str, object]:
+        return {
+            "num_running_reqs": len(self._running),
+            "num_waiting_reqs": len(self._waiting),
+            "paused": self._paused,
+            "decode_steps": self.decode_steps,
+            "weight_version": self.weight_version,
+        }
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def submit(self, req: GenerateReqInput) -> Request:
+        """Queue a request (BadRequest if invalid); its future resolves when it finishes or aborts."""
+        if req.rid is not None and (req.rid in self._running or req.rid in self._waiting):
+            raise BadRequest(f"rid {req.rid!r} is already in flight")
+        return self._enqueue(build_request(req, self.runner))
+
+    def submit_probe(self) -> Request:
+        """A one-token greedy request for /health_generate; any pause aborts it."""
+        params = RowParams(0.0, 1.0, -1, None)
+        rid = f"HEALTH_CHECK_{uuid.uuid4().hex}"
+        return self._enqueue(Request(rid, [0], 1, frozenset(), params, new_future(), probe=True))
+
+    def _enqueue(self, request: Request) -> Request:
+        if self._closed:
+            raise Unavailable("server shutting down")
+        if request.max_new_tokens == 0:
+            self._finish(request, FinishReason("length", length=0))
+            return request
+        self._waiting[request.rid] = request
+        self._notify()
+        return request
+
+    def abort(self, rid: str, message: str = "aborted by request") -> bool:
+        request = self._running.get(rid) or self._waiting.get(rid)
+        if request is None:
+            return False
+        self._finish(request, FinishReason("abort", message=message))
+        self._notify()
+        return True
+
+    def abort_all(self, message: str, *, only: Callable[[Request], bool] = lambda r: True) -> int:
+        victims = [r for r in (*self._running.values(), *self._waiting.values()) if only(r)]
+        for request in victims:
+            self._finish(request, FinishReason("abort", message=message))
+        self._notify()
+        return len(victims)
+
+    # ---- control --------------------------------------------------------------------------
+
+    async def pause(self, mode: str) -> None:
+        """Stop decoding; return once no step is in flight.
+
+        abort: every request in flight returns its partial output (finish_reason abort).
+        in_place / retract: running requests stay frozen and resume on `resume` (without a KV
+        cache, retract and in_place are the same thing here). Probes are always aborted, so a
+        health probe never waits for a pause to end.
+        """
+        if mode not in PAUSE_MODES:
+            raise BadRequest(f"mode must be one of {PAUSE_MODES}, got {mode!r}")
+        self._paused = True
+        if mode == "abort":
+            self.abort_all("generation paused (abort)")
+        else:
+            self.abort_all("generation paused", only=lambda r: r.probe)
+        await self._wait_for(lambda: not self._stepping)
+
+    def resume(self) -> None:
+        self._paused = False
+        self._notify()
+
+    async def update_weights(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor]], *, version: str | None, abort_all: bool
+    ) -> int:
+        """Copy checked tensors into the model between steps; returns how many requests are frozen.
+
+        Admission is closed while this waits for the running batch to drain (or for a pause),
+        so an unfrozen request never sees two weight versions.
+        """
+        async with self._update_lock:
+            self._updating += 1
+            try:
+                if abort_all:
+                    self.abort_all("aborted for a weight update")
+                await self._wait_for(lambda: not self._stepping and (self._paused or not self._running))
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(self._executor, self.runner.apply_weights, pairs)
+                if version is not None:
+                    self.weight_version = version
+                return len(self._running)
+            finally:
+                self._updating -= 1
+                self._notify()
+
+    def set_version(self, version: str, *, abort_all: bool) -> None:
+        if abort_all:
+            self.abort_all("aborted for a weight version update")
+        self.weight_version = version
+
+    def close(self) -> None:
+        """Fail every request in flight (shutdown) and stop the decode thread after its step."""
+        self._closed = True
+        self.abort_all("server shutting down")
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- the decode loop ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            self._admit()
+            batch = [] if self._paused else list(self._running.values())
+            if not batch:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            self._stepping = True
+            try:
+                tokens, logprobs = await loop.run_in_executor(
+                    self._executor, self.runner.step, [r.row() for r in batch]
+                )
+            except Exception as exc:  # a failed step must not strand its requests
+                log.exception("decode step failed")
+                for request in batch:
+                    self._finish(request, FinishReason("abort", message=f"{ENGINE_ERROR}: {exc!r}"))
+            else:
+                self._apply(batch, tokens, logprobs)
+            finally:
+                self._stepping = False
+                self._notify()
+
+    def _admit(self) -> None:
+        if self._paused or self._updating:
+            return
+        while self._waiting and len(self._running) < self.max_running:
+            rid = next(iter(self._waiting))
+            self._running[rid] = self._waiting.pop(rid)
+
+    def _apply(self, batch: list[Request], tokens: list[int], logprobs: list[float]) -> None:
+        self.decode_steps += 1
+        for request, token, logprob in zip(batch, tokens, logprobs, strict=True):
+            if request.future.done():  # aborted while the step ran: it already answered
+                self._finish(request, FinishReason("abort"))
+                continue
+            request.output_ids.append(token)
+            request.logprobs.append(logprob)
+            if token in request.stop_ids:
+                self._finish(request, FinishReason("stop", matched=token))
+            elif len(request.output_ids) >= request.max_new_tokens:
+                self._finish(request, FinishReason("length", length=len(request.output_ids)))
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        """Remove the request from the queues and resolve its future (first call wins)."""
+        for queue in (self._running, self._waiting):
+            if queue.get(request.rid) is request:
+                del queue[request.rid]
+        if request.future.done():
+            return
+        completion = Completion(
+            rid=request.rid,
+            output_ids=list(request.output_ids),
+            logprobs=list(request.logprobs),
+            finish=reason,
+            prompt_tokens=len(request.prompt),
+            weight_version=self.weight_version,
+            latency_s=time.perf_counter() - request.started,
+        )
+        request.future.set_result(completion)
+
+    # ---- waiting for a state --------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._wake.set()
+        watchers, self._watchers = self._watchers, []
+        for watcher in watchers:
+            if not watcher.done():
+                watcher.set_result(None)
+
+    async def _wait_for(self, predicate: Callable[[], bool]) -> None:
+        while not predicate():
+            watcher = asyncio.get_running_loop().create_future()
+            self._watchers.append(watcher)
+            await watcher

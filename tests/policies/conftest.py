@@ -1,0 +1,101 @@
+"""Fixtures for the engine tests: tiny random checkpoints on disk, a module-scoped engine
+subprocess, and small async helpers (pytest-asyncio is not used: tests call `asyncio.run`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from policies.engine import EngineClient, EngineProcess
+
+TINY_CONFIG = dict(
+    vocab_size=32,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+    tie_word_embeddings=True,
+)
+
+
+def build_tiny_model(path: Path, *, seed: int) -> Path:
+    """A random Qwen3 checkpoint (config.json + model.safetensors) in `path`."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3Config(**TINY_CONFIG))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_a"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Same architecture, different random weights: the target of weight updates."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_b"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineProcess]:
+    """One engine subprocess per test module (starting one costs seconds)."""
+    proc = EngineProcess(tiny_model_dir, log_path=tmp_path_factory.mktemp("engine_log") / "engine.log")
+    proc.start()
+    try:
+        asyncio.run(proc.wait_ready(timeout_s=90))
+        yield proc
+    finally:
+        asyncio.run(proc.stop())
+
+
+def run_with_client(
+    url: str, body: Callable[[EngineClient], Awaitable[None]], *, timeout_s: float = 30
+) -> None:
+    """Run `body(client)` on a fresh event loop, bounded by timeout_s so a bug cannot hang pytest."""
+
+    async def main() -> None:
+        async with EngineClient(url, timeout_s=timeout_s) as client:
+            await asyncio.wait_for(body(client), timeout_s)
+
+    asyncio.run(main())
+
+
+async def stats(client: EngineClient) -> dict:
+    """The embedded engine's scheduler counters (get_server_info internal_states)."""
+    return (await client.get_server_info())["internal_states"][0]
+
+
+async def wait_until(
+    client: EngineClient, predicate: Callable[[dict], bool], *, timeout_s: float = 10
+) -> dict:
+    """Poll the engine's counters until predicate(stats) holds; fail after timeout_s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        current = await stats(client)
+        if predicate(current):
+            return current
+        assert loop.time() < deadline, f"engine never reached the expected state; last stats {current}"
+        await asyncio.sleep(0.002)  # polling a remote process with a deadline
+
+
+class EngineKit:
+    """The helpers above, handed to tests as the `kit` fixture (conftest is not importable)."""
+
+    run_with_client = staticmethod(run_with_client)
+    stats = staticmethod(stats)
+    wait_until = staticmethod(wait_until)
+
+
+@pytest.fixture(scope="session")
+def kit() -> type[EngineKit]:
+    return EngineKit

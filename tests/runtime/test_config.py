@@ -1,0 +1,76 @@
+import subprocess
+import sys
+
+import pytest
+
+from runtime import cli
+from runtime.config import ConfigError, build
+
+
+def test_defaults_recipe_toml_and_flags_layer_in_order(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text("[rollout]\nrollout_batch_size = 32\nglobal_batch_size = 256\n[optimizer]\nlr = 0.5\n")
+    cfg = cli.resolve(["--config", str(toml), "--lr", "0.25", "--max-staleness", "3", "--use-tis"])
+    assert cfg.rollout.rollout_batch_size == 32 and cfg.rollout.global_batch_size == 256
+    assert cfg.optimizer.lr == 0.25  # the flag beats the file
+    assert cfg.async_.max_staleness == 3 and cfg.grpo.use_tis is True
+    assert cfg.rollout.rollout_max_response_len == 6  # from the default recipe
+    assert cfg.async_.capacity(cfg.rollout.groups_per_step) == 4 * 32
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    cfg = cli.resolve(["--eps-clip-high", "0.28", "--run-dir", "x"])
+    path = tmp_path / "config.toml"
+    path.write_text(cli.dumps_toml(__import__("runtime.config").config.to_toml_dict(cfg)))
+    again = cli.resolve(["--config", str(path)])
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--lr", "-1"], "--lr"),
+        (["--lr", "abc"], "--lr"),
+        (["--max-staleness", "-1"], "--max-staleness"),
+        (["--rollout-batch-size", "3"], "--global-batch-size"),  # 3 x 8 != 128 x 1
+        (["--global-batch-size", "100"], "--global-batch-size"),  # not whole groups
+        (["--buffer-capacity", "2"], "--buffer-capacity"),
+        (["--recipe", "nope"], "--recipe"),
+        (["--custom-rm-path", "no_colon"], "--custom-rm-path"),
+        (["--kl-loss-type", "k9"], "--kl-loss-type"),
+        (["--no-such-flag"], "--no-such-flag"),
+    ],
+)
+def test_bad_values_exit_2_with_one_line_naming_the_flag(argv, flag, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.resolve(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag in err, err
+
+
+def test_bad_toml_field_names_its_path(tmp_path, capsys):
+    (tmp_path / "a.toml").write_text("[rollout]\nrollout_batch_sise = 4\n")
+    with pytest.raises(SystemExit):
+        cli.resolve(["--config", str(tmp_path / "a.toml")])
+    assert "[rollout] rollout_batch_sise: unknown field" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"\[nope\]"):
+        build({"nope": {}})
+
+
+def test_launch_rejects_bad_flag_before_starting_anything(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "runtime.launch", "--run-dir", str(tmp_path / "r"),
+                           "--eps-clip", "0"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "python -m runtime.launch: error: --eps-clip: Expected `float` > 0.0"
+    ]
+    assert not (tmp_path / "r").exists()
+
+
+def test_help_is_grouped_like_miles_plus_async():
+    text = cli.build_parser().format_help()
+    for title in ["MODEL", "CKPT", "ROLLOUT", "EVAL", "PERF", "GRPO", "OPTIMIZER", "ASYNC"]:
+        assert f"\n{title}:" in text
+    async_part = text.split("\nASYNC:")[1]
+    assert "--max-staleness" in async_part and "--buffer-capacity" in async_part
