@@ -31,6 +31,7 @@ class StalenessViolation(AssertionError):
 class Trainer(Protocol):
     def step(self, batch: list[Group]) -> StepStats: ...
     def save_weights(self, out_dir: Path) -> Path: ...
+    def close(self) -> None: ...
 
 
 class Publisher(Protocol):
@@ -93,6 +94,10 @@ class Learner:
                 self.on_step(_record(self.version, batch, stats, lags, train_s))
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """Release the trainer (its process, on the local backend)."""
+        self.trainer.close()
 
 
 def _record(version: int, batch: list[Group], stats: StepStats, lags: list[int], train_s: float) -> StepRecord:

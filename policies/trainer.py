@@ -126,6 +126,9 @@ class PolicyTrainer:
             n_tokens=int(tb.mask.sum()), n_samples=len(samples),
         )
 
+    def close(self) -> None:
+        """Nothing to release in-process (``TrainerProcess`` has a process to stop)."""
+
     def save_weights(self, out_dir: Path) -> Path:
         """Write the current weights as one safetensors file engines can load in place."""
         out_dir.mkdir(parents=True, exist_ok=True)

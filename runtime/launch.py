@@ -34,7 +34,7 @@ from buffers.buffer import StalenessBuffer
 from launchers.recipes import get_recipe
 from launchers.recipes.task import Task
 from policies.model import qwen3_config, write_random_checkpoint
-from policies.trainer import PolicyTrainer
+from policies.trainer_process import TrainerProcess
 from runtime import cli
 from runtime.config import Config, to_toml_dict
 from runtime.engines import EngineSet
@@ -99,7 +99,7 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress) -> Sche
         max_new_tokens=r.rollout_max_response_len, stop_token_ids=task.stop_token_ids))
     generator = Generator(prompts=task.train_prompt, buffer=buffer, ledger=ledger, runner=rollout,
                           scorer=scorer, n_samples=r.n_samples_per_prompt)
-    trainer = PolicyTrainer(model_path, grpo=cfg.grpo, optim=cfg.optimizer, temperature=r.rollout_temperature,
+    trainer = TrainerProcess(model_path, grpo=cfg.grpo, optim=cfg.optimizer, temperature=r.rollout_temperature,
                             pad_id=task.tokenizer.pad_token_id, threads=cfg.perf.learner_threads)
     broadcaster = WeightBroadcaster(engines=engines, buffer=buffer, timeout_s=a.weight_sync_timeout)
     learner = Learner(trainer=trainer, buffer=buffer, ledger=ledger, publisher=broadcaster,
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().handlers[1].setLevel(logging.WARNING)  # the terminal gets progress, not chatter
     print(f"run directory: {run_dir}", file=sys.stderr)
     try:
-        summary = _run(train(cfg, run_dir))
+        summary = run_event_loop(train(cfg, run_dir))
     except KeyboardInterrupt:
         print(f"interrupted; partial record in {run_dir}", file=sys.stderr)
         return 130
@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run(coro: Any) -> Any:
+def run_event_loop(coro: Any) -> Any:
+    """Run ``coro`` to completion on uvloop (asyncio's own loop where uvloop is missing)."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS

@@ -133,6 +133,7 @@ class Scheduler:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.a.buffer.close()
         await self.a.engines.stop()
+        await asyncio.to_thread(self.a.learner.close)
         self.metrics.close()
 
     # -- per step --------------------------------------------------------------------------------

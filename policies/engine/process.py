@@ -105,7 +105,7 @@ class EngineProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self._child_env(),
-                preexec_fn=_die_with_parent_fn(),
+                preexec_fn=die_with_parent_preexec(),
             )
 
     def _child_env(self) -> dict[str, str]:
@@ -185,7 +185,7 @@ class EngineProcess:
         self.port_file.unlink(missing_ok=True)
 
 
-def _die_with_parent_fn():  # noqa: ANN202
+def die_with_parent_preexec():  # noqa: ANN202
     """A preexec_fn that makes the child get SIGKILL when this (forking) thread dies; Linux only."""
     if not sys.platform.startswith("linux"):
         return None

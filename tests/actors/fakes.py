@@ -89,3 +89,6 @@ class FakeTrainer:
 
     def save_weights(self, out_dir: Path) -> Path:
         return out_dir
+
+    def close(self) -> None:
+        pass

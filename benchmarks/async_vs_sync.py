@@ -1,0 +1,151 @@
+"""Does rollout block training? Time per learner step of generation alone (G), training alone (T),
+the synchronous loop (--max-staleness 0) and the asynchronous loop, measured side by side in one run.
+
+    python benchmarks/async_vs_sync.py [--steps 60] [--max-staleness 1] [extra launch flags...]
+
+G: the real generator and engines with a learner that trains nothing (it bumps the served version
+   at once, so admission never waits on training or weight syncs).
+T: the real trainer stepping (and saving weights, as the learner does) on batches taken from G.
+sync / async: the whole loop, real engines, real weight syncs.
+Each figure is the steady-state seconds per step, skipping the first ``--warmup`` steps.
+Targets (issue 2): async <= 1.15 x max(G, T); on the default recipe async <= 0.65 x sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+
+from buffers.buffer import StalenessBuffer
+from buffers.types import Group
+from policies.trainer import StepStats
+from runtime import cli
+from runtime.launch import build, prepare_run_dir, run_event_loop
+from runtime.metrics import read_metrics
+from runtime.progress import Progress
+
+
+class _NoTraining:
+    """Stands in for the trainer in the G measurement: keeps each batch, trains nothing."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Group]] = []
+
+    def step(self, batch: list[Group]) -> StepStats:
+        self.batches.append(batch)
+        return StepStats(loss=0, pg_clipfrac=0, tis_mean=1, tis_clipfrac=0, kl=0, entropy=0, grad_norm=0,
+                         n_tokens=0, n_samples=0)
+
+    def save_weights(self, out_dir: Path) -> Path:
+        return out_dir
+
+    def close(self) -> None:
+        pass
+
+
+class _ServeAtOnce:
+    """Publisher for G: engines are taken to serve every version the moment it exists."""
+
+    def __init__(self, buffer: StalenessBuffer):
+        self.buffer = buffer
+
+    async def publish(self, version: int, path: Path) -> None:
+        await self.buffer.set_served_version(version)
+
+
+def per_step(times: list[float], warmup: int) -> float:
+    return (times[-1] - times[warmup]) / (len(times) - 1 - warmup)
+
+
+async def generation_alone(argv: list[str], run_dir: Path, warmup: int) -> tuple[float, list[list[Group]]]:
+    cfg = cli.resolve(argv + ["--run-dir", str(run_dir)])
+    sched = build(cfg, prepare_run_dir(cfg), Path(tempfile.mkdtemp()), Progress(total_steps=1, mode="off"))
+    a = sched.a
+    trainer = _NoTraining()
+    a.learner.close()
+    a.learner.trainer, a.learner.publisher = trainer, _ServeAtOnce(a.buffer)
+    a.learner.max_staleness = 10**9  # engines keep version 0 weights here; nothing is trained
+    times: list[float] = []
+    a.learner.on_step = lambda rec: times.append(time.monotonic())
+    await a.engines.start()
+    gen = asyncio.create_task(a.generator.run(), name="generator")
+    try:
+        await a.learner.run()
+    finally:
+        gen.cancel()
+        await asyncio.gather(gen, return_exceptions=True)
+        await a.buffer.close()
+        await a.engines.stop()
+    return per_step(times, warmup), trainer.batches
+
+
+def training_alone(argv: list[str], run_dir: Path, batches: list[list[Group]], warmup: int) -> float:
+    cfg = cli.resolve(argv + ["--run-dir", str(run_dir)])
+    sched = build(cfg, prepare_run_dir(cfg), Path(tempfile.mkdtemp()), Progress(total_steps=1, mode="off"))
+    trainer, out = sched.a.learner.trainer, Path(tempfile.mkdtemp())
+    times = [time.monotonic()]
+    for i, batch in enumerate(batches):
+        trainer.step(msgspec.convert(msgspec.to_builtins(batch), list[Group]))  # a fresh copy each step
+        trainer.save_weights(out / f"v{i}")
+        times.append(time.monotonic())
+    shutil.rmtree(out, ignore_errors=True)
+    trainer.close()
+    return per_step(times, warmup)
+
+
+async def whole_loop(argv: list[str], run_dir: Path, warmup: int) -> tuple[float, dict[str, float]]:
+    cfg = cli.resolve(argv + ["--run-dir", str(run_dir)])
+    weights = Path(tempfile.mkdtemp())
+    sched = build(cfg, prepare_run_dir(cfg), weights, Progress(total_steps=1, mode="off"))
+    try:
+        await sched.run()
+    finally:
+        shutil.rmtree(weights, ignore_errors=True)
+    lines = read_metrics(run_dir / "metrics.jsonl")[warmup:]
+    waits = {k: sum(line[k] for line in lines) / len(lines) for k in ("learner/wait_frac", "generator/wait_frac")}
+    waits["staleness/mean"] = sum(line["staleness/mean"] for line in lines) / len(lines)
+    return per_step([line["time_s"] for line in read_metrics(run_dir / "metrics.jsonl")], warmup), waits
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--max-staleness", type=int, default=1, help="for the async loop")
+    p.add_argument("--out", default="runs/bench-async-vs-sync")
+    args, extra = p.parse_known_args()
+    base = ["--num-rollout", str(args.steps), "--eval-interval", "0", "--progress", "off", *extra]
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+
+    g, batches = run_event_loop(generation_alone(base, out / "gen", args.warmup))
+    t = training_alone(base, out / "train", batches, args.warmup)
+    sync, sync_w = run_event_loop(whole_loop(base + ["--max-staleness", "0"], out / "sync", args.warmup))
+    asy, asy_w = run_event_loop(whole_loop(base + ["--max-staleness", str(args.max_staleness)], out / "async",
+                                        args.warmup))
+    bound = max(g, t)
+    print(f"machine: {platform.node()} ({platform.processor() or platform.machine()}), "
+          f"{__import__('os').cpu_count()} cores; {time.strftime('%Y-%m-%d')}; flags: {' '.join(extra) or '(defaults)'}")
+    print("| measure | s/step | ratio |")
+    print("|---|---|---|")
+    print(f"| G: generation alone | {g:.4f} | |")
+    print(f"| T: training alone | {t:.4f} | |")
+    print(f"| sync loop (max_staleness 0) | {sync:.4f} | {sync / bound:.2f} x max(G,T) |")
+    print(f"| async loop (max_staleness {args.max_staleness}) | {asy:.4f} | {asy / bound:.2f} x max(G,T), "
+          f"{asy / sync:.2f} x sync |")
+    for name, w in (("sync", sync_w), ("async", asy_w)):
+        print(f"{name}: learner wait {w['learner/wait_frac']:.0%}, generator idle {w['generator/wait_frac']:.0%}, "
+              f"mean staleness {w['staleness/mean']:.2f}")
+    print(f"targets: async <= 1.15 x max(G,T): {'met' if asy <= 1.15 * bound else 'NOT met'}; "
+          f"async <= 0.65 x sync: {'met' if asy <= 0.65 * sync else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
