@@ -50,6 +50,9 @@ from runtime.progress import Progress
 log = logging.getLogger(__name__)
 
 
+THROUGHPUT_WINDOW = 10  # steps
+
+
 class RunFailed(RuntimeError):
     pass
 
@@ -86,7 +89,9 @@ class Scheduler:
         self.staleness_max_observed = 0
         self._start = time.monotonic()
         self._last_step_at = self._start
-        self._last_tokens = 0
+        # (time, engine tokens) at recent steps: throughput over a window, since answers arrive
+        # in bursts and one step's share would read 0 or double
+        self._token_marks: collections.deque[tuple[float, int]] = collections.deque(maxlen=THROUGHPUT_WINDOW)
         self._eval_task: asyncio.Task[None] | None = None
         self._unreported: list[EvalResult] = []
         self._tasks: dict[str, asyncio.Task[Any]] = {}
@@ -139,8 +144,10 @@ class Scheduler:
     # -- per step --------------------------------------------------------------------------------
     def on_step(self, rec: StepRecord) -> None:
         now = time.monotonic()
-        tokens = self.a.engines.generated_tokens
-        dt = max(now - self._last_step_at, 1e-9)
+        if not self._token_marks:
+            self._token_marks.append((self._start, 0))
+        self._token_marks.append((now, self.a.engines.generated_tokens))
+        (t0, n0), (t1, n1) = self._token_marks[0], self._token_marks[-1]
         self.staleness_max_observed = max(self.staleness_max_observed, rec.staleness_max)
         ledger = self.a.ledger.counts()
         line: dict[str, Any] = {
@@ -152,7 +159,7 @@ class Scheduler:
             "learner/train_s": rec.train_s,
             "buffer/groups": self.a.buffer.n_ready, "buffer/pending": self.a.buffer.n_pending,
             "buffer/capacity": self.a.buffer.capacity, "buffer/served_version": self.a.buffer.served_version,
-            "throughput/tokens_per_s": (tokens - self._last_tokens) / dt,
+            "throughput/tokens_per_s": (n1 - n0) / max(t1 - t0, 1e-9),
             **{f"train/{k}": v for k, v in _struct_items(rec.stats)},
             "ledger/admitted": ledger.admitted, "ledger/trained": ledger.trained,
             "ledger/dropped": sum(ledger.dropped.values()), "ledger/in_flight": ledger.in_flight,
@@ -163,7 +170,7 @@ class Scheduler:
         for ev in self._unreported:
             line |= {"eval/reward": ev.reward, "eval/version": ev.version, "eval/wall_s": ev.wall_s}
         self._unreported.clear()
-        self._last_step_at, self._last_tokens = now, tokens
+        self._last_step_at = now
         self.metrics.write(line)
         self.progress.update(line)
         if self.eval_interval and rec.version % self.eval_interval == 0:
