@@ -4,7 +4,7 @@ Prompt ``<bos> 3 7 1 =``; the right response is ``3 7 1 <eos>``. Reward in [0, 1
 0.8 x (share of digit positions right) + 0.2 x (exactly ``DIGITS`` digits then ``<eos>``).
 A random policy scores about 0.05, a constant one at most 0.28 (0.08 for one right digit in three,
 plus the length bonus), a perfect one 1.0. A random-init 2-layer transformer learns it from RL
-alone in a few hundred GRPO steps on one CPU core: the model must learn to attend back to the
+alone in a few hundred GRPO steps, about a minute and a half on two CPU cores: the model must learn to attend back to the
 prompt position matching each response position.
 
 Of the 1000 possible prompts, ``eval_num_prompts`` are held out for evaluation.
@@ -55,6 +55,8 @@ def make_task(*, seed: int, eval_num_prompts: int) -> Task:
 RECIPE = Recipe(
     name="default",
     description="copy three digits; 2-layer random-init Qwen3-shaped model on CPU",
-    defaults={"rollout": {"rollout_max_response_len": 6}},
+    # lr 5e-4 over 400 steps reached eval reward 1.0 on seeds 2, 3 and 1234 (1e-3 over 200 steps
+    # plateaued at 0.63-0.71 on seed 2: a digit position the policy stopped exploring)
+    defaults={"rollout": {"rollout_max_response_len": 6, "num_rollout": 400}, "optimizer": {"lr": 5e-4}},
     make_task=make_task,
 )

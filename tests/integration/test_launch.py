@@ -80,10 +80,14 @@ def test_ctrl_c_stops_cleanly_without_orphans(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:]
             time.sleep(0.2)
         assert engines_of(run_dir)
+        children = psutil.Process(proc.pid).children(recursive=True)  # engines and the trainer
+        assert any("policies.trainer_process" in " ".join(c.cmdline()) for c in children)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130
     finally:
         proc.kill()
+    gone, alive = psutil.wait_procs(children, timeout=10)
+    assert not alive, [p.cmdline() for p in alive]
     assert not engines_of(run_dir)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
 
