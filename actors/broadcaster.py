@@ -1,9 +1,13 @@
 """WeightBroadcaster: brings every engine to the newest version the learner published.
 
-Per sync: pause(abort) -> update weights -> continue -> tell the buffer the new served version.
-Pausing with "abort" makes each in-flight request return what it has (at the old version); the
-generator resumes it, and the resumed request waits in the paused engine until weights are new.
-So no request ever sees its weights change under it, and one version per engine answer is exact.
+Per sync: pause -> update weights -> continue -> tell the buffer the new served version.
+- ``in_place`` (default on the embedded engine): in-flight requests are frozen between decode
+  steps and continue under the new weights; the engine reports the version of every token, so a
+  request spanning the update is exact, and no work is thrown away or re-sent.
+- ``abort`` (for engines that report one version per answer, e.g. SGLang): each in-flight
+  request returns what it has (at the old version); the generator resumes it, and the resumed
+  request waits in the paused engine until the weights are new. No request ever sees its weights
+  change under it, so one version per answer is exact.
 Only the newest published version is synced: a learner faster than the sync skips versions
 rather than queueing them (a mailbox of one, newest wins). Every sync is timed and bounded by
 ``timeout_s``: a stuck engine becomes an error, not a hang.
@@ -40,7 +44,10 @@ class WeightSyncError(RuntimeError):
 
 class WeightBroadcaster:
     def __init__(self, *, engines: ControlledEngines, buffer: StalenessBuffer, timeout_s: float,
-                 served_version: int = 0):
+                 served_version: int = 0, pause_mode: str = "abort"):
+        if pause_mode not in ("abort", "in_place"):
+            raise ValueError(f"pause_mode must be abort or in_place, got {pause_mode!r}")
+        self.pause_mode = pause_mode
         self.engines = engines
         self.buffer = buffer
         self.timeout_s = timeout_s
@@ -75,7 +82,7 @@ class WeightBroadcaster:
         start = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout_s):
-                await self.engines.pause("abort")
+                await self.engines.pause(self.pause_mode)
                 paused = time.monotonic()
                 await self.engines.update_weights_from_disk(path, version)
                 await self.engines.resume()

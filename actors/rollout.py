@@ -14,6 +14,10 @@ from buffers.types import Sample, Status
 from policies.engine.client import EngineError, GenerateOutput
 
 
+class VersionsUnknown(RuntimeError):
+    """A misconfiguration, not a fault: it ends the run instead of being retried."""
+
+
 class Engines(Protocol):
     async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None
                        ) -> GenerateOutput: ...
@@ -23,20 +27,23 @@ class SampleRunner:
     """Drives one sample to completion: a loop of /generate calls.
 
     An answer that ends in "abort" (engines paused to swap weights) is resumed with prompt +
-    tokens so far and the remaining budget; each answer's tokens get that answer's weight
-    version, exact because weights never change under a running request. An engine error is
+    tokens so far and the remaining budget. Tokens get the per-token versions the engine reports,
+    or, when ``exact_answer_versions`` (the broadcaster aborts before every swap, so weights never
+    change under a running request), the answer's one version. An answer with neither is an
+    error: guessing would break the staleness accounting. An engine error is
     retried (the engine set routes to the least-loaded engine) up to ``retries`` times, then the
     sample fails with the reason. Counts go to ``counters``.
     """
 
     def __init__(self, *, engines: Engines, sampling_params: dict[str, Any], decode: Callable[[list[int]], str],
-                 seed: int = 0, retries: int = 3):
+                 seed: int = 0, retries: int = 3, exact_answer_versions: bool = True):
         self.engines = engines
         self.sampling_params = sampling_params
         self.max_new_tokens = int(sampling_params["max_new_tokens"])
         self.decode = decode
         self.seed = seed
         self.retries = retries
+        self.exact_answer_versions = exact_answer_versions
         self.counters: collections.Counter[str] = collections.Counter()
 
     async def run(self, sample: Sample) -> None:
@@ -58,7 +65,14 @@ class SampleRunner:
                     sample.fail(f"engine failed {errors} times: {e}")
                     self.counters["samples_failed_engine"] += 1
                 continue
-            sample.add_segment(list(out.output_ids), list(out.logprobs), int(out.weight_version))
+            if out.token_versions is not None:
+                versions: int | list[int] = [int(v) for v in out.token_versions]
+            elif self.exact_answer_versions:
+                versions = int(out.weight_version)
+            else:
+                raise VersionsUnknown("the engine reports no per-token weight versions, so tokens of a request "
+                                      "frozen across an update cannot be dated: use --weight-sync-pause abort")
+            sample.add_segment(list(out.output_ids), list(out.logprobs), versions)
             if out.finish_reason == "abort":
                 self.counters["resumed_after_abort"] += 1
             else:

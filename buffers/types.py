@@ -2,10 +2,11 @@
 
 Invariant carried by these types (DESIGN.md, invariant 1): every generated token records the policy
 version of the weights that produced it and the engine's behavior logprob of it. A response is
-built from *segments*; each segment comes from one engine answer, during which the engine's
-weights never changed (the broadcaster aborts in-flight requests before it swaps weights), so the
-answer's single ``weight_version`` is exact for all its tokens. A sample whose generation spanned
-a weight update therefore carries several versions.
+built from *segments*, one per engine answer. An answer's tokens carry the versions the engine
+reports per token (the embedded engine does, so a request frozen by an ``in_place`` pause across
+an update is exact), or else the answer's single ``weight_version``, which is exact when the
+broadcaster aborts in-flight requests before it swaps weights (``abort`` pause, needed for
+SGLang). A sample whose generation spanned a weight update therefore carries several versions.
 """
 
 from __future__ import annotations
@@ -60,13 +61,15 @@ class Sample(msgspec.Struct):
     timing: Timing = msgspec.field(default_factory=Timing)
     n_segments: int = 0  # engine answers this response was built from (>1: it spanned an abort)
 
-    def add_segment(self, token_ids: list[int], logprobs: list[float], version: int) -> None:
-        """Append one engine answer's tokens, all produced by weights at ``version``."""
-        if len(token_ids) != len(logprobs):
-            raise ValueError(f"{len(token_ids)} tokens but {len(logprobs)} logprobs")
+    def add_segment(self, token_ids: list[int], logprobs: list[float], versions: int | list[int]) -> None:
+        """Append one engine answer's tokens with the version that produced each (one int: all)."""
+        if isinstance(versions, int):
+            versions = [versions] * len(token_ids)
+        if not len(token_ids) == len(logprobs) == len(versions):
+            raise ValueError(f"{len(token_ids)} tokens, {len(logprobs)} logprobs, {len(versions)} versions")
         self.response_ids.extend(token_ids)
         self.behavior_logprobs.extend(logprobs)
-        self.token_versions.extend([version] * len(token_ids))
+        self.token_versions.extend(versions)
         self.loss_mask.extend([1] * len(token_ids))
         self.n_segments += 1
 

@@ -146,6 +146,9 @@ class AsyncConfig(Section):
     """ASYNC: freshness against throughput, and the timeouts that keep the loop from hanging."""
 
     max_staleness: NonNeg = 1  # policy versions; 0 = synchronous on-policy
+    # how engines pause for a weight sync: in_place freezes requests (needs per-token versions
+    # from the engine: the embedded one reports them); abort ends and re-sends them (any engine)
+    weight_sync_pause: Literal["in_place", "abort"] = "in_place"
     buffer_capacity: Pos | None = None  # groups; default (max_staleness + 1) * groups per step
     engine_timeout: PosF = 120.0  # seconds for one engine call
     engine_start_timeout: PosF = 180.0

@@ -94,17 +94,21 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress) -> Sche
                              capacity=a.capacity(r.groups_per_step))
     ledger = Ledger()
     scorer = RewardScorer(reward_fn, timeout_s=r.reward_timeout)
-    rollout = SampleRunner(engines=engines, decode=decode, seed=r.rollout_seed, sampling_params=sampling_params(
+    exact = a.weight_sync_pause == "abort"
+    rollout = SampleRunner(engines=engines, decode=decode, seed=r.rollout_seed, exact_answer_versions=exact,
+                           sampling_params=sampling_params(
         temperature=r.rollout_temperature, top_p=r.rollout_top_p, top_k=r.rollout_top_k,
         max_new_tokens=r.rollout_max_response_len, stop_token_ids=task.stop_token_ids))
     generator = Generator(prompts=task.train_prompt, buffer=buffer, ledger=ledger, runner=rollout,
                           scorer=scorer, n_samples=r.n_samples_per_prompt)
     trainer = TrainerProcess(model_path, grpo=cfg.grpo, optim=cfg.optimizer, temperature=r.rollout_temperature,
                             pad_id=task.tokenizer.pad_token_id, threads=cfg.perf.learner_threads)
-    broadcaster = WeightBroadcaster(engines=engines, buffer=buffer, timeout_s=a.weight_sync_timeout)
+    broadcaster = WeightBroadcaster(engines=engines, buffer=buffer, timeout_s=a.weight_sync_timeout,
+                                    pause_mode=a.weight_sync_pause)
     learner = Learner(trainer=trainer, buffer=buffer, ledger=ledger, publisher=broadcaster,
                       num_steps=r.num_steps, max_staleness=a.max_staleness, weights_dir=weights)
-    eval_runner = SampleRunner(engines=engines, decode=decode, seed=r.rollout_seed + 1, sampling_params=sampling_params(
+    eval_runner = SampleRunner(engines=engines, decode=decode, seed=r.rollout_seed + 1, exact_answer_versions=exact,
+                               sampling_params=sampling_params(
         temperature=e.eval_temperature, top_p=e.eval_top_p, top_k=-1 if e.eval_temperature == 0 else r.rollout_top_k,
         max_new_tokens=e.eval_max_response_len or r.rollout_max_response_len, stop_token_ids=task.stop_token_ids))
     evaluator = Evaluator(prompts=task.eval_prompts, runner=eval_runner, scorer=RewardScorer(

@@ -41,6 +41,8 @@ class GenerateOutput(msgspec.Struct, frozen=True):
     logprobs[i] is the behaviour logprob of output_ids[i] (empty if logprobs were not asked for).
     weight_version is the engine's version when the response was produced; finish_reason is
     "stop", "length" or "abort" (an aborted request returns the tokens generated so far).
+    token_versions is the version of each token when the engine reports it (the embedded
+    engine's ``output_token_weight_versions`` extension), None otherwise (SGLang).
     """
 
     output_ids: list[int]
@@ -50,6 +52,7 @@ class GenerateOutput(msgspec.Struct, frozen=True):
     prompt_tokens: int
     completion_tokens: int
     latency_s: float
+    token_versions: list[str] | None = None
 
 
 class WeightUpdateResult(msgspec.Struct, frozen=True):
@@ -72,6 +75,7 @@ class _MetaInfo(msgspec.Struct):
     e2e_latency: float = 0.0
     weight_version: str = ""
     output_token_logprobs: list[tuple[float, int, Any]] | None = None
+    output_token_weight_versions: list[str] | None = None
 
 
 class _GenerateResponse(msgspec.Struct):
@@ -150,6 +154,11 @@ class EngineClient:
                 "/generate",
                 f"{len(logprobs)} logprobs for {len(resp.output_ids)} output tokens",
             )
+        versions = meta.output_token_weight_versions
+        if versions is not None and len(versions) != len(resp.output_ids):
+            raise EngineError(
+                self.base_url, "/generate", f"{len(versions)} token versions for {len(resp.output_ids)} output tokens"
+            )
         return GenerateOutput(
             output_ids=resp.output_ids,
             logprobs=logprobs,
@@ -158,6 +167,7 @@ class EngineClient:
             prompt_tokens=meta.prompt_tokens,
             completion_tokens=meta.completion_tokens or len(resp.output_ids),
             latency_s=meta.e2e_latency,
+            token_versions=meta.output_token_weight_versions,
         )
 
     async def abort(self, rid: str) -> None:

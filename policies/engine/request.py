@@ -26,8 +26,9 @@ class FinishReason(msgspec.Struct, frozen=True, omit_defaults=True):
 
 
 class Completion(msgspec.Struct, frozen=True):
-    """What a finished request returns. logprobs is row-aligned with output_ids; weight_version
-    is the version current when it finished (the only one it saw unless it was frozen)."""
+    """What a finished request returns. logprobs and token_versions are row-aligned with
+    output_ids; weight_version is the version current when it finished (the only one it saw
+    unless it was frozen across an update: token_versions then tells which token came from which)."""
 
     rid: str
     output_ids: list[int]
@@ -36,6 +37,7 @@ class Completion(msgspec.Struct, frozen=True):
     prompt_tokens: int
     weight_version: str
     latency_s: float
+    token_versions: list[str] = msgspec.field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -52,6 +54,7 @@ class Request:
     started: float = field(default_factory=time.perf_counter)
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    versions: list[str] = field(default_factory=list)  # weight version that produced each token
 
     def row(self) -> Row:
         return Row(self.prompt + self.output_ids, self.params)

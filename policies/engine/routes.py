@@ -122,6 +122,9 @@ def _generate_response(done: Completion, *, return_logprob: bool) -> dict[str, A
         "cached_tokens": 0,
         "e2e_latency": done.latency_s,
         "weight_version": done.weight_version,
+        # Extension (SGLang reports one weight_version per answer): the version of every token,
+        # exact even for a request frozen by an in_place pause across a weight update.
+        "output_token_weight_versions": done.token_versions,
     }
     if return_logprob:
         meta["output_token_logprobs"] = [

@@ -225,6 +225,7 @@ class Scheduler:
                 continue
             request.output_ids.append(token)
             request.logprobs.append(logprob)
+            request.versions.append(self.weight_version)
             if token in request.stop_ids:
                 self._finish(request, FinishReason("stop", matched=token))
             elif len(request.output_ids) >= request.max_new_tokens:
@@ -245,6 +246,7 @@ class Scheduler:
             prompt_tokens=len(request.prompt),
             weight_version=self.weight_version,
             latency_s=time.perf_counter() - request.started,
+            token_versions=list(request.versions),
         )
         request.future.set_result(completion)
 

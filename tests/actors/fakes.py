@@ -2,8 +2,11 @@
 
 ``FakeEngines`` stands in for the engine set: one token per tick, and every token's id is
 ``100 + the version its weights had`` so a test can check the version recorded for each token
-against ground truth. It honours pause(abort) like the real server: in-flight requests return
-their partial output with finish "abort", new requests wait until ``resume``.
+against ground truth. It honours both pause modes like the real server: ``abort`` ends in-flight
+requests with their partial output and holds new ones until ``resume``; ``in_place`` freezes
+in-flight requests between ticks and lets them continue under the new weights. With
+``report_token_versions`` it reports per-token versions (as the embedded engine does), without
+it only the answer's version (as SGLang does).
 """
 
 from __future__ import annotations
@@ -21,49 +24,63 @@ TOKEN_BASE = 100
 
 
 class FakeEngines:
-    def __init__(self, *, tick_s: float = 0.0005, stop_prob: float = 0.2, seed: int = 0):
+    def __init__(self, *, tick_s: float = 0.0005, stop_prob: float = 0.2, seed: int = 0,
+                 report_token_versions: bool = True):
         self.version = 0
         self.tick_s = tick_s
         self.stop_prob = stop_prob
+        self.report_token_versions = report_token_versions
         self.rng = random.Random(seed)
         self.generated_tokens = 0
         self._running = asyncio.Event()
         self._running.set()
         self._abort = 0  # bumped by pause(abort): requests started before it end early
         self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._parked = 0  # in-flight requests frozen by pause(in_place)
+        self._changed = asyncio.Condition()
 
     async def generate(self, input_ids, sampling_params, *, rid=None) -> GenerateOutput:
         await self._running.wait()
-        epoch, version = self._abort, self.version
-        self._in_flight += 1
-        self._idle.clear()
+        epoch = self._abort
         out: list[int] = []
+        versions: list[str] = []
         finish = "length"
+        await self._count(in_flight=1)
         try:
             for _ in range(sampling_params["max_new_tokens"]):
                 await asyncio.sleep(self.tick_s * self.rng.random() * 2)
+                if not self._running.is_set() and self._abort == epoch:  # in_place: freeze here
+                    await self._count(parked=1)
+                    await self._running.wait()
+                    await self._count(parked=-1)
                 if self._abort != epoch:
                     finish = "abort"
                     break
-                out.append(TOKEN_BASE + version)
+                out.append(TOKEN_BASE + self.version)
+                versions.append(str(self.version))
                 if self.rng.random() < self.stop_prob:
                     finish = "stop"
                     break
         finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+            await self._count(in_flight=-1)
         self.generated_tokens += len(out)
         return GenerateOutput(output_ids=out, logprobs=[-1.0] * len(out), finish_reason=finish,
-                              weight_version=str(version), prompt_tokens=len(input_ids),
-                              completion_tokens=len(out), latency_s=0.0)
+                              weight_version=str(self.version), prompt_tokens=len(input_ids),
+                              completion_tokens=len(out), latency_s=0.0,
+                              token_versions=versions if self.report_token_versions else None)
+
+    async def _count(self, *, in_flight: int = 0, parked: int = 0) -> None:
+        async with self._changed:
+            self._in_flight += in_flight
+            self._parked += parked
+            self._changed.notify_all()
 
     async def pause(self, mode: str = "abort") -> None:
         self._running.clear()
-        self._abort += 1
-        await self._idle.wait()
+        if mode == "abort":
+            self._abort += 1
+        async with self._changed:  # quiescent: every in-flight request ended or frozen
+            await self._changed.wait_for(lambda: self._in_flight == self._parked)
 
     async def update_weights_from_disk(self, path: str | Path, version: int) -> None:
         assert not self._running.is_set(), "weights updated while serving"

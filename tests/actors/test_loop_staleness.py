@@ -23,17 +23,18 @@ def reward(prompt, sample):
 
 
 async def loop(*, max_staleness, engine_tick_s, learner_delay_s, steps=12, groups_per_step=3, n=4,
-               reward_fn=reward, reward_timeout=5.0, tmp=Path("/tmp")):
-    engines = FakeEngines(tick_s=engine_tick_s)
+               reward_fn=reward, reward_timeout=5.0, tmp=Path("/tmp"), pause="in_place"):
+    engines = FakeEngines(tick_s=engine_tick_s, report_token_versions=pause == "in_place")
     buffer = StalenessBuffer(groups_per_step=groups_per_step, max_staleness=max_staleness)
     ledger = Ledger()
     runner = SampleRunner(engines=engines, decode=lambda ids: " ".join(map(str, ids)),
-                          sampling_params={"max_new_tokens": 12, "temperature": 1.0})
+                          sampling_params={"max_new_tokens": 12, "temperature": 1.0},
+                          exact_answer_versions=pause == "abort")
     scorer = RewardScorer(reward_fn, timeout_s=reward_timeout)
     gen = Generator(prompts=lambda i: Prompt(i, [1, 2, 3]), buffer=buffer, ledger=ledger, runner=runner,
                     scorer=scorer, n_samples=n)
     trainer = FakeTrainer(delay_s=learner_delay_s)
-    bc = WeightBroadcaster(engines=engines, buffer=buffer, timeout_s=10)
+    bc = WeightBroadcaster(engines=engines, buffer=buffer, timeout_s=10, pause_mode=pause)
     learner = Learner(trainer=trainer, buffer=buffer, ledger=ledger, publisher=bc, num_steps=steps,
                       max_staleness=max_staleness, weights_dir=tmp)
     tasks = [asyncio.create_task(gen.run(), name="generator"), asyncio.create_task(bc.run(), name="bc")]
@@ -46,11 +47,12 @@ async def loop(*, max_staleness, engine_tick_s, learner_delay_s, steps=12, group
     return trainer, ledger, runner, scorer
 
 
+@pytest.mark.parametrize("pause", ["in_place", "abort"])
 @pytest.mark.parametrize("max_staleness", [0, 1, 3])
 @pytest.mark.parametrize("slow", ["learner", "engine"])
-def test_no_trained_token_exceeds_max_staleness(max_staleness, slow, tmp_path):
+def test_no_trained_token_exceeds_max_staleness(max_staleness, slow, pause, tmp_path):
     trainer, ledger, runner, _ = run(loop(
-        max_staleness=max_staleness,
+        max_staleness=max_staleness, pause=pause,
         engine_tick_s=0.003 if slow == "engine" else 0.0002,
         learner_delay_s=0.03 if slow == "learner" else 0.0,
         tmp=tmp_path,
@@ -72,10 +74,15 @@ def test_no_trained_token_exceeds_max_staleness(max_staleness, slow, tmp_path):
     assert counts.trained == 12 * 3 and counts.duplicates == 0 and counts.balanced
 
 
-def test_requests_spanning_updates_keep_per_token_versions(tmp_path):
-    trainer, _, runner, _ = run(loop(max_staleness=2, engine_tick_s=0.002, learner_delay_s=0.0, tmp=tmp_path))
+@pytest.mark.parametrize("pause", ["in_place", "abort"])
+def test_requests_spanning_updates_keep_per_token_versions(pause, tmp_path):
+    trainer, _, runner, _ = run(loop(max_staleness=2, engine_tick_s=0.002, learner_delay_s=0.0, tmp=tmp_path,
+                                     pause=pause))
     spanning = [s for b in trainer.batches for g in b for s in g.samples if len(set(s.token_versions)) > 1]
-    assert runner.counters["resumed_after_abort"] > 0 and spanning
+    assert spanning
+    # abort ends and re-sends the request (several segments); in_place keeps it whole (one segment)
+    assert (runner.counters["resumed_after_abort"] > 0) == (pause == "abort")
+    assert all((s.n_segments > 1) == (pause == "abort") for s in spanning)
     for s in spanning:
         assert s.token_versions == sorted(s.token_versions)
         assert s.token_versions == [t - TOKEN_BASE for t in s.response_ids]
@@ -101,3 +108,13 @@ def test_reward_that_raises_or_hangs_is_counted_and_the_loop_completes(tmp_path)
     failed = [s for b in trainer.batches for g in b for s in g.samples if s.status == "failed"]
     assert failed and all(not any(s.loss_mask) for s in failed)
     assert ledger.counts().balanced
+
+
+def test_answers_without_token_versions_are_refused_when_requests_can_span_updates():
+    from actors.rollout import VersionsUnknown
+    from buffers.types import Sample
+
+    runner = SampleRunner(engines=FakeEngines(report_token_versions=False), decode=str,
+                          sampling_params={"max_new_tokens": 4}, exact_answer_versions=False)
+    with pytest.raises(VersionsUnknown, match="--weight-sync-pause abort"):
+        run(runner.run(Sample(group_id=0, index=0, prompt_ids=[1])))
