@@ -34,6 +34,7 @@ class Generator:
         self.clock = WaitClock("generator")
         self._active = 0  # groups generating or scoring
         self._blocked = False  # the admission loop is waiting for a slot
+        self._idle = False  # blocked with nothing generating: counted on ``clock``
 
     async def run(self) -> None:
         """Admit groups until cancelled. A crashing group task is a bug: it ends the run loudly
@@ -50,22 +51,20 @@ class Generator:
                 groups.create_task(self._run_group(ticket, prompt), name=f"group-{ticket.group_id}")
 
     def _set_blocked(self, blocked: bool) -> None:
-        self._update_idle(lambda: setattr(self, "_blocked", blocked))
-
-    def _update_idle(self, change: Callable[[], None]) -> None:
-        was_idle = self._blocked and self._active == 0
-        change()
-        idle = self._blocked and self._active == 0
-        if idle and not was_idle:
-            self.clock.enter("admission (no group generating)")
-        elif was_idle and not idle:
-            self.clock.exit()
+        self._blocked = blocked
+        self._sync_idle()
 
     def _add_active(self, n: int) -> None:
-        def change() -> None:
-            self._active += n
+        self._active += n
+        self._sync_idle()
 
-        self._update_idle(change)
+    def _sync_idle(self) -> None:
+        idle = self._blocked and self._active == 0
+        if idle and not self._idle:
+            self.clock.enter("admission (no group generating)")
+        elif self._idle and not idle:
+            self.clock.exit()
+        self._idle = idle
 
     async def _run_group(self, ticket: Ticket, prompt: Prompt) -> None:
         self._add_active(1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import shutil
 import tempfile
@@ -132,7 +133,7 @@ def main() -> None:
                                         args.warmup))
     bound = max(g, t)
     print(f"machine: {platform.node()} ({platform.processor() or platform.machine()}), "
-          f"{__import__('os').cpu_count()} cores; {time.strftime('%Y-%m-%d')}; flags: {' '.join(extra) or '(defaults)'}")
+          f"{os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}; flags: {' '.join(extra) or '(defaults)'}")
     print("| measure | s/step | ratio |")
     print("|---|---|---|")
     print(f"| G: generation alone | {g:.4f} | |")

@@ -66,9 +66,6 @@ class EngineSet:
             *(c.update_weights_from_disk(str(path), weight_version=str(version)) for c in self.clients)
         )
 
-    async def versions(self) -> list[str]:
-        return list(await asyncio.gather(*(c.get_weight_version() for c in self.clients)))
-
     async def stop(self) -> None:
         """Close clients and stop every process (SIGTERM, then SIGKILL); idempotent."""
         await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)

@@ -87,8 +87,8 @@ class Scheduler:
         self.evals: list[EvalResult] = []
         self.counters: collections.Counter[str] = collections.Counter()
         self.staleness_max_observed = 0
-        self._start = time.monotonic()
-        self._last_step_at = self._start
+        self.started_at = time.monotonic()
+        self._last_step_at = self.started_at
         # (time, engine tokens) at recent steps: throughput over a window, since answers arrive
         # in bursts and one step's share would read 0 or double
         self._token_marks: collections.deque[tuple[float, int]] = collections.deque(maxlen=THROUGHPUT_WINDOW)
@@ -101,7 +101,7 @@ class Scheduler:
     async def run(self) -> None:
         try:
             await self.a.engines.start()
-            self._start = self._last_step_at = time.monotonic()
+            self.started_at = self._last_step_at = time.monotonic()
             self._start_eval(0)
             self._tasks = {
                 name: asyncio.create_task(coro, name=name)
@@ -145,13 +145,13 @@ class Scheduler:
     def on_step(self, rec: StepRecord) -> None:
         now = time.monotonic()
         if not self._token_marks:
-            self._token_marks.append((self._start, 0))
+            self._token_marks.append((self.started_at, 0))
         self._token_marks.append((now, self.a.engines.generated_tokens))
         (t0, n0), (t1, n1) = self._token_marks[0], self._token_marks[-1]
         self.staleness_max_observed = max(self.staleness_max_observed, rec.staleness_max)
         ledger = self.a.ledger.counts()
         line: dict[str, Any] = {
-            "step": rec.step, "version": rec.version, "time_s": round(now - self._start, 4),
+            "step": rec.step, "version": rec.version, "time_s": round(now - self.started_at, 4),
             "reward/mean": rec.reward_mean, "response_len/mean": rec.response_len_mean,
             "staleness/max": rec.staleness_max, "staleness/mean": rec.staleness_mean,
             "learner/wait_frac": self.a.learner.clock.lap(),
@@ -199,7 +199,7 @@ class Scheduler:
     async def _watchdog(self) -> None:
         while True:
             await asyncio.sleep(min(5.0, self.stall_timeout_s / 4))
-            idle = time.monotonic() - max(self._last_step_at, self._start)
+            idle = time.monotonic() - max(self._last_step_at, self.started_at)
             if idle > self.stall_timeout_s:
                 path = self.run_dir / "stall_dump.txt"
                 path.write_text(self.dump())

@@ -21,7 +21,7 @@ def summarize(s: Scheduler, *, status: str, error: str = "") -> dict[str, Any]:
         "status": status,
         "error": error,
         "steps": a.learner.version,
-        "wall_s": time.monotonic() - s._start,
+        "wall_s": time.monotonic() - s.started_at,
         "first_eval_reward": evals[0].reward if evals else None,
         "final_eval_reward": evals[-1].reward if evals else None,
         "evals": [msgspec.to_builtins(e) for e in evals],

@@ -4,8 +4,8 @@ Prompt ``<bos> 3 7 1 =``; the right response is ``3 7 1 <eos>``. Reward in [0, 1
 0.8 x (share of digit positions right) + 0.2 x (exactly ``DIGITS`` digits then ``<eos>``).
 A random policy scores about 0.05, a constant one at most 0.28 (0.08 for one right digit in three,
 plus the length bonus), a perfect one 1.0. A random-init 2-layer transformer learns it from RL
-alone in a few hundred GRPO steps, about a minute and a half on two CPU cores: the model must learn to attend back to the
-prompt position matching each response position.
+alone in a few hundred GRPO steps, about a minute and a half on two CPU cores: the model must
+learn to attend back to the prompt position matching each response position.
 
 Of the 1000 possible prompts, ``eval_num_prompts`` are held out for evaluation.
 """
