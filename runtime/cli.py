@@ -7,6 +7,8 @@ anything starts, whether argparse, msgspec or a cross-field rule caught it.
 from __future__ import annotations
 
 import argparse
+import inspect
+import re
 import sys
 import tomllib
 import types
@@ -35,7 +37,18 @@ def _base_type(tp: Any) -> Any:
     return tp
 
 
-def _add_field(group: argparse._ArgumentGroup, section: str, field: msgspec.structs.FieldInfo) -> None:
+def _field_comments(struct: type) -> dict[str, str]:
+    """The ``# comment`` after each field in the struct's source: the help text, written once."""
+    comments: dict[str, str] = {}
+    for line in inspect.getsource(struct).splitlines():
+        m = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+        if m:
+            comments[m.group(1)] = m.group(2).strip()
+    return comments
+
+
+def _add_field(group: argparse._ArgumentGroup, section: str, field: msgspec.structs.FieldInfo,
+               comment: str) -> None:
     tp = _base_type(field.type)
     kw: dict[str, Any] = {"dest": f"{section}.{field.name}", "default": argparse.SUPPRESS}
     default = field.default if field.default is not msgspec.NODEFAULT else None
@@ -46,16 +59,20 @@ def _add_field(group: argparse._ArgumentGroup, section: str, field: msgspec.stru
     else:
         kw["type"] = tp
         kw["metavar"] = tp.__name__.upper()
-    group.add_argument(C.flag(field.name), help=f"(default: {default})", **kw)
+    help_text = f"{comment} (default: {default})" if comment else f"(default: {default})"
+    group.add_argument(C.flag(field.name), help=help_text.replace("%", "%%"), **kw)
 
 
 def build_parser(prog: str = "launch") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Fully asynchronous RL post-training.")
+    p = _Parser(prog=prog, description="Fully asynchronous RL post-training. Defaults shown are the "
+                "fields' own; a recipe (--recipe) may set others, and config.toml in the run directory "
+                "records what a run used.")
     p.add_argument("--config", metavar="FILE", help="TOML file, one table per section ([rollout], ...)")
     for section, struct in C.SECTIONS.items():
         group = p.add_argument_group(C.GROUP_TITLES[section], struct.__doc__)
+        comments = _field_comments(struct)
         for field in msgspec.structs.fields(struct):
-            _add_field(group, section, field)
+            _add_field(group, section, field, comments.get(field.name, ""))
     return p
 
 

@@ -146,13 +146,12 @@ class AsyncConfig(Section):
     """ASYNC: freshness against throughput, and the timeouts that keep the loop from hanging."""
 
     max_staleness: NonNeg = 1  # policy versions; 0 = synchronous on-policy
-    # how engines pause for a weight sync: in_place freezes requests (needs per-token versions
-    # from the engine: the embedded one reports them); abort ends and re-sends them (any engine)
-    weight_sync_pause: Literal["in_place", "abort"] = "in_place"
+    # in_place needs an engine that dates each token (the embedded one does); abort works with any
+    weight_sync_pause: Literal["in_place", "abort"] = "in_place"  # in_place: freeze requests; abort: end, re-send
     buffer_capacity: Pos | None = None  # groups; default (max_staleness + 1) * groups per step
     engine_timeout: PosF = 120.0  # seconds for one engine call
-    engine_start_timeout: PosF = 180.0
-    weight_sync_timeout: PosF = 120.0
+    engine_start_timeout: PosF = 180.0  # seconds for an engine to load and answer /health_generate
+    weight_sync_timeout: PosF = 120.0  # seconds for pause + load + continue on every engine
     stall_timeout: PosF = 600.0  # no learner step for this long ends the run with a dump
 
     def capacity(self, groups_per_step: int) -> int:

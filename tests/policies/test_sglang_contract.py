@@ -1,0 +1,597 @@
+"""The SGLang HTTP client speaks SGLang's real API: checked against the source of the newest
+sglang release, without running SGLang (it needs a GPU).
+
+Why a source check: SGLang parses request bodies into dataclasses/Structs that *ignore* unknown
+fields, so a misspelled field (`max_new_token`) or a renamed one is silently dropped by a real
+server, and the embedded engine, written to the same protocol, cannot catch that. Here the
+client is run against a recording fake server to learn exactly which routes, methods and JSON
+fields it sends; each is then looked up in the sglang wheel (downloaded once, read as a zip,
+parsed with `ast`; see sglang_source.py): routes and methods in http_server.py, body fields in
+the request model each route's handler declares (io_struct.py), `sampling_params` keys in
+SamplingParams (and in the generated JSON contract gate of newer releases, which rejects
+unknown keys with HTTP 400), and every response field the client decodes (its msgspec structs)
+in the dict keys SGLang writes. The mutation tests show that the same checks fail on a one-letter
+drift. The second half tests the SGLang launch command builder and its flags.
+
+Without network and without a cached wheel the sglang-dependent tests skip, naming the pip
+command that failed; with a cached wheel (~/.cache/asyncrl/sglang/) they always run.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import inspect
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import sglang_source as sgl
+from aiohttp import web
+
+from policies.engine import client as client_module
+from policies.engine.client import PAUSE_MODES, SGLANG_SAMPLING_KEYS, EngineClient, WeightUpdateResult
+from policies.engine.sglang_launch import RUNTIME_OWNED_FLAGS, parse_sglang_passthrough, sglang_command
+
+pytestmark = pytest.mark.timeout(120)
+
+CLIENT_FILE = Path(client_module.__file__)
+
+# Response fields the client reads that SGLang does not produce, on purpose. Only the embedded
+# engine's per-token versions: the client must treat it as optional (default None).
+KNOWN_EXTENSIONS = {"meta_info": {"output_token_weight_versions"}}
+
+# What the runtime actually sends (runtime/launch.py sampling_params + the rollout's seed).
+RUNTIME_SAMPLING = {
+    "temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": 8, "stop_token_ids": [2], "sampling_seed": 7,
+}  # fmt: skip
+
+GENERATE_ANSWER = {
+    "text": "ab",
+    "output_ids": [5, 6],
+    "meta_info": {
+        "id": "r1",
+        "finish_reason": {"type": "stop", "matched": 2},
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "cached_tokens": 0,
+        "e2e_latency": 0.25,
+        "weight_version": "3",
+        "output_token_logprobs": [[-0.5, 5, None], [-1.5, 6, None]],
+    },
+}
+ANSWERS: dict[str, Any] = {  # SGLang-shaped answers (http_server.py handlers); None = empty 200
+    "/generate": GENERATE_ANSWER,
+    "/get_weight_version": {"weight_version": "3"},
+    "/get_server_info": {"version": "0.5", "internal_states": [{}]},
+    "/update_weights_from_disk": {"success": True, "message": "Succeeded", "num_paused_requests": 0},
+    "/update_weight_version": {"success": True, "message": "updated", "new_version": "3"},
+    "/pause_generation": {"message": "Generation paused successfully.", "status": "ok"},
+    "/continue_generation": {"message": "Generation continued successfully.", "status": "ok"},
+    "/flush_cache": "Cache flushed.\n",
+    "/abort_request": None,
+    "/health": None,
+    "/health_generate": None,
+}
+
+
+# ---- what the client sends: recorded from a fake server ---------------------------------
+
+
+@dataclass(frozen=True)
+class Sent:
+    client_method: str
+    method: str
+    path: str
+    body: Any  # decoded JSON, None when the request had no body
+
+
+async def _exercise_generate(c: EngineClient) -> None:
+    out = await c.generate([1, 2, 3], RUNTIME_SAMPLING, rid="r1")
+    assert out.output_ids == [5, 6] and out.weight_version == "3"
+    await c.generate([1, 2, 3], {"max_new_tokens": 4}, return_logprob=False)
+
+
+async def _exercise_pause(c: EngineClient) -> None:
+    for mode in PAUSE_MODES:
+        await c.pause(mode)
+
+
+async def _exercise_update_weights_from_disk(c: EngineClient) -> None:
+    await c.update_weights_from_disk("/dev/shm/w", weight_version="3", abort_all_requests=True)
+    await c.update_weights_from_disk("/dev/shm/w", weight_version=None)
+
+
+async def _assert_true(result: Awaitable[bool]) -> None:
+    assert await result, "probe answered False: the fake server did not know the route"
+
+
+# One entry per public coroutine method of EngineClient (test_every_client_method_is_exercised).
+EXERCISES: dict[str, Callable[[EngineClient], Awaitable[Any]]] = {
+    "generate": _exercise_generate,
+    "abort": lambda c: c.abort("r1"),
+    "abort_all": lambda c: c.abort_all(),
+    "pause": _exercise_pause,
+    "resume": lambda c: c.resume(),
+    "health": lambda c: _assert_true(c.health()),
+    "health_generate": lambda c: _assert_true(c.health_generate()),
+    "get_weight_version": lambda c: c.get_weight_version(),
+    "get_server_info": lambda c: c.get_server_info(),
+    "flush_cache": lambda c: c.flush_cache(),
+    "update_weights_from_disk": _exercise_update_weights_from_disk,
+    "update_weight_version": lambda c: c.update_weight_version("3"),
+}
+NOT_EXERCISED = {"close"}  # closes the session; sends nothing
+
+
+def record_client_requests() -> list[Sent]:
+    """Run every EngineClient method against a recording server; returns what was sent."""
+    sent: list[Sent] = []
+    current = [""]
+
+    async def handler(request: web.Request) -> web.Response:
+        raw = await request.read()
+        body = msgspec.json.decode(raw) if raw else None
+        sent.append(Sent(current[0], request.method, request.path, body))
+        if request.path not in ANSWERS:
+            return web.json_response({"detail": "Not Found"}, status=404)
+        answer = ANSWERS[request.path]
+        if answer is None:
+            return web.Response(status=200)
+        if isinstance(answer, str):
+            return web.Response(text=answer)
+        return web.json_response(answer)
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handler)
+        runner = web.AppRunner(app, shutdown_timeout=0.1)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        try:
+            url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            async with EngineClient(url, timeout_s=10) as c:
+                for name, exercise in EXERCISES.items():
+                    current[0] = name
+                    await exercise(c)
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+    return sent
+
+
+@pytest.fixture(scope="module")
+def sent() -> list[Sent]:
+    return record_client_requests()
+
+
+@pytest.fixture(scope="module")
+def src() -> Iterator[sgl.SglangSource]:
+    try:
+        wheel = sgl.ensure_wheel()
+    except sgl.SglangUnavailable as exc:
+        pytest.skip(f"sglang source unavailable (no cached wheel in {sgl.CACHE_DIR}): {exc}")
+    source = sgl.SglangSource(wheel)
+    print(f"checking against sglang {source.version} ({wheel})")
+    yield source
+    source.close()
+
+
+def test_every_client_method_is_exercised(sent):
+    """A new client method must be added to EXERCISES, or its requests would go unchecked."""
+    public = {
+        name for name, fn in inspect.getmembers(EngineClient, inspect.iscoroutinefunction) if not name.startswith("_")
+    }
+    assert public - NOT_EXERCISED == set(EXERCISES), "EXERCISES out of date with EngineClient's methods"
+    # and every route literal in client.py was actually requested
+    literals = {
+        node.value
+        for node in ast.walk(ast.parse(CLIENT_FILE.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("/")
+        and node.value[1:].replace("_", "").replace("/", "").isalnum()
+    }  # fmt: skip
+    assert literals <= {s.path for s in sent}, (
+        f"routes in client.py never requested: {literals - {s.path for s in sent}}"
+    )
+
+
+# ---- the checks (pure functions over client-side names and SGLang-side facts) -----------
+
+
+def route_problems(sent: list[Sent], routes: dict[str, list[sgl.Route]]) -> list[str]:
+    problems = []
+    for method, path, client_method in sorted({(s.method, s.path, s.client_method) for s in sent}):
+        declared = routes.get(path)
+        if not declared:
+            problems.append(
+                f"EngineClient.{client_method} sends {method} {path}, but {sgl.HTTP_SERVER} declares no route {path}"
+            )
+        elif not any(method in r.methods for r in declared):
+            have = ", ".join(f"{sorted(r.methods)} at {r.location}" for r in declared)
+            problems.append(f"EngineClient.{client_method} sends {method} {path}; SGLang accepts only {have}")
+    return problems
+
+
+def field_problems(what: str, used: set[str], available: dict[str, str], *, source: str) -> list[str]:
+    """Names the client uses that SGLang does not have (`available`: name → file:line)."""
+    return [f"{what}: {name!r} is not in {source}" for name in sorted(used - set(available))]
+
+
+def generate_body_problems(src: sgl.SglangSource, bodies: list[dict]) -> list[str]:
+    """Top-level /generate fields vs GenerateReqInput; sampling_params keys vs SamplingParams and
+    (newer releases) the JSON contract gate's SamplingParams, which rejects unknown keys."""
+    req_model = next(sgl.request_model(src, r) for r in sgl.routes(src)["/generate"])
+    top = sgl.class_fields(src, *req_model)
+    sampling = sgl.class_fields(src, sgl.SAMPLING_PARAMS, "SamplingParams")
+    problems = []
+    for body in bodies:
+        problems += field_problems("/generate body field", set(body), top, source=f"{req_model[1]} ({req_model[0]})")
+        keys = set(body.get("sampling_params") or {})
+        problems += field_problems(
+            "/generate sampling_params key", keys, sampling, source=f"SamplingParams ({sgl.SAMPLING_PARAMS})"
+        )
+        if src.has(sgl.API_CONTRACT):
+            gate = sgl.class_fields(src, sgl.API_CONTRACT, "SamplingParams")
+            problems += field_problems(
+                "/generate sampling_params key",
+                keys,
+                gate,
+                source=f"the /generate contract gate's SamplingParams ({sgl.API_CONTRACT}; unknown keys → HTTP 400)",
+            )
+    return sorted(set(problems))
+
+
+def control_body_problems(src: sgl.SglangSource, sent: list[Sent]) -> list[str]:
+    """Each non-/generate JSON body vs the request model its SGLang handler declares."""
+    routes = sgl.routes(src)
+    problems = []
+    for s in sent:
+        if s.path == "/generate" or s.path not in routes:
+            continue  # /generate: generate_body_problems; a missing route: route_problems
+        models = {m for r in routes[s.path] if s.method in r.methods and (m := sgl.request_model(src, r))}
+        if not models:
+            if s.body:
+                problems.append(f"{s.method} {s.path} sends {sorted(s.body)}, but its handler declares no body model")
+            continue
+        available = {}
+        for model in models:
+            available.update(sgl.class_fields(src, *model))
+        names = " / ".join(f"{name} ({file})" for file, name in sorted(models))
+        problems += field_problems(f"{s.path} body field", set(s.body or {}), available, source=names)
+    return sorted(set(problems))
+
+
+def struct_names(struct: type[msgspec.Struct]) -> set[str]:
+    """The JSON names of a msgspec struct's fields (encode_name honours renames)."""
+    return {f.encode_name for f in msgspec.structs.fields(struct)}
+
+
+def response_problems(
+    what: str, struct: type[msgspec.Struct], produced: dict[str, str], *, source: str, allowed: set[str] = frozenset()
+) -> list[str]:
+    return field_problems(f"{what} ({struct.__name__})", struct_names(struct) - allowed, produced, source=source)
+
+
+def client_decodes() -> dict[str, str]:
+    """{route: struct name} for every `self._decode("/route", raw, Struct)` in client.py."""
+    found = {}
+    for node in ast.walk(ast.parse(CLIENT_FILE.read_text())):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "_decode"
+            and len(node.args) == 3
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[2], ast.Name)
+        ):
+            found[node.args[0].value] = node.args[2].id
+    return found
+
+
+def route_response_problems(src: sgl.SglangSource, route: str, struct: type[msgspec.Struct]) -> list[str]:
+    routes = sgl.routes(src)
+    if route not in routes:
+        # say where SGLang does report the missing fields, so the fix is obvious
+        hints = []
+        for name in sorted(struct_names(struct)):
+            for path, declared in sorted(routes.items()):
+                for r in declared:
+                    if name in (keys := sgl.handler_dict_keys(src, r)):
+                        hints.append(f"{name!r} is returned by {sorted(r.methods)} {path} ({keys[name]})")
+        return [
+            f"response of {route} ({struct.__name__}): SGLang has no route {route} in {sgl.HTTP_SERVER}"
+            + ("; " + "; ".join(hints) if hints else "")
+        ]
+    produced: dict[str, str] = {}
+    for r in routes[route]:
+        produced.update(sgl.handler_dict_keys(src, r))
+    return response_problems(f"response of {route}", struct, produced, source=f"the {route} handler's answer")
+
+
+# ---- the contract ------------------------------------------------------------------------
+
+
+def test_routes_and_methods_exist(src, sent):
+    problems = route_problems(sent, sgl.routes(src))
+    assert not problems, f"sglang {src.version}:\n" + "\n".join(problems)
+
+
+def test_generate_body_fields_exist(src, sent):
+    bodies = [s.body for s in sent if s.path == "/generate"]
+    assert bodies and all("sampling_params" in b for b in bodies)
+    problems = generate_body_problems(src, bodies)
+    assert not problems, f"sglang {src.version}:\n" + "\n".join(problems)
+
+
+def test_every_allowed_sampling_key_exists(src):
+    problems = generate_body_problems(src, [{"sampling_params": dict.fromkeys(SGLANG_SAMPLING_KEYS)}])
+    assert not problems, f"SGLANG_SAMPLING_KEYS vs sglang {src.version}:\n" + "\n".join(problems)
+
+
+def test_control_body_fields_exist(src, sent):
+    problems = control_body_problems(src, sent)
+    assert not problems, f"sglang {src.version}:\n" + "\n".join(problems)
+    # the request models the bodies were checked against, found from the handlers' signatures
+    routes = sgl.routes(src)
+    models = {
+        path: sgl.request_model(src, routes[path][0]) for path in {s.path for s in sent if s.body} if path in routes
+    }
+    assert models["/pause_generation"][1] == "PauseGenerationReqInput"
+    assert models["/abort_request"][1] == "AbortReq"
+    assert models["/update_weights_from_disk"][1] == "UpdateWeightFromDiskReqInput"
+    assert models["/update_weight_version"][1] == "UpdateWeightVersionReqInput"
+
+
+def test_pause_modes_are_sglang_modes(src):
+    model = sgl.request_model(src, sgl.routes(src)["/pause_generation"][0])
+    modes = sgl.literal_values(src, *model, "mode")
+    assert set(PAUSE_MODES) <= modes, f"{model[1]}.mode allows {sorted(modes)}; client allows {PAUSE_MODES}"
+
+
+def test_generate_response_fields_are_produced(src):
+    meta_type = msgspec.structs.fields(client_module._GenerateResponse)
+    assert {f.name: f.type for f in meta_type}["meta_info"] is client_module._MetaInfo
+    problems = response_problems(
+        "/generate response",
+        client_module._GenerateResponse,
+        sgl.generate_top_level_keys(src),
+        source=f"the dicts {sgl.TOKENIZER_MANAGER} returns",
+    )
+    problems += response_problems(
+        "meta_info",
+        client_module._MetaInfo,
+        sgl.meta_info_keys(src),
+        source="the meta_info keys written in " + ", ".join(sgl.meta_info_sources(src)),
+        allowed=KNOWN_EXTENSIONS["meta_info"],
+    )
+    finish_keys, finish_types = sgl.finish_reason_keys(src)
+    problems += response_problems(
+        "meta_info.finish_reason", client_module._FinishReason, finish_keys, source=f"to_json() in {sgl.SCHEDULE_BATCH}"
+    )
+    if not {"stop", "length", "abort"} <= finish_types:
+        problems.append(f"finish_reason types in {sgl.SCHEDULE_BATCH} are {sorted(finish_types)}")
+    assert not problems, f"sglang {src.version}:\n" + "\n".join(problems)
+
+
+def test_other_response_fields_are_produced(src):
+    decodes = client_decodes()
+    assert decodes.get("/generate") == "_GenerateResponse"  # checked above
+    checked = {route: getattr(client_module, name) for route, name in decodes.items() if route != "/generate"}
+    assert checked["/get_weight_version"] is client_module._WeightVersion
+    assert checked["/update_weights_from_disk"] is WeightUpdateResult
+    problems = [p for route, struct in sorted(checked.items()) for p in route_response_problems(src, route, struct)]
+    assert not problems, f"sglang {src.version}:\n" + "\n".join(problems)
+
+
+def test_known_extensions_are_optional_in_the_client():
+    fields = {f.encode_name: f for f in msgspec.structs.fields(client_module._MetaInfo)}
+    for name in KNOWN_EXTENSIONS["meta_info"]:
+        assert not fields[name].required and fields[name].default is None, f"{name} must default to None"
+
+
+# ---- mutation checks: the same functions catch a drifted name -----------------------------
+
+
+def _generate_body(sent: list[Sent]) -> dict:
+    return next(s.body for s in sent if s.path == "/generate" and "rid" in s.body)
+
+
+def test_mutation_sampling_key_is_caught(src, sent):
+    body = _generate_body(sent)
+    assert not generate_body_problems(src, [body])
+    sampling = dict(body["sampling_params"])
+    sampling["max_new_token"] = sampling.pop("max_new_tokens")
+    problems = generate_body_problems(src, [{**body, "sampling_params": sampling}])
+    assert problems and all("'max_new_token'" in p for p in problems), problems
+
+
+def test_mutation_body_field_is_caught(src, sent):
+    body = dict(_generate_body(sent))
+    body["return_logprobs"] = body.pop("return_logprob")
+    assert any("'return_logprobs'" in p for p in generate_body_problems(src, [body]))
+    pause = next(s for s in sent if s.path == "/pause_generation")
+    drifted = Sent(pause.client_method, pause.method, pause.path, {"pause_mode": "abort"})
+    assert any("'pause_mode'" in p for p in control_body_problems(src, [drifted]))
+
+
+def test_mutation_response_field_is_caught(src):
+    drifted = msgspec.defstruct(
+        "_MetaInfo",
+        [(n if n != "weight_version" else "weights_version", Any) for n in struct_names(client_module._MetaInfo)],
+    )
+    problems = response_problems(
+        "meta_info", drifted, sgl.meta_info_keys(src), source="meta_info", allowed=KNOWN_EXTENSIONS["meta_info"]
+    )
+    assert problems == ["meta_info (_MetaInfo): 'weights_version' is not in meta_info"]
+    update = msgspec.defstruct("WeightUpdateResult", [("succes", bool)])
+    assert route_response_problems(src, "/update_weights_from_disk", update)
+
+
+def test_mutation_route_is_caught(src, sent):
+    drifted = [Sent("pause", "POST", "/pause_generations", {"mode": "abort"}), Sent("x", "GET", "/abort_request", None)]
+    problems = route_problems(drifted, sgl.routes(src))
+    assert len(problems) == 2
+    assert any("no route /pause_generations" in p for p in problems)
+    assert any("GET /abort_request; SGLang accepts only ['POST']" in p for p in problems)
+
+
+# ---- the wheel cache -----------------------------------------------------------------------
+
+
+def test_a_cached_wheel_is_reused_without_pip(tmp_path, monkeypatch):
+    (tmp_path / "sglang-0.5.1-py3-none-any.whl").write_bytes(b"")
+    (tmp_path / "sglang-0.5.10-py3-none-any.whl").write_bytes(b"")
+
+    def no_pip(*args, **kwargs):
+        raise AssertionError("pip must not run when a wheel is cached")
+
+    monkeypatch.setattr(sgl.subprocess, "run", no_pip)
+    assert sgl.ensure_wheel(tmp_path).name == "sglang-0.5.10-py3-none-any.whl"
+
+
+def test_a_failed_download_names_the_command(tmp_path, monkeypatch):
+    def offline(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies sglang")
+
+    monkeypatch.setattr(sgl.subprocess, "run", offline)
+    with pytest.raises(
+        sgl.SglangUnavailable, match=r"pip download sglang --no-deps --only-binary=:all:.*exited with 1"
+    ):
+        sgl.ensure_wheel(tmp_path)
+    assert not list(tmp_path.iterdir()), "a failed download must leave nothing behind"
+
+
+# ---- launching real SGLang ------------------------------------------------------------------
+
+
+def test_sglang_command_defaults():
+    assert sglang_command(model_path="/m", port=30000, python="py") == [
+        "py", "-m", "sglang.launch_server", "--model-path", "/m", "--host", "127.0.0.1", "--port", "30000",
+        "--tp-size", "1",
+    ]  # fmt: skip
+    assert sglang_command(model_path="/m", port=1)[0] == sys.executable
+
+
+def test_sglang_command_passthrough_and_api_key():
+    cmd = sglang_command(
+        model_path="/m",
+        port=30001,
+        host="0.0.0.0",
+        tp_size=2,
+        api_key="k",
+        passthrough={
+            "mem-fraction-static": "0.7",
+            "skip-server-warmup": True,
+            "enable-foo": False,
+            "chunked_prefill_size": 512,
+        },
+        python="py",
+    )
+    assert cmd == [
+        "py", "-m", "sglang.launch_server", "--model-path", "/m", "--host", "0.0.0.0", "--port", "30001",
+        "--tp-size", "2", "--api-key", "k", "--mem-fraction-static", "0.7", "--skip-server-warmup",
+        "--chunked-prefill-size", "512",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("key", sorted(RUNTIME_OWNED_FLAGS | {"model_path", "api_key", "tp_size"}))
+def test_sglang_command_refuses_runtime_owned_flags(key):
+    with pytest.raises(ValueError, match="set by the runtime"):
+        sglang_command(model_path="/m", port=1, passthrough={key: "x"})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        (dict(port=0), ValueError),
+        (dict(port=70000), ValueError),
+        (dict(tp_size=0), ValueError),
+        (dict(api_key=""), ValueError),
+        (dict(passthrough={"--mem-fraction-static": "0.7"}), ValueError),
+        (dict(passthrough={"": "x"}), ValueError),
+        (dict(passthrough={"mem_fraction_static": "0.7", "mem-fraction-static": "0.8"}), ValueError),
+        (dict(passthrough={"mem-fraction-static": ["0.7"]}), TypeError),
+    ],
+)
+def test_sglang_command_rejects_bad_input(kwargs, error):
+    with pytest.raises(error):
+        sglang_command(**{"model_path": "/m", "port": 1, **kwargs})
+
+
+def test_parse_sglang_passthrough():
+    argv = [
+        "--steps", "3", "--sglang-mem-fraction-static", "0.7", "--sglang-skip-server-warmup", "--out", "x",
+        "--sglang-weight-version=0", "--sglang-random-seed", "-1", "--sglang-json-model-override-args=-x",
+        "--sglang-enable-metrics",
+    ]  # fmt: skip
+    options, rest = parse_sglang_passthrough(argv)
+    assert options == {
+        "mem-fraction-static": "0.7",
+        "skip-server-warmup": True,
+        "weight-version": "0",
+        "random-seed": "-1",
+        "json-model-override-args": "-x",
+        "enable-metrics": True,
+    }
+    assert rest == ["--steps", "3", "--out", "x"]
+    assert parse_sglang_passthrough(["a", "--sglang-x", "--", "--sglang-y", "1"]) == (
+        {"x": True},
+        ["a", "--", "--sglang-y", "1"],
+    )
+    assert parse_sglang_passthrough(["--sglang-x="]) == ({"x": ""}, [])
+    assert parse_sglang_passthrough([]) == ({}, [])
+    for bad in (["--sglang-", "1"], ["--sglang-=1"], ["--sglang-x", "1", "--sglang-x=2"]):
+        with pytest.raises(ValueError):
+            parse_sglang_passthrough(bad)
+
+
+def test_passthrough_round_trip():
+    options, rest = parse_sglang_passthrough(
+        ["run", "--sglang-mem-fraction-static", "0.7", "--sglang-skip-server-warmup"]
+    )
+    cmd = sglang_command(model_path="/m", port=5, passthrough=options, python="py")
+    assert cmd[-3:] == ["--mem-fraction-static", "0.7", "--skip-server-warmup"] and rest == ["run"]
+    # a bare flag followed by a positional argument takes it as its value: documented, so tested
+    assert parse_sglang_passthrough(["--sglang-skip-server-warmup", "run"]) == ({"skip-server-warmup": "run"}, [])
+    with pytest.raises(ValueError, match="--port"):
+        sglang_command(model_path="/m", port=5, passthrough=parse_sglang_passthrough(["--sglang-port=1"])[0])
+
+
+def test_emitted_flags_are_sglang_server_flags(src):
+    """Every flag sglang_command emits (its own and the PROTOCOL.md passthrough examples) is a
+    `sglang.launch_server` argument, taking a value exactly when SGLang's takes one."""
+    assert src.has("sglang/launch_server.py"), "python -m sglang.launch_server would not exist"
+    cmd = sglang_command(
+        model_path="/m",
+        port=30000,
+        api_key="k",
+        passthrough={"mem-fraction-static": "0.7", "skip-server-warmup": True, "weight-version": "0"},
+        python="py",
+    )
+    flags = sgl.server_flags(src)
+    args = cmd[3:]
+    emitted = [
+        (a, i + 1 < len(args) and not args[i + 1].startswith("--")) for i, a in enumerate(args) if a.startswith("--")
+    ]
+    assert {a for a, _ in emitted} == {
+        "--model-path", "--host", "--port", "--tp-size", "--api-key", "--mem-fraction-static", "--skip-server-warmup",
+        "--weight-version",
+    }  # fmt: skip
+    problems = []
+    for flag, has_value in emitted:
+        if flag not in flags:
+            problems.append(f"{flag} is not a server flag of sglang {src.version}")
+        elif flags[flag][0] is not None and flags[flag][0] != has_value:
+            kind = "takes a value" if flags[flag][0] else "is a bare flag"
+            problems.append(f"{flag} {kind} in SGLang ({flags[flag][1]})")
+    assert not problems, "\n".join(problems)
+    # the runtime-owned names that SGLang knows are refused; the rest are defensive spellings
+    assert {f"--{n}" for n in RUNTIME_OWNED_FLAGS} & set(flags) >= {
+        "--model-path", "--model", "--host", "--port", "--tp-size", "--tensor-parallel-size", "--api-key",
+    }  # fmt: skip
