@@ -163,6 +163,8 @@ class Scheduler:
             **{f"train/{k}": v for k, v in _struct_items(rec.stats)},
             "ledger/admitted": ledger.admitted, "ledger/trained": ledger.trained,
             "ledger/dropped": sum(ledger.dropped.values()), "ledger/in_flight": ledger.in_flight,
+            "ledger/duplicates": ledger.duplicates,
+            **{f"faults/{k}": v for k, v in self.a.rollout_counters().items()},
         }
         if self.a.broadcaster.records:
             last = self.a.broadcaster.records[-1]

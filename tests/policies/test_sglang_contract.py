@@ -35,7 +35,7 @@ import sglang_source as sgl
 from aiohttp import web
 
 from policies.engine import client as client_module
-from policies.engine.client import PAUSE_MODES, SGLANG_SAMPLING_KEYS, EngineClient, WeightUpdateResult
+from policies.engine.client import PAUSE_MODES, SGLANG_SAMPLING_KEYS, EngineClient
 from policies.engine.sglang_launch import RUNTIME_OWNED_FLAGS, parse_sglang_passthrough, sglang_command
 
 pytestmark = pytest.mark.timeout(120)
@@ -383,8 +383,7 @@ def test_other_response_fields_are_produced(src):
     decodes = client_decodes()
     assert decodes.get("/generate") == "_GenerateResponse"  # checked above
     checked = {route: getattr(client_module, name) for route, name in decodes.items() if route != "/generate"}
-    assert checked["/get_weight_version"] is client_module._WeightVersion
-    assert checked["/update_weights_from_disk"] is WeightUpdateResult
+    assert checked, "client.py decodes no typed response besides /generate: is client_decodes() out of date?"
     problems = [p for route, struct in sorted(checked.items()) for p in route_response_problems(src, route, struct)]
     assert not problems, f"sglang {src.version}:\n" + "\n".join(problems)
 
