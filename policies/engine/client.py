@@ -41,8 +41,8 @@ class GenerateOutput(msgspec.Struct, frozen=True):
     logprobs[i] is the behaviour logprob of output_ids[i] (empty if logprobs were not asked for).
     weight_version is the engine's version when the response was produced; finish_reason is
     "stop", "length" or "abort" (an aborted request returns the tokens generated so far).
-    token_versions is the version of each token when the engine reports it (the embedded
-    engine's ``output_token_weight_versions`` extension), None otherwise (SGLang).
+    token_versions is the version of each token when the engine reports it (SGLang >= 0.5.23's
+    ``meta_info.weight_versions`` spans, which the embedded engine also sends), None otherwise.
     """
 
     output_ids: list[int]
@@ -68,6 +68,14 @@ class _FinishReason(msgspec.Struct):
     type: str
 
 
+class _VersionSpan(msgspec.Struct):
+    """Output tokens [start, end) were produced by weights at ``version``."""
+
+    version: str
+    start: int
+    end: int
+
+
 class _MetaInfo(msgspec.Struct):
     finish_reason: _FinishReason | None = None
     prompt_tokens: int = 0
@@ -75,7 +83,7 @@ class _MetaInfo(msgspec.Struct):
     e2e_latency: float = 0.0
     weight_version: str = ""
     output_token_logprobs: list[tuple[float, int, Any]] | None = None
-    output_token_weight_versions: list[str] | None = None
+    weight_versions: list[_VersionSpan] | None = None
 
 
 class _GenerateResponse(msgspec.Struct):
@@ -154,10 +162,11 @@ class EngineClient:
                 "/generate",
                 f"{len(logprobs)} logprobs for {len(resp.output_ids)} output tokens",
             )
-        versions = meta.output_token_weight_versions
-        if versions is not None and len(versions) != len(resp.output_ids):
+        versions = None if meta.weight_versions is None else _expand(meta.weight_versions)
+        if meta.weight_versions is not None and (versions is None or len(versions) != len(resp.output_ids)):
             raise EngineError(
-                self.base_url, "/generate", f"{len(versions)} token versions for {len(resp.output_ids)} output tokens"
+                self.base_url, "/generate", f"weight_versions spans {msgspec.to_builtins(meta.weight_versions)} "
+                f"do not cover the {len(resp.output_ids)} output tokens contiguously from 0"
             )
         return GenerateOutput(
             output_ids=resp.output_ids,
@@ -167,7 +176,7 @@ class EngineClient:
             prompt_tokens=meta.prompt_tokens,
             completion_tokens=meta.completion_tokens or len(resp.output_ids),
             latency_s=meta.e2e_latency,
-            token_versions=meta.output_token_weight_versions,
+            token_versions=versions,
         )
 
     async def abort(self, rid: str) -> None:
@@ -201,8 +210,9 @@ class EngineClient:
         return True
 
     async def get_weight_version(self) -> str:
-        raw = await self._call("GET", "/get_weight_version", None)
-        return self._decode("/get_weight_version", raw, _WeightVersion).weight_version
+        # /model_info: SGLang 0.5.23 has no /get_weight_version (the embedded engine serves both)
+        raw = await self._call("GET", "/model_info", None)
+        return self._decode("/model_info", raw, _WeightVersion).weight_version
 
     async def get_server_info(self) -> dict[str, Any]:
         raw = await self._call("GET", "/get_server_info", None)
@@ -272,6 +282,16 @@ class EngineClient:
             # into each request's timeout
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         return self._session
+
+
+def _expand(spans: list[_VersionSpan]) -> list[str] | None:
+    """Per-token versions from contiguous spans; None when the spans have a gap or overlap."""
+    out: list[str] = []
+    for span in spans:
+        if span.start != len(out) or span.end < span.start:
+            return None
+        out += [span.version] * (span.end - span.start)
+    return out
 
 
 def _error_text(payload: bytes) -> str:

@@ -65,7 +65,9 @@ def build_app(engine: Engine) -> web.Application:
             web.get("/health", health),
             web.get("/health_generate", health_generate),
             web.get("/get_server_info", get_server_info),
+            web.get("/server_info", get_server_info),  # SGLang 0.5.23's name; get_* is deprecated there
             web.get("/get_model_info", get_model_info),
+            web.get("/model_info", get_model_info),
             web.get("/get_weight_version", get_weight_version),
             web.post("/update_weight_version", update_weight_version),
             web.post("/update_weights_from_disk", update_weights_from_disk),
@@ -113,6 +115,16 @@ async def generate(request: web.Request) -> web.Response:
     return _json(_generate_response(done, return_logprob=req.return_logprob))
 
 
+def _version_spans(versions: list[str]) -> list[dict[str, Any]]:
+    spans: list[dict[str, Any]] = []
+    for i, v in enumerate(versions):
+        if spans and spans[-1]["version"] == v:
+            spans[-1]["end"] = i + 1
+        else:
+            spans.append({"version": v, "start": i, "end": i + 1})
+    return spans
+
+
 def _generate_response(done: Completion, *, return_logprob: bool) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "id": done.rid,
@@ -122,9 +134,9 @@ def _generate_response(done: Completion, *, return_logprob: bool) -> dict[str, A
         "cached_tokens": 0,
         "e2e_latency": done.latency_s,
         "weight_version": done.weight_version,
-        # Extension (SGLang reports one weight_version per answer): the version of every token,
-        # exact even for a request frozen by an in_place pause across a weight update.
-        "output_token_weight_versions": done.token_versions,
+        # SGLang's spans (0.5.23, utils/weight_versions.py): which version produced output tokens
+        # [start, end), exact even for a request frozen by an in_place pause across an update.
+        "weight_versions": _version_spans(done.token_versions),
     }
     if return_logprob:
         meta["output_token_logprobs"] = [

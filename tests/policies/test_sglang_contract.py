@@ -42,9 +42,11 @@ pytestmark = pytest.mark.timeout(120)
 
 CLIENT_FILE = Path(client_module.__file__)
 
-# Response fields the client reads that SGLang does not produce, on purpose. Only the embedded
-# engine's per-token versions: the client must treat it as optional (default None).
-KNOWN_EXTENSIONS = {"meta_info": {"output_token_weight_versions"}}
+# Response fields the client reads that SGLang does not produce, on purpose: none today.
+KNOWN_EXTENSIONS: dict[str, set[str]] = {"meta_info": set()}
+# Fields SGLang sends only sometimes (weight_versions: when the scheduler recorded spans): the
+# client must treat them as optional (default None).
+SOMETIMES_SENT = {"weight_versions"}
 
 # What the runtime actually sends (runtime/launch.py sampling_params + the rollout's seed).
 RUNTIME_SAMPLING = {
@@ -63,11 +65,12 @@ GENERATE_ANSWER = {
         "e2e_latency": 0.25,
         "weight_version": "3",
         "output_token_logprobs": [[-0.5, 5, None], [-1.5, 6, None]],
+        "weight_versions": [{"version": "2", "start": 0, "end": 1}, {"version": "3", "start": 1, "end": 2}],
     },
 }
 ANSWERS: dict[str, Any] = {  # SGLang-shaped answers (http_server.py handlers); None = empty 200
     "/generate": GENERATE_ANSWER,
-    "/get_weight_version": {"weight_version": "3"},
+    "/model_info": {"model_path": "m", "weight_version": "3"},
     "/get_server_info": {"version": "0.5", "internal_states": [{}]},
     "/update_weights_from_disk": {"success": True, "message": "Succeeded", "num_paused_requests": 0},
     "/update_weight_version": {"success": True, "message": "updated", "new_version": "3"},
@@ -388,9 +391,9 @@ def test_other_response_fields_are_produced(src):
     assert not problems, f"sglang {src.version}:\n" + "\n".join(problems)
 
 
-def test_known_extensions_are_optional_in_the_client():
+def test_sometimes_sent_fields_are_optional_in_the_client():
     fields = {f.encode_name: f for f in msgspec.structs.fields(client_module._MetaInfo)}
-    for name in KNOWN_EXTENSIONS["meta_info"]:
+    for name in KNOWN_EXTENSIONS["meta_info"] | SOMETIMES_SENT:
         assert not fields[name].required and fields[name].default is None, f"{name} must default to None"
 
 
