@@ -116,6 +116,8 @@ class Scheduler:
             finished = done.pop()
             if self._failure is not None:
                 raise RunFailed(self._failure)
+            if not finished.cancelled() and isinstance(finished.exception(), RunFailed):
+                raise finished.exception()  # already one clear line (the watchdog's)
             if finished.get_name() != "learner" or finished.cancelled() or finished.exception() is not None:
                 raise RunFailed(_describe_end(finished))
             await self._finish()

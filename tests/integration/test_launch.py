@@ -115,3 +115,33 @@ def test_actor_crash_is_reported_with_traceback_and_engines_stop(tmp_path):
     assert "Traceback" in text
     assert all(not p.alive for p in scheduler.a.engines.processes)
     assert os.path.exists(run_dir / "metrics.jsonl")
+
+
+def test_a_hung_engine_trips_the_watchdog_with_a_dump_instead_of_hanging(tmp_path):
+    """SIGSTOP the (real) engine after the first step: no step can follow, and the run must end
+    with a clear error naming the dump, within the stall timeout, not hang."""
+    import asyncio
+
+    from runtime import cli
+    from runtime.launch import build, prepare_run_dir
+    from runtime.progress import Progress
+    from runtime.scheduler import RunFailed
+
+    cfg = cli.resolve(["--run-dir", str(tmp_path / "hang"), *SHORT, "--stall-timeout", "4"])
+    run_dir = prepare_run_dir(cfg)
+    scheduler = build(cfg, run_dir, tmp_path / "w", Progress(total_steps=10, mode="off"))
+    on_step = scheduler.a.learner.on_step
+
+    def stop_engine_after_first_step(rec):
+        on_step(rec)
+        if rec.step == 1:
+            os.kill(scheduler.a.engines.processes[0].pid, signal.SIGSTOP)
+
+    scheduler.a.learner.on_step = stop_engine_after_first_step
+    started = time.monotonic()
+    with pytest.raises(RunFailed, match=r"no learner step for \d+s .*stall_dump\.txt"):
+        asyncio.run(asyncio.wait_for(scheduler.run(), 90))
+    assert time.monotonic() - started < 60
+    dump = (run_dir / "stall_dump.txt").read_text()
+    assert "learner: version" in dump and "waiting on buffer.get_batch" in dump
+    assert all(not p.alive for p in scheduler.a.engines.processes)
