@@ -48,7 +48,7 @@ class Ticket:
 class StalenessBuffer:
     def __init__(self, *, groups_per_step: int, max_staleness: int, capacity: int | None = None):
         bound = (max_staleness + 1) * groups_per_step
-        if capacity is not None and not groups_per_step <= capacity:
+        if capacity is not None and capacity < groups_per_step:
             raise ValueError(f"capacity {capacity} < groups per step {groups_per_step}")
         self.groups_per_step = groups_per_step
         self.max_staleness = max_staleness

@@ -55,7 +55,6 @@ class Sample(msgspec.Struct):
     behavior_logprobs: list[float] = msgspec.field(default_factory=list)  # engine logprob per token
     response_text: str = ""
     reward: float = 0.0
-    reward_info: dict[str, float] = msgspec.field(default_factory=dict)
     status: Status = Status.PENDING
     failure: str = ""  # why, when ``status`` is FAILED
     timing: Timing = msgspec.field(default_factory=Timing)
@@ -106,7 +105,3 @@ class Group(msgspec.Struct):
     @property
     def n_trainable(self) -> int:
         return sum(s.trainable for s in self.samples)
-
-    def min_token_version(self) -> int | None:
-        versions = [v for s in self.samples for v, m in zip(s.token_versions, s.loss_mask) if m]
-        return min(versions) if versions else None

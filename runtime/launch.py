@@ -85,7 +85,10 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress) -> Sche
     task = get_recipe(cfg.run.recipe).make_task(seed=r.rollout_seed, eval_num_prompts=e.eval_num_prompts)
     reward_fn = load_function(r.custom_rm_path or task.reward_path, flag="--custom-rm-path")
     model_path = initial_checkpoint(cfg, task, run_dir)
-    decode = lambda ids: task.tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
+
+    def decode(ids: list[int]) -> str:
+        return task.tokenizer.decode(ids, skip_special_tokens=False)  # the reward sees <eos>
+
 
     engines = EngineSet(model_path=model_path, n=r.rollout_num_engines, log_dir=run_dir / "logs",
                         threads=cfg.perf.engine_threads, max_running_requests=cfg.perf.engine_max_running_requests,

@@ -73,9 +73,6 @@ class Ledger:
         self._finish(gid, State.DROPPED)
         self._dropped[reason] += 1
 
-    def state(self, gid: int) -> State:
-        return self._get(gid)
-
     def counts(self) -> LedgerCounts:
         return LedgerCounts(
             admitted=self._next_id,

@@ -6,10 +6,10 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from runtime.config import ConfigError
+
 
 def load_function(path: str, *, flag: str) -> Callable[..., Any]:
-    from runtime.config import ConfigError
-
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(flag, f"must be module:function, got {path!r}")

@@ -52,6 +52,15 @@ def sglang_command(
     `--api-key`; the client then sends it as a Bearer token. Note that a value on the command line
     is visible to other local users through the process list.
     """
+    _check_launch_args(model_path=model_path, port=port, tp_size=tp_size, host=host, api_key=api_key)
+    cmd = [python, "-m", "sglang.launch_server", "--model-path", str(model_path), "--host", host]
+    cmd += ["--port", str(port), "--tp-size", str(tp_size)]
+    if api_key is not None:
+        cmd += ["--api-key", api_key]
+    return cmd + _passthrough_args(passthrough or {})
+
+
+def _check_launch_args(*, model_path: str, port: int, tp_size: int, host: str, api_key: str | None) -> None:
     if not model_path:
         raise ValueError("model_path must be non-empty")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
@@ -60,16 +69,15 @@ def sglang_command(
         raise ValueError(f"tp_size must be an int >= 1, got {tp_size!r}")
     if not host:
         raise ValueError("host must be non-empty")
+    if api_key is not None and not api_key:
+        raise ValueError("api_key must be non-empty when given")
 
-    cmd = [python, "-m", "sglang.launch_server", "--model-path", str(model_path), "--host", host]
-    cmd += ["--port", str(port), "--tp-size", str(tp_size)]
-    if api_key is not None:
-        if not api_key:
-            raise ValueError("api_key must be non-empty when given")
-        cmd += ["--api-key", api_key]
 
+def _passthrough_args(passthrough: dict[str, str | bool]) -> list[str]:
+    """``--flag value`` pairs for the passthrough map; see ``sglang_command`` for the rules."""
+    cmd: list[str] = []
     seen: dict[str, str] = {}  # normalized flag -> key as given, to name both in a clash
-    for key, value in (passthrough or {}).items():
+    for key, value in passthrough.items():
         flag = _normalize_flag(key)
         if flag in RUNTIME_OWNED_FLAGS:
             raise ValueError(

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from runtime import cli
-from runtime.config import ConfigError, build
+from runtime.config import ConfigError, build, to_toml_dict
 
 
 def test_defaults_recipe_toml_and_flags_layer_in_order(tmp_path):
@@ -21,7 +21,7 @@ def test_defaults_recipe_toml_and_flags_layer_in_order(tmp_path):
 def test_resolved_config_round_trips_through_toml(tmp_path):
     cfg = cli.resolve(["--eps-clip-high", "0.28", "--run-dir", "x"])
     path = tmp_path / "config.toml"
-    path.write_text(cli.dumps_toml(__import__("runtime.config").config.to_toml_dict(cfg)))
+    path.write_text(cli.dumps_toml(to_toml_dict(cfg)))
     again = cli.resolve(["--config", str(path)])
     assert again == cfg
 
