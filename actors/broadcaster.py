@@ -10,7 +10,8 @@ Per sync: pause -> update weights -> continue -> tell the buffer the new served 
   change under it, so one version per answer is exact.
 Only the newest published version is synced: a learner faster than the sync skips versions
 rather than queueing them (a mailbox of one, newest wins). Every sync is timed and bounded by
-``timeout_s``: a stuck engine becomes an error, not a hang.
+``timeout_s``: a stuck engine becomes an error, not a hang. The served version's files stay on
+disk until a newer one is served: a restarted engine loads them before it serves (refit).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Protocol
 import msgspec
 
 from buffers.buffer import StalenessBuffer
+from runtime import trace
 
 
 class SyncRecord(msgspec.Struct):
@@ -33,9 +35,9 @@ class SyncRecord(msgspec.Struct):
 
 
 class ControlledEngines(Protocol):
-    async def pause(self, mode: str = "abort") -> None: ...
-    async def resume(self) -> None: ...
-    async def update_weights_from_disk(self, path: str | Path, version: int) -> None: ...
+    async def sync_weights(self, path: str | Path, version: int, pause_mode: str) -> float:
+        """Pause, load, continue on every engine; returns the seconds generation was paused."""
+        ...
 
 
 class WeightSyncError(RuntimeError):
@@ -54,6 +56,7 @@ class WeightBroadcaster:
         self.served_version = served_version
         self.records: list[SyncRecord] = []
         self._published: tuple[int, Path] | None = None
+        self._served_path: Path | None = None  # kept for refits until superseded
         self._changed = asyncio.Condition()
 
     async def publish(self, version: int, path: Path) -> None:
@@ -82,15 +85,17 @@ class WeightBroadcaster:
         start = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout_s):
-                await self.engines.pause(self.pause_mode)
-                paused = time.monotonic()
-                await self.engines.update_weights_from_disk(path, version)
-                await self.engines.resume()
+                paused_s = await self.engines.sync_weights(path, version, self.pause_mode)
         except TimeoutError:
             raise WeightSyncError(f"weight sync to version {version} took over {self.timeout_s}s") from None
-        done = time.monotonic()
-        self.records.append(SyncRecord(version=version, total_s=done - start, paused_s=done - paused))
-        shutil.rmtree(path, ignore_errors=True)
+        end = time.monotonic()
+        self.records.append(SyncRecord(version=version, total_s=end - start, paused_s=paused_s))
+        with trace.lane("broadcaster", since=start) as lane:  # the sync, and the pause that ends it
+            lane.record("weight sync", start, end, version=version)
+            lane.record("paused", end - paused_s, end, version=version)
+        if self._served_path is not None:
+            shutil.rmtree(self._served_path, ignore_errors=True)
+        self._served_path = path
         async with self._changed:
             self.served_version = version
             self._changed.notify_all()

@@ -14,6 +14,7 @@ import msgspec
 from actors.reward import RewardScorer
 from actors.rollout import SampleRunner
 from buffers.types import Prompt, Sample
+from runtime import trace
 
 
 class EvalResult(msgspec.Struct):
@@ -35,8 +36,9 @@ class Evaluator:
         t0 = loop.time()
         pairs = [(p, Sample(group_id=-1 - p.index, index=i, prompt_ids=p.input_ids))
                  for p in self.prompts for i in range(self.n_samples)]
-        await asyncio.gather(*(self.runner.run(s) for _, s in pairs))
-        await asyncio.gather(*(self.scorer.score(p, s) for p, s in pairs if s.trainable))
+        with trace.span("evaluator", "eval", version=version):
+            await asyncio.gather(*(self.runner.run(s) for _, s in pairs))
+            await asyncio.gather(*(self.scorer.score(p, s) for p, s in pairs if s.trainable))
         samples = [s for _, s in pairs]
         versions = [v for s in samples for v in s.token_versions] or [version]
         return EvalResult(

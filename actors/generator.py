@@ -14,19 +14,42 @@ lost time: the engines are busy).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import msgspec
 
 from actors.reward import RewardScorer
 from actors.rollout import SampleRunner
 from buffers.buffer import StalenessBuffer, Ticket
 from buffers.types import Group, Prompt, Sample, Status
+from runtime import trace
 from runtime.ledger import Ledger, State
 from runtime.waits import WaitClock
 
 
+class LiveGroupState(msgspec.Struct):
+    """A group admitted and not yet buffered, as a checkpoint keeps it: its samples hold every
+    token received so far (with versions and logprobs), so a resume continues them."""
+
+    group_id: int
+    admitted_version: int
+    deadline_version: int
+    prompt: Prompt
+    samples: list[Sample]
+
+
+@dataclasses.dataclass
+class _Live:
+    ticket: Ticket
+    prompt: Prompt
+    samples: list[Sample]
+
+
 class Generator:
     def __init__(self, *, prompts: Callable[[int], Prompt], buffer: StalenessBuffer, ledger: Ledger,
-                 runner: SampleRunner, scorer: RewardScorer, n_samples: int, cursor: int = 0):
+                 runner: SampleRunner, scorer: RewardScorer, n_samples: int, cursor: int = 0,
+                 resume: Sequence[LiveGroupState] = ()):
         self.prompts, self.buffer, self.ledger = prompts, buffer, ledger
         self.runner, self.scorer = runner, scorer
         self.n_samples = n_samples
@@ -35,15 +58,22 @@ class Generator:
         self._active = 0  # groups generating or scoring
         self._blocked = False  # the admission loop is waiting for a slot
         self._idle = False  # blocked with nothing generating: counted on ``clock``
+        self._live: dict[int, _Live] = {}  # admitted, not yet buffered or dropped
+        self._resume = list(resume)
 
     async def run(self) -> None:
         """Admit groups until cancelled. A crashing group task is a bug: it ends the run loudly
         (the TaskGroup cancels the loop and its siblings and re-raises)."""
         async with asyncio.TaskGroup() as groups:
+            for g in self._resume:  # a checkpoint's live groups go first: they hold the oldest slots
+                ticket = Ticket(g.group_id, g.admitted_version, g.deadline_version)
+                groups.create_task(self._run_group(ticket, g.prompt, g.samples), name=f"group-{g.group_id}")
+            self._resume.clear()
             while True:
                 self._set_blocked(True)
                 try:
-                    ticket = await self.buffer.reserve(self.ledger.admit)
+                    with trace.span("generator", "wait admission"):
+                        ticket = await self.buffer.reserve(self.ledger.admit)
                 finally:
                     self._set_blocked(False)
                 prompt = self.prompts(self.cursor)
@@ -66,19 +96,33 @@ class Generator:
             self.clock.exit()
         self._idle = idle
 
-    async def _run_group(self, ticket: Ticket, prompt: Prompt) -> None:
+    def snapshot(self) -> list[LiveGroupState]:
+        """The live groups, for a checkpoint (synchronous: one instant of the event loop)."""
+        return [
+            LiveGroupState(gid, g.ticket.admitted_version, g.ticket.deadline_version, g.prompt, g.samples)
+            for gid, g in self._live.items() if self.ledger.state(gid) < State.BUFFERED
+        ]
+
+    async def _run_group(self, ticket: Ticket, prompt: Prompt, samples: list[Sample] | None = None) -> None:
         self._add_active(1)
+        gid = ticket.group_id
+        samples = samples or [Sample(group_id=gid, index=i, prompt_ids=prompt.input_ids)
+                              for i in range(self.n_samples)]
+        self._live[gid] = _Live(ticket, prompt, samples)
         try:
-            await self._generate_group(ticket, prompt)
+            await self._generate_group(ticket, prompt, samples)
         finally:
+            self._live.pop(gid, None)
             self._add_active(-1)
 
-    async def _generate_group(self, ticket: Ticket, prompt: Prompt) -> None:
+    async def _generate_group(self, ticket: Ticket, prompt: Prompt, samples: list[Sample]) -> None:
         gid = ticket.group_id
         self.ledger.advance(gid, State.GENERATING)
-        samples = [Sample(group_id=gid, index=i, prompt_ids=prompt.input_ids) for i in range(self.n_samples)]
-        await asyncio.gather(*(self.runner.run(s) for s in samples))
-        await asyncio.gather(*(self.scorer.score(prompt, s) for s in samples if s.status != Status.FAILED))
+        with trace.lane("groups") as lane:  # one row per group: its generation, then its scoring
+            with lane.span("generate", group=gid, admitted_version=ticket.admitted_version):
+                await asyncio.gather(*(self.runner.run(s) for s in samples))
+            with lane.span("score", group=gid):
+                await asyncio.gather(*(self.scorer.score(prompt, s) for s in samples if s.status != Status.FAILED))
         self.ledger.advance(gid, State.SCORED)
         group = Group(group_id=gid, prompt=prompt, samples=samples, admitted_version=ticket.admitted_version,
                       deadline_version=ticket.deadline_version)

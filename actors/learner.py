@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -20,6 +20,7 @@ import msgspec
 from buffers.buffer import StalenessBuffer
 from buffers.types import Group
 from policies.trainer import StepStats
+from runtime import trace
 from runtime.ledger import Ledger
 from runtime.waits import WaitClock
 
@@ -29,8 +30,9 @@ class StalenessViolation(AssertionError):
 
 
 class Trainer(Protocol):
-    def step(self, batch: list[Group]) -> StepStats: ...
+    def step(self, batch: list[Group], version: int) -> StepStats: ...
     def save_weights(self, out_dir: Path) -> Path: ...
+    def save_checkpoint(self, out_dir: Path) -> None: ...
     def close(self) -> None: ...
 
 
@@ -60,12 +62,14 @@ def staleness(batch: list[Group], version: int) -> list[int]:
 class Learner:
     def __init__(self, *, trainer: Trainer, buffer: StalenessBuffer, ledger: Ledger, publisher: Publisher,
                  num_steps: int, max_staleness: int, weights_dir: Path,
-                 on_step: Callable[[StepRecord], None] = lambda r: None, version: int = 0):
+                 on_step: Callable[[StepRecord], None] = lambda r: None, version: int = 0,
+                 after_step: Callable[[int], Awaitable[None]] | None = None):
         self.trainer, self.buffer, self.ledger, self.publisher = trainer, buffer, ledger, publisher
         self.num_steps = num_steps
         self.max_staleness = max_staleness
         self.weights_dir = weights_dir
         self.on_step = on_step
+        self.after_step = after_step  # e.g. a checkpoint; the next step waits for it
         self.version = version
         self.clock = WaitClock("learner")
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="learner-compute")
@@ -82,18 +86,26 @@ class Learner:
                         f"step {self.version}: token staleness {max(lags)} > max_staleness {self.max_staleness}"
                     )
                 t0 = loop.time()
-                stats = await loop.run_in_executor(self._pool, self.trainer.step, batch)
+                with trace.span("learner", "train", groups=len(batch)):
+                    stats = await loop.run_in_executor(self._pool, self.trainer.step, batch, self.version)
                 train_s = loop.time() - t0
                 self.version += 1
                 for g in batch:
                     self.ledger.trained(g.group_id)
-                path = await loop.run_in_executor(
-                    self._pool, self.trainer.save_weights, self.weights_dir / f"v{self.version}"
-                )
+                with trace.span("learner", "save weights"):
+                    path = await loop.run_in_executor(
+                        self._pool, self.trainer.save_weights, self.weights_dir / f"v{self.version}"
+                    )
                 await self.publisher.publish(self.version, path)
                 self.on_step(_record(self.version, batch, stats, lags, train_s))
+                if self.after_step is not None:
+                    await self.after_step(self.version)
         finally:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def save_trainer(self, out_dir: Path) -> None:
+        """The trainer's weights (HF format), optimizer and RNG at the current version."""
+        await asyncio.get_running_loop().run_in_executor(self._pool, self.trainer.save_checkpoint, out_dir)
 
     def close(self) -> None:
         """Release the trainer (its process, on the local backend)."""

@@ -12,6 +12,10 @@ from typing import Any, Protocol
 
 from buffers.types import Sample, Status
 from policies.engine.client import EngineError, GenerateOutput
+from runtime import trace
+from runtime.engines import EngineLost
+
+MAX_FAILOVERS = 50  # per sample: beyond this something is wrong beyond an engine dying
 
 
 class VersionsUnknown(RuntimeError):
@@ -30,9 +34,11 @@ class SampleRunner:
     tokens so far and the remaining budget. Tokens get the per-token versions the engine reports,
     or, when ``exact_answer_versions`` (the broadcaster aborts before every swap, so weights never
     change under a running request), the answer's one version. An answer with neither is an
-    error: guessing would break the staleness accounting. An engine error is
-    retried (the engine set routes to the least-loaded engine) up to ``retries`` times, then the
-    sample fails with the reason. Counts go to ``counters``.
+    error: guessing would break the staleness accounting. An engine error is retried (the engine
+    set routes to the least-loaded engine) up to ``retries`` times, then the sample fails with the
+    reason. An engine that *failed* under the request (``EngineLost``) is failover, not an error:
+    the request is re-sent at once with the tokens already received (their versions and logprobs
+    kept), or from the prompt when none came back. Counts go to ``counters``.
     """
 
     def __init__(self, *, engines: Engines, sampling_params: dict[str, Any], decode: Callable[[list[int]], str],
@@ -48,7 +54,8 @@ class SampleRunner:
 
     async def run(self, sample: Sample) -> None:
         sample.timing.submitted = time.monotonic()
-        errors = 0
+        errors = failovers = 0
+        span_name = "request" if sample.group_id >= 0 else "eval request"  # the evaluator's ids are < 0
         while sample.status == Status.PENDING:
             budget = self.max_new_tokens - len(sample.response_ids)
             if budget <= 0:
@@ -57,7 +64,16 @@ class SampleRunner:
             seed = hash((self.seed, sample.group_id, sample.index, sample.n_segments)) % 2**31
             params = dict(self.sampling_params, max_new_tokens=budget, sampling_seed=seed)
             try:
-                out = await self.engines.generate(sample.prompt_ids + sample.response_ids, params)
+                with trace.span("requests", span_name, group=sample.group_id) as req:
+                    out = await self.engines.generate(sample.prompt_ids + sample.response_ids, params)
+                    req.set(weight_version=out.weight_version, tokens=len(out.output_ids), finish=out.finish_reason)
+            except EngineLost as e:
+                failovers += 1
+                self.counters["failovers_resumed" if sample.response_ids else "failovers_restarted"] += 1
+                if failovers > MAX_FAILOVERS:
+                    sample.fail(f"engines failed under this sample {failovers} times: {e}")
+                    self.counters["samples_failed_engine"] += 1
+                continue
             except EngineError as e:
                 errors += 1
                 self.counters["engine_errors"] += 1

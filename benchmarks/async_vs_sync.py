@@ -39,7 +39,7 @@ class _NoTraining:
     def __init__(self) -> None:
         self.batches: list[list[Group]] = []
 
-    def step(self, batch: list[Group]) -> StepStats:
+    def step(self, batch: list[Group], version: int) -> StepStats:
         self.batches.append(batch)
         return StepStats(loss=0, pg_clipfrac=0, tis_mean=1, tis_clipfrac=0, kl=0, entropy=0, grad_norm=0,
                          n_tokens=0, n_samples=0)
@@ -93,7 +93,8 @@ def training_alone(argv: list[str], run_dir: Path, batches: list[list[Group]], w
     trainer, out = sched.a.learner.trainer, Path(tempfile.mkdtemp())
     times = [time.monotonic()]
     for i, batch in enumerate(batches):
-        trainer.step(msgspec.convert(msgspec.to_builtins(batch), list[Group]))  # a fresh copy each step
+        # a fresh copy each step; batch i was trained at version i in the run that made it
+        trainer.step(msgspec.convert(msgspec.to_builtins(batch), list[Group]), i)
         trainer.save_weights(out / f"v{i}")
         times.append(time.monotonic())
     shutil.rmtree(out, ignore_errors=True)

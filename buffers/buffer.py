@@ -28,12 +28,24 @@ import asyncio
 import dataclasses
 from collections.abc import Callable
 
+import msgspec
+
 from buffers.types import Group
 from runtime.waits import WaitClock, waiting
 
 
 class Closed(Exception):
     """The buffer was closed: no more groups will be admitted or handed out."""
+
+
+class BufferState(msgspec.Struct):
+    """A checkpoint of the buffer: admission counts, the deadlines of groups still generating,
+    and the groups ready for training (with every token's version and logprob)."""
+
+    admitted: int
+    dropped: int
+    pending: dict[int, int]
+    ready: list[Group]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,6 +170,20 @@ class StalenessBuffer:
             return None
         chosen = must + ties[: g - len(must)]
         return [self._ready[gid] for _, gid, _ in chosen]
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def snapshot(self) -> BufferState:
+        """Synchronous, so it is one consistent instant of the event loop."""
+        return BufferState(admitted=self.admitted, dropped=self.dropped, pending=dict(self._pending),
+                           ready=list(self._ready.values()))
+
+    def restore(self, state: BufferState, *, served_version: int) -> None:
+        """Load a snapshot into this (new, empty) buffer; pending groups will be put again."""
+        if self.admitted or self._ready or self._pending:
+            raise RuntimeError("restore() into a buffer that is already in use")
+        self.admitted, self.dropped, self.served_version = state.admitted, state.dropped, served_version
+        self._pending = dict(state.pending)
+        self._ready = {g.group_id: g for g in state.ready}
 
     async def close(self) -> None:
         async with self._changed:

@@ -26,16 +26,6 @@ def ppo_clip(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, *, e
     return loss, (clipped < unclipped).float()
 
 
-def tis_weight(old_logp: torch.Tensor, behavior_logp: torch.Tensor, *, clip: float,
-               clip_low: float = 0.0) -> torch.Tensor:
-    """Truncated importance weight pi_old / pi_behavior per token, clamped to [clip_low, clip].
-
-    Corrects for the gap between the engine that sampled (behavior) and the learner's policy
-    (old, i.e. proximal): numerical mismatch and staleness. Detached: it reweights, never trains.
-    """
-    return torch.exp(old_logp - behavior_logp).clamp(min=clip_low, max=clip).detach()
-
-
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str) -> torch.Tensor:
     """Per-token KL estimate of the policy from the reference (Schulman's k1/k2/k3 estimators)."""
     log_ratio = logp - ref_logp

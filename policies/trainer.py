@@ -4,8 +4,10 @@ The async learner runs ``step`` off the event loop. One optimizer step per batch
 proximal ("old") policy of PPO is the current policy at the step, so its logprobs equal the new
 ones numerically: we take them from the same forward pass, detached, instead of a second pass.
 The ratio is then 1 and the clip inactive on this step, exactly as in on-policy PPO with one
-epoch; off-policy drift between the engine (behavior) and the learner is corrected by the
-truncated importance weight (``--use-tis``) against the engine's logprobs.
+epoch. Off-policy drift between the engine (behavior) and the learner is corrected by AReaL's
+decoupled objective: with ``--use-tis`` each token's loss is multiplied by the bounded importance
+weight pi_prox / pi_behavior of ``policies.correction`` (level, bound and staleness caps from
+GRPO config), which needs each token's staleness: the learner passes its version to ``step``.
 """
 
 from __future__ import annotations
@@ -19,21 +21,28 @@ from safetensors.torch import save_file
 
 from buffers.types import Group, Sample
 from policies.advantages import grpo_advantages
-from policies.loss import kl_penalty, masked_mean, ppo_clip, tis_weight
+from policies.correction import bucket_stats, importance_weight
+from policies.loss import kl_penalty, masked_mean, ppo_clip
 from policies.model import load_causal_lm
 from runtime.config import GrpoConfig, OptimizerConfig
 
 
 class StepStats(msgspec.Struct):
+    """One step's figures. The ``tis_*`` figures and ``correction`` describe the bounded importance
+    weight as configured whether or not ``--use-tis`` applies it, so a run can see how far off
+    policy its data is before turning the correction on."""
+
     loss: float
     pg_clipfrac: float
-    tis_mean: float
-    tis_clipfrac: float
+    tis_mean: float  # mean bounded weight over trained tokens
+    tis_clipfrac: float  # fraction of trained tokens the bound truncated or masked
     kl: float
     entropy: float
     grad_norm: float
     n_tokens: int
     n_samples: int
+    # per staleness bucket, keys like "s0/is_mean" (policies.correction.bucket_stats)
+    correction: dict[str, float] = msgspec.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -44,16 +53,19 @@ class TokenBatch:
     attention_mask: torch.Tensor  # (B, L) long
     mask: torch.Tensor  # (B, L-1) float: trained response tokens
     behavior_logp: torch.Tensor  # (B, L-1) float
+    staleness: torch.Tensor  # (B, L-1) long: learner version - token version; 0 off the response
     advantages: torch.Tensor  # (B, 1) float
 
 
-def collate(samples: list[Sample], advantages: list[float], pad_id: int) -> TokenBatch:
+def collate(samples: list[Sample], advantages: list[float], pad_id: int, *, version: int) -> TokenBatch:
+    """Pad ``samples`` into one batch trained at policy ``version`` (which dates each token)."""
     length = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
     b = len(samples)
     ids = torch.full((b, length), pad_id, dtype=torch.long)
     attn = torch.zeros((b, length), dtype=torch.long)
     mask = torch.zeros((b, length - 1))
     blp = torch.zeros((b, length - 1))
+    stale = torch.zeros((b, length - 1), dtype=torch.long)
     for i, s in enumerate(samples):
         p, r = len(s.prompt_ids), len(s.response_ids)
         ids[i, : p + r] = torch.tensor(s.prompt_ids + s.response_ids)
@@ -61,8 +73,11 @@ def collate(samples: list[Sample], advantages: list[float], pad_id: int) -> Toke
         # position j of the shifted tensors predicts token j + 1, so response token k sits at p-1+k
         mask[i, p - 1 : p - 1 + r] = torch.tensor(s.loss_mask, dtype=torch.float)
         blp[i, p - 1 : p - 1 + r] = torch.tensor(s.behavior_logprobs, dtype=torch.float)
+        stale[i, p - 1 : p - 1 + r] = version - torch.tensor(s.token_versions, dtype=torch.long)
+    if (stale < 0).any():  # a token newer than the policy training on it: versions are broken
+        raise ValueError(f"a token's version is above the training version {version}")
     adv = torch.tensor(advantages, dtype=torch.float).unsqueeze(1)
-    return TokenBatch(ids, attn, mask, blp, adv)
+    return TokenBatch(ids, attn, mask, blp, stale, adv)
 
 
 class PolicyTrainer:
@@ -85,24 +100,22 @@ class PolicyTrainer:
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         return logp, entropy
 
-    def step(self, batch: list[Group]) -> StepStats:
-        """One optimizer step on ``batch``. Runs synchronously; call it off the event loop."""
+    def step(self, batch: list[Group], version: int) -> StepStats:
+        """One optimizer step on ``batch`` by the policy at ``version`` (the learner's version, which
+        dates each token's staleness). Runs synchronously; call it off the event loop."""
         samples, advs = [], []
         for g in batch:
             a = grpo_advantages(g.rewards, [s.trainable for s in g.samples],
                                 normalize_std=self.grpo.normalize_advantage_std)
             samples += g.samples
             advs += a
-        tb = collate(samples, advs, self.pad_id)
+        tb = collate(samples, advs, self.pad_id, version=version)
         logp, entropy = self._token_logp(self.model, tb)
         old_logp = logp.detach()  # one step per batch: proximal policy == current (module doc)
         eps_high = self.grpo.eps_clip_high if self.grpo.eps_clip_high is not None else self.grpo.eps_clip
         pg, clipped = ppo_clip(logp, old_logp, tb.advantages, eps_low=self.grpo.eps_clip, eps_high=eps_high)
-        if self.grpo.use_tis:
-            w = tis_weight(old_logp, tb.behavior_logp, clip=self.grpo.tis_clip, clip_low=self.grpo.tis_clip_low)
-        else:
-            w = torch.ones_like(pg)
-        loss = masked_mean(pg * w, tb.mask)
+        w, bounded = self._importance_weight(old_logp, tb)
+        loss = masked_mean(pg * w if self.grpo.use_tis else pg, tb.mask)
         kl = torch.zeros(())
         if self.ref is not None:
             with torch.no_grad():
@@ -117,14 +130,18 @@ class PolicyTrainer:
         max_norm = self.clip_grad if self.clip_grad > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
-        raw_w = torch.exp(old_logp - tb.behavior_logp)
         return StepStats(
             loss=loss.item(), pg_clipfrac=float(masked_mean(clipped, tb.mask)),
-            tis_mean=float(masked_mean(w, tb.mask)),
-            tis_clipfrac=float(masked_mean((raw_w > self.grpo.tis_clip).float(), tb.mask)),
+            tis_mean=float(masked_mean(w, tb.mask)), tis_clipfrac=float(masked_mean(bounded.float(), tb.mask)),
             kl=kl.item(), entropy=ent.item(), grad_norm=float(grad_norm),
             n_tokens=int(tb.mask.sum()), n_samples=len(samples),
+            correction=bucket_stats(w, bounded, tb.staleness, tb.mask),
         )
+
+    def _importance_weight(self, prox_logp: torch.Tensor, tb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.grpo
+        return importance_weight(prox_logp, tb.behavior_logp, tb.mask, tb.staleness, level=g.tis_level,
+                                 mode=g.tis_mode, low=g.tis_clip_low, high=g.tis_clip, caps=g.tis_clip_by_staleness)
 
     def close(self) -> None:
         """Nothing to release in-process (``TrainerProcess`` has a process to stop)."""
@@ -137,3 +154,21 @@ class PolicyTrainer:
             state.pop("lm_head.weight", None)  # tied: saved once, as HF checkpoints do
         save_file(state, str(out_dir / "model.safetensors"))
         return out_dir
+
+    def save_checkpoint(self, out_dir: Path) -> None:
+        """What a resume needs from the trainer: the policy as an HF directory (``model/``, loadable
+        by transformers), the KL reference when there is one (``reference/``: it must stay the
+        initial policy, not the resumed one), the optimizer state and torch's RNG (``trainer.pt``)."""
+        self.model.save_pretrained(out_dir / "model")
+        if self.ref is not None:
+            self.ref.save_pretrained(out_dir / "reference")
+        torch.save({"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}, out_dir / "trainer.pt")
+
+    def load_checkpoint(self, ckpt_dir: Path) -> None:
+        """Restore the optimizer, RNG and reference of ``save_checkpoint`` (the policy itself was
+        loaded from ``ckpt_dir/model`` when this trainer was built)."""
+        state = torch.load(ckpt_dir / "trainer.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if self.ref is not None and (ckpt_dir / "reference").is_dir():
+            self.ref = load_causal_lm(ckpt_dir / "reference").eval()

@@ -51,11 +51,17 @@ class TrainerProcess:
         self._lock = threading.Lock()
         self._call("init", (str(model_path), dict(trainer_kwargs, threads=threads)))
 
-    def step(self, batch: list[Group]) -> StepStats:
-        return msgspec.msgpack.decode(self._call("step", msgspec.msgpack.encode(batch)), type=StepStats)
+    def step(self, batch: list[Group], version: int) -> StepStats:
+        return msgspec.msgpack.decode(self._call("step", (msgspec.msgpack.encode(batch), version)), type=StepStats)
 
     def save_weights(self, out_dir: Path) -> Path:
         return Path(self._call("save_weights", str(out_dir)))
+
+    def save_checkpoint(self, out_dir: Path) -> None:
+        self._call("save_checkpoint", str(out_dir))
+
+    def load_checkpoint(self, ckpt_dir: str | Path) -> None:
+        self._call("load_checkpoint", str(ckpt_dir))
 
     @property
     def pid(self) -> int:
@@ -99,9 +105,14 @@ def _serve(conn: Connection) -> None:
             elif trainer is None:
                 raise RuntimeError("trainer used before init")
             elif method == "step":
-                result = msgspec.msgpack.encode(trainer.step(msgspec.msgpack.decode(arg, type=list[Group])))
+                batch, version = arg
+                result = msgspec.msgpack.encode(trainer.step(msgspec.msgpack.decode(batch, type=list[Group]), version))
             elif method == "save_weights":
                 result = str(trainer.save_weights(Path(arg)))
+            elif method == "save_checkpoint":
+                result = trainer.save_checkpoint(Path(arg))
+            elif method == "load_checkpoint":
+                result = trainer.load_checkpoint(Path(arg))
             else:
                 raise ValueError(f"unknown method {method!r}")
             conn.send((True, result))

@@ -52,15 +52,45 @@ def _add_field(group: argparse._ArgumentGroup, section: str, field: msgspec.stru
     tp = _base_type(field.type)
     kw: dict[str, Any] = {"dest": f"{section}.{field.name}", "default": argparse.SUPPRESS}
     default = field.default if field.default is not msgspec.NODEFAULT else None
+    if field.default_factory is not msgspec.NODEFAULT:
+        default = field.default_factory()
     if tp is bool:
-        kw["action"] = argparse.BooleanOptionalAction
+        kw["action"] = _BoolFlag
     elif typing.get_origin(tp) is Literal:
         kw["choices"] = list(typing.get_args(tp))
+    elif typing.get_origin(tp) is list:  # comma-separated; msgspec converts and checks the items
+        kw["type"] = _comma_list
+        kw["metavar"] = "A,B,..."
     else:
         kw["type"] = tp
         kw["metavar"] = tp.__name__.upper()
     help_text = f"{comment} (default: {default})" if comment else f"(default: {default})"
     group.add_argument(C.flag(field.name), help=help_text.replace("%", "%%"), **kw)
+
+
+class _BoolFlag(argparse.BooleanOptionalAction):
+    """``--flag``, ``--no-flag`` or ``--flag false``: launch scripts often spell the value out."""
+
+    WORDS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
+
+    def __init__(self, option_strings: list[str], dest: str, **kw: Any):
+        super().__init__(option_strings, dest, **kw)
+        self.nargs, self.metavar = "?", "BOOL"
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        negated = bool(option_string and option_string.startswith("--no-"))
+        if values is None:
+            setattr(namespace, self.dest, not negated)
+        elif values.lower() in self.WORDS and not negated:
+            setattr(namespace, self.dest, self.WORDS[values.lower()])
+        else:
+            parser.error(f"{option_string}: expected no value or one of true/false, got {values!r}")
+
+
+def _comma_list(text: str) -> list[str]:
+    """``2,1.5,1.2`` -> ``["2", "1.5", "1.2"]``; an empty string is the empty list."""
+    return [item.strip() for item in text.split(",")] if text.strip() else []
 
 
 def build_parser(prog: str = "launch") -> argparse.ArgumentParser:
@@ -112,7 +142,7 @@ def resolve(argv: list[str] | None = None, prog: str = "launch") -> C.Config:
 
 
 def dumps_toml(tables: dict[str, dict[str, Any]]) -> str:
-    """Minimal TOML writer for flat tables of scalars (all a resolved config holds)."""
+    """Minimal TOML writer for flat tables of scalars and lists of them (all a resolved config holds)."""
     lines: list[str] = []
     for section, values in tables.items():
         lines.append(f"[{section}]")
@@ -127,6 +157,8 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

@@ -9,6 +9,7 @@ Invalid values raise ``ConfigError`` naming the flag; ``runtime.cli`` turns that
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from typing import Annotated, Any, Literal
 
@@ -42,7 +43,7 @@ class RunConfig(Section):
     run_dir: str = ""  # default: runs/<recipe>-<timestamp>
     backend: Literal["local"] = "local"
     seed: int = 1234
-    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    progress: Literal["auto", "rich", "bar", "lines", "off"] = "auto"  # auto: rich (or bar) on a terminal, else lines
 
 
 class ModelConfig(Section):
@@ -60,6 +61,9 @@ class CkptConfig(Section):
     """CKPT: model and tokenizer source."""
 
     hf_checkpoint: str = ""  # a local HF directory; empty: build the recipe's model from MODEL
+    save: str = ""  # directory for resumable checkpoints; empty: none
+    save_interval: NonNeg = 0  # learner steps between checkpoints; 0: only at the end
+    load: str = ""  # resume from the latest checkpoint in this directory
 
 
 class RolloutConfig(Section):
@@ -121,9 +125,13 @@ class GrpoConfig(Section):
     normalize_advantage_std: bool = True  # divide by the group's std (Dr.GRPO turns this off)
     eps_clip: PosF = 0.2
     eps_clip_high: PosF | None = None  # default: eps_clip
-    use_tis: bool = False
-    tis_clip: PosF = 2.0
-    tis_clip_low: NonNegF = 0.0
+    use_tis: bool = False  # weight each token's loss by pi_prox / pi_behavior, bounded (decoupled PPO)
+    tis_clip: PosF = 2.0  # upper bound of the weight
+    tis_clip_low: NonNegF = 0.0  # lower bound of the weight
+    tis_level: Literal["token", "sequence", "geometric"] = "token"  # per token; product per sequence; its geo mean
+    tis_mode: Literal["truncate", "mask"] = "truncate"  # out of bounds: clamp (TIS) or weight 0 (MIS/icepop)
+    # Non-increasing (checked): staler tokens are further off-policy, so they get the tighter cap.
+    tis_clip_by_staleness: list[float] = []  # cap by staleness 0,1,.. (last: older) e.g. 2,1.5,1.2; replaces --tis-clip
     use_kl_loss: bool = False
     kl_loss_coef: NonNegF = 0.0
     kl_loss_type: Literal["k1", "k2", "low_var_kl"] = "low_var_kl"
@@ -165,6 +173,32 @@ class AsyncConfig(Section):
         return bound if self.buffer_capacity is None else min(bound, self.buffer_capacity)
 
 
+class FaultConfig(Section):
+    """FAULT: engine health checks, restarts, and fault injection (chaos) for testing them."""
+
+    health_check_interval: NonNegF = 2.0  # seconds between probes of every engine; 0: no probes
+    health_check_timeout: PosF = 10.0  # a probe slower than this marks the engine hung
+    engine_progress_timeout: PosF = 60.0  # requests in flight and none finished for this long: hung
+    max_engine_restarts: NonNeg = 5  # per engine within --engine-restart-window; one more ends the run
+    engine_restart_window: PosF = 300.0  # seconds
+    chaos_kill_interval: NonNegF = 0.0  # fault injection: SIGKILL a random engine every N seconds; 0: off
+    chaos_hang_at: NonNegF = 0.0  # fault injection: SIGSTOP one engine once, N seconds in; 0: off
+    chaos_seed: int = 0
+
+
+class LogConfig(Section):
+    """LOGGING: where metrics and the timeline go (metrics.jsonl is always written)."""
+
+    trace: bool = True  # write trace.json, a timeline of every actor (open it in ui.perfetto.dev)
+    trace_max_events: Pos = 2_000_000  # events past this are counted, not written
+    use_tensorboard: bool = False  # also write TensorBoard event files to <run-dir>/tensorboard
+    use_wandb: bool = False  # also log to Weights & Biases
+    wandb_project: str = "asyncrl"
+    wandb_group: str = ""
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # auto: $WANDB_MODE, else online
+    metrics_sink: str = ""  # module:function returning an extra sink (write(step, metrics), close())
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     run: RunConfig = msgspec.field(default_factory=RunConfig)
     model: ModelConfig = msgspec.field(default_factory=ModelConfig)
@@ -175,6 +209,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     grpo: GrpoConfig = msgspec.field(default_factory=GrpoConfig)
     optimizer: OptimizerConfig = msgspec.field(default_factory=OptimizerConfig)
     async_: AsyncConfig = msgspec.field(default_factory=AsyncConfig, name="async")
+    fault: FaultConfig = msgspec.field(default_factory=FaultConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -183,6 +219,7 @@ SECTIONS: dict[str, type[Section]] = {
 GROUP_TITLES = {
     "run": "RUN", "model": "MODEL", "ckpt": "CKPT", "rollout": "ROLLOUT", "eval": "EVAL",
     "perf": "PERF", "grpo": "GRPO", "optimizer": "OPTIMIZER", "async": "ASYNC",
+    "fault": "FAULT", "log": "LOGGING",
 }
 
 
@@ -255,6 +292,9 @@ def check(cfg: Config) -> None:
             "--buffer-capacity",
             f"{a.buffer_capacity} groups cannot hold one step's {r.groups_per_step} groups",
         )
+    c = cfg.ckpt
+    if c.save_interval and not c.save:
+        raise ConfigError("--save-interval", "needs --save DIR")
     m = cfg.model
     if m.hidden_size % m.num_attention_heads:
         raise ConfigError("--hidden-size", f"{m.hidden_size} is not divisible by {m.num_attention_heads} heads")
@@ -263,6 +303,19 @@ def check(cfg: Config) -> None:
     g = cfg.grpo
     if g.tis_clip_low >= g.tis_clip:
         raise ConfigError("--tis-clip-low", f"must be below --tis-clip {g.tis_clip}")
+    caps = g.tis_clip_by_staleness
+    if any(c <= g.tis_clip_low for c in caps):
+        raise ConfigError("--tis-clip-by-staleness", f"every cap must be above --tis-clip-low {g.tis_clip_low}")
+    if any(b > a for a, b in zip(caps, caps[1:])):
+        raise ConfigError("--tis-clip-by-staleness", f"must not increase with staleness, got {caps}")
+    lg = cfg.log
+    for wanted, package, name in ((lg.use_tensorboard, "tensorboard", "--use-tensorboard"),
+                                  (lg.use_wandb, "wandb", "--use-wandb"),
+                                  (cfg.run.progress == "rich", "rich", "--progress")):
+        if wanted and importlib.util.find_spec(package) is None:
+            raise ConfigError(name, f"needs the {package} package, which is not installed (pip install {package})")
+    if lg.metrics_sink and ":" not in lg.metrics_sink:
+        raise ConfigError("--metrics-sink", f"must be module:function, got {lg.metrics_sink!r}")
 
 
 def to_toml_dict(cfg: Config) -> dict[str, Any]:

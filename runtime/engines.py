@@ -1,72 +1,354 @@
-"""The engine set: N engine server subprocesses behind one routing and control surface.
+"""The engine set: N engine server subprocesses behind one routing, control and health surface.
 
-Routing sends each request to the engine with the fewest requests in flight. Control calls
-(pause, weight update, continue) go to every engine directly and concurrently: routers in front
-of SGLang do not forward them. Every call carries a timeout (the client's).
+Routing sends each request to the serving engine with the fewest requests in flight. Control
+calls (pause, weight update, continue) go to every serving engine directly and concurrently:
+routers in front of SGLang do not forward them. Every call carries a timeout (the client's).
+
+Health (``monitor``, a task the scheduler owns). Each serving engine is probed in parallel every
+``health_check_interval``: its process must be alive, ``/health_generate`` must answer within
+``health_check_timeout`` (``/health`` while a weight sync holds the engines paused, since a pause
+aborts generation probes), and requests in flight must keep finishing (``engine_progress_timeout``).
+Start-up is not probed: an engine serves only after ``wait_ready`` (bounded by the start timeout).
+
+A failed engine (dead, hung, or lost under a request) leaves routing at once, is SIGKILLed (which
+also ends every HTTP call in flight to it, so nothing waits on a frozen process), and is restarted:
+
+    serving --fail--> failed --restart task--> starting --wait_ready--> refit --> serving
+                                                            (under the control lock)
+
+Refit before serve: the replacement loads the current weights and must report their version
+before it is routed a single request. The refit holds the control lock, as a sync does, so no
+sync can slip between the refit and the first request. Requests in flight on the failed engine
+raise ``EngineLost``; the caller re-sends them with the tokens it already holds (failover).
+A restart budget (``max_engine_restarts`` per engine per ``engine_restart_window``) turns a crash
+loop into a clear error instead of an endless cycle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import itertools
+import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from policies.engine.client import EngineClient, GenerateOutput
-from policies.engine.process import EngineProcess
+from policies.engine.client import EngineClient, EngineError, GenerateOutput
+from policies.engine.process import EngineProcess, EngineStartError
+from runtime.config import FaultConfig
+from runtime.errors import RunFailed
+
+log = logging.getLogger(__name__)
+
+
+DEATH_GRACE_S = 1.0  # a dying process closes its sockets a moment before it can be reaped
+
+
+class EngineLost(EngineError):
+    """The engine serving this request failed; the request may be re-sent to another one."""
+
+
+@dataclasses.dataclass
+class RestartRecord:
+    engine: int
+    reason: str
+    failed_at: float  # monotonic: the failure was detected
+    injected_at: float | None = None  # monotonic: when chaos injected the fault, if it did
+    serving_at: float | None = None  # the replacement was refitted and routable
+    refit_version: int | None = None  # the version it loaded before serving
+    first_version: str | None = None  # the weight version of its first answered request
+    current_at_first: int | None = None  # the set's current version when that request was sent
+
+    @property
+    def recovery_s(self) -> float | None:
+        """Fault to serving again: from the injection when known, else from detection."""
+        if self.serving_at is None:
+            return None
+        return self.serving_at - (self.injected_at if self.injected_at is not None else self.failed_at)
+
+
+@dataclasses.dataclass(eq=False)
+class Slot:
+    index: int
+    process: EngineProcess
+    client: EngineClient | None = None
+    state: str = "starting"  # starting | serving | failed
+    incarnation: int = 0
+    in_flight: int = 0
+    last_progress: float = 0.0
+    restarts: collections.deque[float] = dataclasses.field(default_factory=collections.deque)
+    injected_at: float | None = None  # set by fault injection just before it strikes
+    pending_first: RestartRecord | None = None  # a replacement whose first answer is not in yet
 
 
 class EngineSet:
     def __init__(self, *, model_path: str | Path, n: int, log_dir: Path, threads: int = 1,
-                 max_running_requests: int = 512, timeout_s: float = 120.0, start_timeout_s: float = 180.0):
+                 max_running_requests: int = 512, timeout_s: float = 120.0, start_timeout_s: float = 180.0,
+                 fault: FaultConfig | None = None, weight_version: int = 0):
         self.model_path = str(model_path)
+        self.log_dir = log_dir
+        self.threads = threads
+        self.max_running_requests = max_running_requests
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
-        self.processes = [
-            EngineProcess(model_path, log_path=log_dir / f"engine{i}.log", torch_threads=threads,
-                          max_running_requests=max_running_requests)
-            for i in range(n)
-        ]
-        self.clients: list[EngineClient] = []
-        self.in_flight: list[int] = [0] * n
+        self.fault = fault or FaultConfig()
+        self.initial_version = weight_version
+        # what a replacement must load before it serves: (version, weights dir)
+        self.current: tuple[int, str] = (weight_version, self.model_path)
+        self.slots = [Slot(i, self._new_process(i)) for i in range(n)]
         self.generated_tokens = 0
+        self.counters: collections.Counter[str] = collections.Counter()
+        self.restart_records: list[RestartRecord] = []
+        self.fatal: str | None = None
         self._rids = itertools.count()
+        self._control = asyncio.Lock()  # a weight sync or a refit: never both
+        self._syncing = False
+        self._sync_epoch = 0
+        self._changed = asyncio.Condition()  # routing membership or ``fatal`` changed
+        self._restart_tasks: set[asyncio.Task[None]] = set()
 
+    def _new_process(self, i: int) -> EngineProcess:
+        return EngineProcess(self.model_path, log_path=self.log_dir / f"engine{i}.log", torch_threads=self.threads,
+                             max_running_requests=self.max_running_requests, weight_version=str(self.initial_version))
+
+    # -- views -----------------------------------------------------------------------------------
+    @property
+    def processes(self) -> list[EngineProcess]:
+        return [s.process for s in self.slots]
+
+    @property
+    def in_flight(self) -> list[int]:
+        return [s.in_flight for s in self.slots]
+
+    def serving(self) -> list[Slot]:
+        return [s for s in self.slots if s.state == "serving"]
+
+    def health(self) -> list[str]:
+        return [s.state for s in self.slots]
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Until ``predicate()`` holds; re-checked whenever an engine fails, serves again, or the
+        set gives up (``fatal``)."""
+        async with self._changed:
+            await self._changed.wait_for(predicate)
+
+    async def wait_all_serving(self) -> None:
+        await self.wait_until(lambda: len(self.serving()) == len(self.slots) or self.fatal is not None)
+
+    # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
         """Start every engine and wait until each can generate (in parallel)."""
-        for p in self.processes:
-            p.start()
-        urls = await asyncio.gather(*(p.wait_ready(self.start_timeout_s) for p in self.processes))
-        self.clients = [EngineClient(url, timeout_s=self.timeout_s) for url in urls]
+        for s in self.slots:
+            s.process.start()
+        urls = await asyncio.gather(*(s.process.wait_ready(self.start_timeout_s) for s in self.slots))
+        now = time.monotonic()
+        for s, url in zip(self.slots, urls, strict=True):
+            s.client = EngineClient(url, timeout_s=self.timeout_s)
+            s.state, s.last_progress = "serving", now
 
-    def _pick(self) -> int:
-        return min(range(len(self.clients)), key=lambda i: self.in_flight[i])
+    async def stop(self) -> None:
+        """Stop restarts, close clients and stop every process (SIGTERM, then SIGKILL); idempotent."""
+        for t in list(self._restart_tasks):
+            t.cancel()
+        await asyncio.gather(*self._restart_tasks, return_exceptions=True)
+        await asyncio.gather(*(s.client.close() for s in self.slots if s.client), return_exceptions=True)
+        await asyncio.gather(*(s.process.stop() for s in self.slots), return_exceptions=True)
+
+    # -- requests --------------------------------------------------------------------------------
+    async def _pick(self) -> Slot:
+        """The least-loaded serving engine; waits (bounded) while every engine is restarting."""
+        if not self.serving():
+            limit = self.start_timeout_s + self.timeout_s
+            try:
+                async with asyncio.timeout(limit), self._changed:
+                    await self._changed.wait_for(lambda: bool(self.serving()) or self.fatal is not None)
+            except TimeoutError:
+                raise EngineError("engine set", "", f"no engine serving for {limit:g}s") from None
+            if self.fatal is not None:
+                raise EngineError("engine set", "", self.fatal)
+        return min(self.serving(), key=lambda s: s.in_flight)
 
     async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None
                        ) -> GenerateOutput:
-        """One /generate on the least-loaded engine; raises ``EngineError`` on failure."""
-        i = self._pick()
-        self.in_flight[i] += 1
+        """One /generate on the least-loaded engine. ``EngineLost`` when that engine failed under
+        the request (re-send it), ``EngineError`` for any other failure."""
+        slot = await self._pick()
+        client, incarnation, first = slot.client, slot.incarnation, slot.pending_first
+        assert client is not None
+        sent_at_version = self.current[0]
+        slot.in_flight += 1
         try:
-            out = await self.clients[i].generate(
-                input_ids, sampling_params, rid=rid or f"r{next(self._rids)}"
-            )
+            out = await client.generate(input_ids, sampling_params, rid=rid or f"r{next(self._rids)}")
+        except EngineError as e:
+            if slot.incarnation == incarnation and slot.state == "serving" and e.status is None \
+                    and await slot.process.exited_within(DEATH_GRACE_S):
+                self._fail(slot, f"process exited (code {slot.process.returncode}) under a request")
+            if slot.incarnation != incarnation or slot.state != "serving":
+                raise EngineLost(e.url, e.route, f"engine {slot.index} failed: {e.reason}") from e
+            raise
         finally:
-            self.in_flight[i] -= 1
+            slot.in_flight -= 1
+        if slot.incarnation == incarnation:
+            slot.last_progress = time.monotonic()
+            if first is not None and slot.pending_first is first:
+                slot.pending_first = None
+                # the version of its first token: an answer frozen across a sync ends at a newer one
+                first.first_version = out.token_versions[0] if out.token_versions else out.weight_version
+                first.current_at_first = sent_at_version
         self.generated_tokens += len(out.output_ids)
         return out
 
+    # -- weight syncs ----------------------------------------------------------------------------
+    async def sync_weights(self, path: str | Path, version: int, pause_mode: str) -> float:
+        """Pause -> load ``path`` as ``version`` -> continue, on every serving engine; returns the
+        seconds generation was paused. An engine failing here is failed and restarted (it will
+        refit to this version); the sync goes on with the others."""
+        async with self._control:
+            self._syncing, self._sync_epoch = True, self._sync_epoch + 1
+            try:
+                await self._on_each("pause", lambda c: c.pause(pause_mode))
+                paused = time.monotonic()
+                await self._on_each("weight update", lambda c: c.update_weights_from_disk(
+                    str(path), weight_version=str(version)))
+                self.current = (version, str(path))
+                await self._on_each("continue", lambda c: c.resume())
+                return time.monotonic() - paused
+            finally:
+                self._syncing = False
+                now = time.monotonic()
+                for s in self.serving():
+                    s.last_progress = max(s.last_progress, now)  # a pause is not a stall
+
+    async def _on_each(self, what: str, call) -> None:  # noqa: ANN001 - call: EngineClient -> awaitable
+        async def one(slot: Slot) -> None:
+            assert slot.client is not None
+            try:
+                await call(slot.client)
+            except EngineError as e:
+                self._fail(slot, f"{what} failed: {e.reason}")
+
+        await asyncio.gather(*(one(s) for s in self.serving()))
+
+    # backwards-compatible control surface (benchmarks and the broadcaster's protocol)
     async def pause(self, mode: str = "abort") -> None:
-        await asyncio.gather(*(c.pause(mode) for c in self.clients))
+        await self._on_each("pause", lambda c: c.pause(mode))
 
     async def resume(self) -> None:
-        await asyncio.gather(*(c.resume() for c in self.clients))
+        await self._on_each("continue", lambda c: c.resume())
 
     async def update_weights_from_disk(self, path: str | Path, version: int) -> None:
-        await asyncio.gather(
-            *(c.update_weights_from_disk(str(path), weight_version=str(version)) for c in self.clients)
-        )
+        await self._on_each("weight update", lambda c: c.update_weights_from_disk(
+            str(path), weight_version=str(version)))
+        self.current = (version, str(path))
 
-    async def stop(self) -> None:
-        """Close clients and stop every process (SIGTERM, then SIGKILL); idempotent."""
-        await asyncio.gather(*(c.close() for c in self.clients), return_exceptions=True)
-        await asyncio.gather(*(p.stop() for p in self.processes), return_exceptions=True)
+    # -- health ----------------------------------------------------------------------------------
+    async def monitor(self) -> None:
+        """Probe every serving engine forever; raises ``RunFailed`` when the restart budget is spent."""
+        interval = self.fault.health_check_interval
+        while True:
+            if self.fatal is not None:
+                raise RunFailed(self.fatal)
+            if interval:
+                await asyncio.gather(*(self._probe(s) for s in self.serving()))
+            try:
+                async with asyncio.timeout(interval or None), self._changed:
+                    await self._changed.wait_for(lambda: self.fatal is not None)
+            except TimeoutError:
+                pass
+
+    async def _probe(self, slot: Slot) -> None:
+        if not slot.process.alive:
+            self._fail(slot, f"process exited (code {slot.process.returncode})")
+            return
+        client, incarnation = slot.client, slot.incarnation
+        assert client is not None
+        syncing, epoch = self._syncing, self._sync_epoch
+        timeout = self.fault.health_check_timeout
+        ok = await (client.health(timeout_s=timeout) if syncing else client.health_generate(timeout_s=timeout))
+        if slot.incarnation != incarnation or slot.state != "serving":
+            return
+        if not slot.process.alive:
+            self._fail(slot, f"process exited (code {slot.process.returncode})")
+        elif not ok and (syncing or (epoch == self._sync_epoch and not self._syncing)):
+            # a generation probe that overlapped a pause was aborted by it: not evidence
+            self._fail(slot, f"health probe failed or took over {timeout:g}s")
+        elif (slot.in_flight and not self._syncing
+              and time.monotonic() - slot.last_progress > self.fault.engine_progress_timeout):
+            self._fail(slot, f"no request finished in {self.fault.engine_progress_timeout:g}s")
+
+    def _fail(self, slot: Slot, reason: str) -> None:
+        """Take ``slot`` out of routing, kill its process, and start its replacement (or give up)."""
+        if slot.state != "serving":
+            return
+        now = time.monotonic()
+        slot.state, slot.incarnation = "failed", slot.incarnation + 1
+        self.counters["engine_failures"] += 1
+        log.warning("engine %d failed: %s; restarting it", slot.index, reason)
+        slot.process.kill()  # also ends every HTTP call in flight to it at once
+        if slot.client is not None:
+            self._own(slot.client.close(), f"engine{slot.index}-close")
+            slot.client = None
+        record = RestartRecord(engine=slot.index, reason=reason, failed_at=now, injected_at=slot.injected_at)
+        slot.injected_at = None
+        self.restart_records.append(record)
+        self._own(self._restart(slot, record), f"engine{slot.index}-restart")
+        self._own(self._notify(), "engine-set-notify")
+
+    def _own(self, coro, name: str) -> None:  # noqa: ANN001
+        task = asyncio.create_task(coro, name=name)
+        self._restart_tasks.add(task)
+        task.add_done_callback(self._restart_tasks.discard)
+
+    def _spend_budget(self, slot: Slot) -> bool:
+        window, now = self.fault.engine_restart_window, time.monotonic()
+        while slot.restarts and now - slot.restarts[0] > window:
+            slot.restarts.popleft()
+        if len(slot.restarts) >= self.fault.max_engine_restarts:
+            self._set_fatal(f"engine {slot.index} failed {len(slot.restarts) + 1} times within {window:g}s "
+                            f"(--max-engine-restarts {self.fault.max_engine_restarts}); see "
+                            f"{self.log_dir / f'engine{slot.index}.log'}")
+            return False
+        slot.restarts.append(now)
+        return True
+
+    def _set_fatal(self, message: str) -> None:
+        self.fatal = self.fatal or message
+        self._own(self._notify(), "engine-set-notify")
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _restart(self, slot: Slot, record: RestartRecord) -> None:
+        while self._spend_budget(slot):
+            slot.state = "starting"
+            slot.process = self._new_process(slot.index)
+            slot.process.start()
+            client: EngineClient | None = None
+            try:
+                url = await slot.process.wait_ready(self.start_timeout_s)
+                client = EngineClient(url, timeout_s=self.timeout_s)
+                async with self._control:
+                    version, path = self.current
+                    if version != self.initial_version:
+                        await client.update_weights_from_disk(path, weight_version=str(version))
+                    reported = await client.get_weight_version()
+                    if reported != str(version):
+                        raise EngineError(url, "/model_info", f"reports version {reported} after refit to {version}")
+                    slot.client, slot.state = client, "serving"
+                    slot.last_progress = record.serving_at = time.monotonic()
+                    record.refit_version, slot.pending_first = version, record
+                    self.counters["engine_restarts"] += 1
+            except (EngineStartError, EngineError) as e:
+                log.warning("engine %d replacement failed: %s", slot.index, e)
+                slot.process.kill()
+                if client is not None:
+                    await client.close()
+                continue
+            log.warning("engine %d serving again at version %d, %.1fs after the fault",
+                        slot.index, version, record.recovery_s)
+            await self._notify()
+            return
+        slot.state = "failed"

@@ -35,14 +35,16 @@ from launchers.recipes import get_recipe
 from launchers.recipes.task import Task
 from policies.model import qwen3_config, write_random_checkpoint
 from policies.trainer_process import TrainerProcess
-from runtime import cli
-from runtime.config import Config, to_toml_dict
+from runtime import checkpoint, cli, trace
+from runtime.chaos import Chaos
+from runtime.config import Config, ConfigError, to_toml_dict
 from runtime.engines import EngineSet
 from runtime.ledger import Ledger
-from runtime.metrics import write_json
+from runtime.metrics import MetricsLog, write_json
 from runtime.plugins import load_function
 from runtime.progress import Progress
 from runtime.scheduler import Actors, RunFailed, Scheduler
+from runtime.sinks import open_sinks
 from runtime.summary import summarize
 
 log = logging.getLogger("runtime.launch")
@@ -84,7 +86,9 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress) -> Sche
     r, a, e = cfg.rollout, cfg.async_, cfg.eval
     task = get_recipe(cfg.run.recipe).make_task(seed=r.rollout_seed, eval_num_prompts=e.eval_num_prompts)
     reward_fn = load_function(r.custom_rm_path or task.reward_path, flag="--custom-rm-path")
-    model_path = initial_checkpoint(cfg, task, run_dir)
+    resume = checkpoint.load(cfg.ckpt.load) if cfg.ckpt.load else None
+    model_path = str(resume.model_dir) if resume else initial_checkpoint(cfg, task, run_dir)
+    version = resume.state.version if resume else 0
 
     def decode(ids: list[int]) -> str:
         return task.tokenizer.decode(ids, skip_special_tokens=False)  # the reward sees <eos>
@@ -92,10 +96,16 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress) -> Sche
 
     engines = EngineSet(model_path=model_path, n=r.rollout_num_engines, log_dir=run_dir / "logs",
                         threads=cfg.perf.engine_threads, max_running_requests=cfg.perf.engine_max_running_requests,
-                        timeout_s=a.engine_timeout, start_timeout_s=a.engine_start_timeout)
+                        timeout_s=a.engine_timeout, start_timeout_s=a.engine_start_timeout, fault=cfg.fault,
+                        weight_version=version)
     buffer = StalenessBuffer(groups_per_step=r.groups_per_step, max_staleness=a.max_staleness,
                              capacity=a.capacity(r.groups_per_step))
-    ledger = Ledger()
+    ledger = Ledger.restore(resume.state.ledger) if resume else Ledger()
+    if resume:
+        buffer.restore(resume.state.buffer, served_version=version)
+        for g in resume.state.live:
+            ledger.restart(g.group_id)
+        checkpoint.restore_driver_rng(resume.state)
     scorer = RewardScorer(reward_fn, timeout_s=r.reward_timeout)
     exact = a.weight_sync_pause == "abort"
     rollout = SampleRunner(engines=engines, decode=decode, seed=r.rollout_seed, exact_answer_versions=exact,
@@ -103,23 +113,34 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress) -> Sche
         temperature=r.rollout_temperature, top_p=r.rollout_top_p, top_k=r.rollout_top_k,
         max_new_tokens=r.rollout_max_response_len, stop_token_ids=task.stop_token_ids))
     generator = Generator(prompts=task.train_prompt, buffer=buffer, ledger=ledger, runner=rollout,
-                          scorer=scorer, n_samples=r.n_samples_per_prompt)
+                          scorer=scorer, n_samples=r.n_samples_per_prompt,
+                          cursor=resume.state.cursor if resume else 0, resume=resume.state.live if resume else ())
     trainer = TrainerProcess(model_path, grpo=cfg.grpo, optim=cfg.optimizer, temperature=r.rollout_temperature,
                             pad_id=task.tokenizer.pad_token_id, threads=cfg.perf.learner_threads)
+    if resume:
+        trainer.load_checkpoint(resume.path)
     broadcaster = WeightBroadcaster(engines=engines, buffer=buffer, timeout_s=a.weight_sync_timeout,
-                                    pause_mode=a.weight_sync_pause)
+                                    pause_mode=a.weight_sync_pause, served_version=version)
     learner = Learner(trainer=trainer, buffer=buffer, ledger=ledger, publisher=broadcaster,
-                      num_steps=r.num_steps, max_staleness=a.max_staleness, weights_dir=weights)
+                      num_steps=r.num_steps, max_staleness=a.max_staleness, weights_dir=weights, version=version)
+    if cfg.ckpt.save:
+        learner.after_step = checkpoint.Checkpointer(
+            save_dir=Path(cfg.ckpt.save), interval=cfg.ckpt.save_interval, num_steps=r.num_steps, learner=learner,
+            buffer=buffer, ledger=ledger, generator=generator, announce=progress.message).after_step
     eval_runner = SampleRunner(engines=engines, decode=decode, seed=r.rollout_seed + 1, exact_answer_versions=exact,
                                sampling_params=sampling_params(
         temperature=e.eval_temperature, top_p=e.eval_top_p, top_k=-1 if e.eval_temperature == 0 else r.rollout_top_k,
         max_new_tokens=e.eval_max_response_len or r.rollout_max_response_len, stop_token_ids=task.stop_token_ids))
     evaluator = Evaluator(prompts=task.eval_prompts, runner=eval_runner, scorer=RewardScorer(
         reward_fn, timeout_s=r.reward_timeout), n_samples=e.n_samples_per_eval_prompt)
+    chaos = Chaos(engines, kill_interval_s=cfg.fault.chaos_kill_interval, hang_at_s=cfg.fault.chaos_hang_at,
+                  seed=cfg.fault.chaos_seed)
     actors = Actors(engines=engines, buffer=buffer, ledger=ledger, generator=generator, learner=learner,
-                    broadcaster=broadcaster, evaluator=evaluator)
-    scheduler = Scheduler(actors, run_dir=run_dir, eval_interval=e.eval_interval,
-                          stall_timeout_s=a.stall_timeout, progress=progress)
+                    broadcaster=broadcaster, evaluator=evaluator, chaos=chaos)
+    sinks = open_sinks(cfg.log, run_dir=run_dir, config=to_toml_dict(cfg))
+    tracer = trace.Tracer(run_dir / "trace.json", max_events=cfg.log.trace_max_events) if cfg.log.trace else None
+    scheduler = Scheduler(actors, run_dir=run_dir, eval_interval=e.eval_interval, stall_timeout_s=a.stall_timeout,
+                          progress=progress, metrics=MetricsLog(run_dir / "metrics.jsonl", sinks), tracer=tracer)
     learner.on_step = scheduler.on_step
     return scheduler
 
@@ -165,6 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     except RunFailed as e:
         print(f"run failed: {e}", file=sys.stderr)
         return 1
+    except checkpoint.CheckpointError as e:
+        print(f"--load: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:  # found while building (a plug-in that does not import): still one line
+        print(f"python -m runtime.launch: error: {e}", file=sys.stderr)
+        return 2
     print(f"done: {summary['steps']} steps in {summary['wall_s']:.0f}s, eval reward "
           f"{summary['first_eval_reward']:.3f} -> {summary['final_eval_reward']:.3f}; {run_dir}/summary.json",
           file=sys.stderr)

@@ -42,6 +42,16 @@ class LedgerCounts(msgspec.Struct):
         return self.admitted == self.trained + sum(self.dropped.values()) + self.in_flight
 
 
+class LedgerState(msgspec.Struct):
+    """What a checkpoint keeps of the ledger: every group's state and the counts."""
+
+    states: dict[int, int]
+    dropped: dict[str, int]
+    trained: int
+    duplicates: int
+    next_id: int
+
+
 class Ledger:
     def __init__(self) -> None:
         self._state: dict[int, State] = {}
@@ -72,6 +82,28 @@ class Ledger:
     def dropped(self, gid: int, reason: str) -> None:
         self._finish(gid, State.DROPPED)
         self._dropped[reason] += 1
+
+    def restart(self, gid: int) -> None:
+        """A live group's work was lost (the run was killed): it goes back to ADMITTED to be
+        generated again, keeping its id, so it still ends exactly once."""
+        if self._get(gid) in TERMINAL:
+            raise LedgerError(f"group {gid} already {self._state[gid].name}; cannot regenerate it")
+        self._state[gid] = State.ADMITTED
+
+    def state(self, gid: int) -> State:
+        return self._get(gid)
+
+    def snapshot(self) -> LedgerState:
+        return LedgerState(states={g: int(s) for g, s in self._state.items()}, dropped=dict(self._dropped),
+                           trained=self._trained, duplicates=self._duplicates, next_id=self._next_id)
+
+    @classmethod
+    def restore(cls, snap: LedgerState) -> Ledger:
+        ledger = cls()
+        ledger._state = {g: State(s) for g, s in snap.states.items()}
+        ledger._dropped = collections.Counter(snap.dropped)
+        ledger._trained, ledger._duplicates, ledger._next_id = snap.trained, snap.duplicates, snap.next_id
+        return ledger
 
     def counts(self) -> LedgerCounts:
         return LedgerCounts(

@@ -5,30 +5,59 @@ Keys other tools rely on, per step: ``step``, ``version``, ``time_s``, ``reward/
 ``learner/wait_frac``, ``generator/wait_frac``, ``buffer/groups``, ``throughput/tokens_per_s``,
 ``ledger/*``. Summary: ``steps``, ``wall_s``, ``first_eval_reward``, ``final_eval_reward``,
 ``staleness_max_observed``, ``ledger``.
+
+``MetricsLog.write`` is the one metrics API: the line goes to ``metrics.jsonl`` (always) and its
+numeric values to every extra sink (``runtime.sinks``: TensorBoard, W&B, a user's own).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+if TYPE_CHECKING:
+    from runtime.sinks import Sink
+
 
 class MetricsLog:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, sinks: Sequence[Sink] = ()):
         self.path = path
+        self.sinks = list(sinks)
         self._file = open(path, "a", buffering=1)  # line-buffered: a killed run keeps whole lines
         self.lines = 0
 
     def write(self, line: dict[str, Any]) -> None:
+        """One learner step (``line["step"]``): a JSON line, and its numbers to every sink."""
         self._file.write(json.dumps(_finite(line)) + "\n")
         self.lines += 1
+        if self.sinks:
+            numbers = numeric(line)
+            for sink in self.sinks:
+                sink.write(line["step"], numbers)
 
     def close(self) -> None:
+        """Close the file and every sink (each sink's close runs even if another's raised)."""
         self._file.close()
+        sinks, self.sinks = self.sinks, []
+        errors = []
+        for sink in sinks:
+            try:
+                sink.close()
+            except Exception as e:  # one broken sink must not keep the others open
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+
+def numeric(line: dict[str, Any]) -> dict[str, float]:
+    """The finite numbers of a line (TensorBoard and W&B take scalars only; ``step`` is the x axis)."""
+    return {k: float(v) for k, v in line.items()
+            if k != "step" and isinstance(v, (int, float)) and math.isfinite(v)}
 
 
 def _finite(obj: Any) -> Any:

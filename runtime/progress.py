@@ -1,10 +1,25 @@
-"""Progress on the terminal: one live line on a TTY, plain periodic lines otherwise."""
+"""Progress on the terminal: a live dashboard, one live line, or plain periodic lines.
+
+Modes (``--progress``): ``rich`` the dashboard (``runtime.dashboard``); ``bar`` one line redrawn
+in place; ``lines`` a plain line every ``every_s`` seconds (logs, CI, pipes); ``off``. ``auto``
+picks ``rich`` on a terminal when rich is installed, ``bar`` on a terminal without it, and
+``lines`` otherwise. ``close()`` ends a live display; the scheduler calls it on shutdown.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 import time
 from typing import Any, TextIO
+
+# counters under faults/* that are the protocol working, not something going wrong
+ROUTINE = frozenset({"resumed_after_abort"})
+
+
+def fault_counts(line: dict[str, Any]) -> dict[str, int]:
+    """The nonzero ``faults/*`` counters of a metrics line that mean something went wrong."""
+    return {k[7:]: v for k, v in line.items() if k.startswith("faults/") and v and k[7:] not in ROUTINE}
 
 
 class Progress:
@@ -13,19 +28,28 @@ class Progress:
         self.stream = stream or sys.stderr
         self.total = total_steps
         if mode == "auto":
-            mode = "bar" if self.stream.isatty() else "lines"
+            tty = self.stream.isatty()
+            mode = ("rich" if importlib.util.find_spec("rich") else "bar") if tty else "lines"
         self.mode = mode
         self.every_s = every_s
         self._start = time.monotonic()
         self._last_print = -float("inf")
-        self._last_eval: float | None = None
+        self._last_eval: tuple[float, int] | None = None
+        self._dashboard = None
+        if mode == "rich":
+            from runtime.dashboard import Dashboard
+
+            self._dashboard = Dashboard(total_steps=total_steps, stream=self.stream)
 
     def update(self, line: dict[str, Any]) -> None:
         if "eval/reward" in line:
-            self._last_eval = line["eval/reward"]
+            self._last_eval = (line["eval/reward"], line.get("eval/version", line["version"]))
+        now = time.monotonic()
+        if self._dashboard is not None:
+            self._dashboard.update(line, elapsed_s=now - self._start, last_eval=self._last_eval)
+            return
         if self.mode == "off":
             return
-        now = time.monotonic()
         final = line["step"] >= self.total
         if self.mode == "lines" and now - self._last_print < self.every_s and not final:
             return
@@ -40,18 +64,28 @@ class Progress:
     def _format(self, line: dict[str, Any], now: float) -> str:
         step, elapsed = line["step"], now - self._start
         eta = elapsed / step * (self.total - step) if step else float("nan")
-        ev = f" eval {self._last_eval:.3f}" if self._last_eval is not None else ""
+        ev = f" eval {self._last_eval[0]:.3f}" if self._last_eval is not None else ""
+        faults = sum(fault_counts(line).values())
         return (
             f"step {step}/{self.total} v{line['version']} reward {line['reward/mean']:.3f}{ev}"
             f" | stale max {line['staleness/max']} mean {line['staleness/mean']:.2f}"
             f" | buffer {line['buffer/groups']}+{line['buffer/pending']} groups"
             f" | wait learner {line['learner/wait_frac']:.0%} gen {line['generator/wait_frac']:.0%}"
-            f" | {elapsed:.0f}s, eta {eta:.0f}s"
+            f" | {line['throughput/tokens_per_s']:.0f} tok/s" + (f" | faults {faults}" if faults else "")
+            + f" | {elapsed:.0f}s, eta {eta:.0f}s"
         )
 
     def message(self, text: str) -> None:
+        if self._dashboard is not None:
+            self._dashboard.message(text)
+            return
         if self.mode == "bar":
             self.stream.write("\r" + " " * 120 + "\r")
         if self.mode != "off":
             self.stream.write(text + "\n")
             self.stream.flush()
+
+    def close(self) -> None:
+        if self._dashboard is not None:
+            self._dashboard.close()
+            self._dashboard = None

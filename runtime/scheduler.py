@@ -20,6 +20,9 @@ Bounds and who waits on whom:
   instead of queueing them; each sync is bounded by --weight-sync-timeout.
 - An evaluation is a task of its own on the same engines, outside admission: it never stalls
   training. At most one runs at a time; a trigger while one runs is skipped and counted.
+Engine health: the engine set's monitor task probes every engine and restarts failed ones
+(refit to the current version before they serve); requests lost with an engine are re-sent by
+the rollout (failover). A spent restart budget ends the run with one line.
 Completion: the learner returning after --num-rollout x steps-per-rollout steps. Then the final
 version is synced and evaluated, every task is cancelled and every engine stopped. Any other task
 ending (it never should) or raising ends the run with that task's traceback; a learner that makes
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import json
 import logging
 import time
 import traceback
@@ -42,7 +46,10 @@ from actors.evaluator import EvalResult, Evaluator
 from actors.generator import Generator
 from actors.learner import Learner, StepRecord
 from buffers.buffer import StalenessBuffer
+from runtime import trace
+from runtime.chaos import Chaos
 from runtime.engines import EngineSet
+from runtime.errors import RunFailed
 from runtime.ledger import Ledger
 from runtime.metrics import MetricsLog
 from runtime.progress import Progress
@@ -53,8 +60,7 @@ log = logging.getLogger(__name__)
 THROUGHPUT_WINDOW = 10  # steps
 
 
-class RunFailed(RuntimeError):
-    pass
+__all__ = ["Actors", "RunFailed", "Scheduler"]
 
 
 @dataclasses.dataclass
@@ -66,10 +72,15 @@ class Actors:
     learner: Learner
     broadcaster: WeightBroadcaster
     evaluator: Evaluator
+    chaos: Chaos | None = None
 
     def rollout_counters(self) -> dict[str, int]:
-        """Fault and recovery counts from the rollout side (engine errors, resumes, reward failures)."""
+        """Fault and recovery counts: engine errors, failovers, restarts, resumes, reward failures."""
         out = dict(self.generator.runner.counters)
+        for source in (self.evaluator.runner.counters, self.engines.counters,
+                       self.chaos.counters if self.chaos else {}):
+            for kind, n in source.items():
+                out[kind] = out.get(kind, 0) + n
         for kind, n in self.generator.scorer.failures.items():
             out[kind] = out.get(kind, 0) + n
         return out
@@ -77,13 +88,18 @@ class Actors:
 
 class Scheduler:
     def __init__(self, actors: Actors, *, run_dir: Path, eval_interval: int, stall_timeout_s: float,
-                 progress: Progress):
+                 progress: Progress, metrics: MetricsLog | None = None, tracer: trace.Tracer | None = None):
         self.a = actors
         self.run_dir = run_dir
         self.eval_interval = eval_interval
         self.stall_timeout_s = stall_timeout_s
         self.progress = progress
-        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.metrics = metrics or MetricsLog(run_dir / "metrics.jsonl")
+        self.tracer = tracer  # trace.json; None: not traced
+        if tracer is not None:
+            tracer.version_of = lambda: self.a.learner.version
+        # which groups each step trained: the exactly-once record across a kill and resume
+        self.groups_log = open(run_dir / "groups.jsonl", "a", buffering=1)
         self.evals: list[EvalResult] = []
         self.counters: collections.Counter[str] = collections.Counter()
         self.staleness_max_observed = 0
@@ -99,10 +115,12 @@ class Scheduler:
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def run(self) -> None:
+        trace.activate(self.tracer)  # every actor task created below inherits it
         try:
-            await self.a.engines.start()
+            with trace.span("scheduler", "start engines"):
+                await self.a.engines.start()
             self.started_at = self._last_step_at = time.monotonic()
-            self._start_eval(0)
+            self._start_eval(self.a.learner.version)
             self._tasks = {
                 name: asyncio.create_task(coro, name=name)
                 for name, coro in [
@@ -110,6 +128,8 @@ class Scheduler:
                     ("generator", self.a.generator.run()),
                     ("broadcaster", self.a.broadcaster.run()),
                     ("watchdog", self._watchdog()),
+                    ("engine-health", self.a.engines.monitor()),
+                    *([("chaos", self.a.chaos.run())] if self.a.chaos and self.a.chaos.enabled else []),
                 ]
             }
             done, _ = await asyncio.wait(self._tasks.values(), return_when=asyncio.FIRST_COMPLETED)
@@ -126,7 +146,8 @@ class Scheduler:
 
     async def _finish(self) -> None:
         final = self.a.learner.version
-        await asyncio.wait_for(self.a.broadcaster.wait_served(final), self.a.broadcaster.timeout_s)
+        with trace.span("scheduler", "final sync"):
+            await asyncio.wait_for(self.a.broadcaster.wait_served(final), self.a.broadcaster.timeout_s)
         if self._eval_task is not None:
             await self._eval_task
         result = await self.a.evaluator.evaluate(final)
@@ -141,7 +162,12 @@ class Scheduler:
         await self.a.buffer.close()
         await self.a.engines.stop()
         await asyncio.to_thread(self.a.learner.close)
+        self.progress.close()
+        if self.tracer is not None:
+            self.tracer.close()  # closes the JSON array, also when the run failed
+            trace.activate(None)
         self.metrics.close()
+        self.groups_log.close()
 
     # -- per step --------------------------------------------------------------------------------
     def on_step(self, rec: StepRecord) -> None:
@@ -162,7 +188,8 @@ class Scheduler:
             "buffer/groups": self.a.buffer.n_ready, "buffer/pending": self.a.buffer.n_pending,
             "buffer/capacity": self.a.buffer.capacity, "buffer/served_version": self.a.buffer.served_version,
             "throughput/tokens_per_s": (n1 - n0) / max(t1 - t0, 1e-9),
-            **{f"train/{k}": v for k, v in _struct_items(rec.stats)},
+            **{f"train/{k}": v for k, v in _struct_items(rec.stats) if k != "correction"},
+            **{f"correction/{k}": v for k, v in rec.stats.correction.items()},
             "ledger/admitted": ledger.admitted, "ledger/trained": ledger.trained,
             "ledger/dropped": sum(ledger.dropped.values()), "ledger/in_flight": ledger.in_flight,
             "ledger/duplicates": ledger.duplicates,
@@ -176,6 +203,8 @@ class Scheduler:
         self._unreported.clear()
         self._last_step_at = now
         self.metrics.write(line)
+        trace.counter("buffer", ready=line["buffer/groups"], generating=line["buffer/pending"])
+        self.groups_log.write(json.dumps({"step": rec.step, "groups": rec.group_ids}) + "\n")
         self.progress.update(line)
         if self.eval_interval and rec.version % self.eval_interval == 0:
             self._start_eval(rec.version)
@@ -217,7 +246,7 @@ class Scheduler:
             f"generator: cursor {self.a.generator.cursor}, waiting on {self.a.generator.clock.waiting_on}",
             f"buffer: served v{self.a.buffer.served_version}, ready {self.a.buffer.n_ready}, "
             f"pending {self.a.buffer.n_pending}, admitted {self.a.buffer.admitted}, dropped {self.a.buffer.dropped}",
-            f"engines in flight: {self.a.engines.in_flight}",
+            f"engines: {self.a.engines.health()}, in flight: {self.a.engines.in_flight}",
             f"ledger: {self.a.ledger.counts()}", "", "tasks:",
         ]
         for t in asyncio.all_tasks():

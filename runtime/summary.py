@@ -31,6 +31,11 @@ def summarize(s: Scheduler, *, status: str, error: str = "") -> dict[str, Any]:
             "in_flight": ledger.in_flight, "duplicates": ledger.duplicates,
         },
         "counters": counters,
+        "engine_restarts": [
+            {"engine": r.engine, "reason": r.reason, "recovery_s": r.recovery_s, "refit_version": r.refit_version,
+             "first_version": r.first_version, "current_at_first": r.current_at_first}
+            for r in a.engines.restart_records
+        ],
         "weight_sync": {
             "count": len(syncs),
             "mean_s": sum(r.total_s for r in syncs) / len(syncs) if syncs else None,

@@ -2,7 +2,8 @@
 
 ``wait_frac`` is the share of wall time since the last ``lap()`` spent inside ``waiting()``
 blocks, which is how "rollout never blocks training" becomes a number (DESIGN.md, invariant 7).
-The clock also remembers what its owner is waiting on right now, for the stall dump.
+The clock also remembers what its owner is waiting on right now, for the stall dump, and puts
+each wait on the run's timeline as a ``wait <what>`` span on its owner's track (``runtime.trace``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+
+from runtime import trace
 
 
 class WaitClock:
@@ -21,6 +24,7 @@ class WaitClock:
         self._lap_start = time.monotonic()
         self._lap_wait_start = 0.0
         self.waiting_on: str | None = None
+        self._span: trace.Span | trace.NoSpan = trace.OFF  # the open wait on the run's timeline
 
     @contextlib.contextmanager
     def waiting(self, what: str) -> Iterator[None]:
@@ -37,6 +41,7 @@ class WaitClock:
         """Start waiting on ``what`` (pair with ``exit``; for waits that are not one block)."""
         if self._depth == 0:
             self._since = time.monotonic()
+            self._span = trace.span(self.owner, f"wait {what}").__enter__()
         self._depth += 1
         self.waiting_on = what
 
@@ -46,6 +51,7 @@ class WaitClock:
             self.total_s += time.monotonic() - self._since
             self._since = None
             self.waiting_on = None
+            self._span.__exit__(None, None, None)
 
     def _now_total(self) -> float:
         open_s = time.monotonic() - self._since if self._since is not None else 0.0

@@ -76,6 +76,11 @@ class EngineProcess:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def returncode(self) -> int | None:
+        """The exit status once the process has ended (negative: killed by that signal)."""
+        return None if self._proc is None else self._proc.poll()
+
+    @property
     def url(self) -> str:
         """Base URL; known once wait_ready has returned."""
         if self._bound_port is None:
@@ -161,6 +166,16 @@ class EngineProcess:
         except OSError as exc:
             return f"(log unreadable: {exc})"
         return "\n".join(text.splitlines()[-lines:])
+
+    async def exited_within(self, timeout_s: float) -> bool:
+        """Whether the process has ended or ends within ``timeout_s`` (waited on a thread)."""
+        if self._proc is None:
+            return False
+        try:
+            await asyncio.to_thread(self._proc.wait, timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def kill(self) -> None:
         """SIGKILL and reap now. Idempotent."""

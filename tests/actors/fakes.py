@@ -89,6 +89,13 @@ class FakeEngines:
     async def resume(self) -> None:
         self._running.set()
 
+    async def sync_weights(self, path: str | Path, version: int, pause_mode: str) -> float:
+        await self.pause(pause_mode)
+        t0 = time.monotonic()
+        await self.update_weights_from_disk(path, version)
+        await self.resume()
+        return time.monotonic() - t0
+
 
 class FakeTrainer:
     """Records each batch; ``delay_s`` makes a slow learner (it runs on the learner's thread)."""
@@ -97,7 +104,7 @@ class FakeTrainer:
         self.delay_s = delay_s
         self.batches: list[list[Group]] = []
 
-    def step(self, batch: list[Group]) -> StepStats:
+    def step(self, batch: list[Group], version: int) -> StepStats:
         time.sleep(self.delay_s)
         self.batches.append(batch)
         n = sum(len(s.response_ids) for g in batch for s in g.samples)
@@ -106,6 +113,9 @@ class FakeTrainer:
 
     def save_weights(self, out_dir: Path) -> Path:
         return out_dir
+
+    def save_checkpoint(self, out_dir: Path) -> None:
+        (out_dir / "trainer.pt").write_bytes(b"fake")
 
     def close(self) -> None:
         pass

@@ -104,7 +104,7 @@ def test_actor_crash_is_reported_with_traceback_and_engines_stop(tmp_path):
     run_dir = prepare_run_dir(cfg)
     scheduler = build(cfg, run_dir, tmp_path / "w", Progress(total_steps=10, mode="off"))
 
-    def broken_step(batch):
+    def broken_step(batch, version):
         raise ZeroDivisionError("learner bug")
 
     scheduler.a.learner.trainer.step = broken_step
@@ -127,7 +127,9 @@ def test_a_hung_engine_trips_the_watchdog_with_a_dump_instead_of_hanging(tmp_pat
     from runtime.progress import Progress
     from runtime.scheduler import RunFailed
 
-    cfg = cli.resolve(["--run-dir", str(tmp_path / "hang"), *SHORT, "--stall-timeout", "4"])
+    # health checks off: with them on, the hung engine would be restarted (tests/integration/test_faults.py)
+    cfg = cli.resolve(["--run-dir", str(tmp_path / "hang"), *SHORT, "--stall-timeout", "4",
+                       "--health-check-interval", "0"])
     run_dir = prepare_run_dir(cfg)
     scheduler = build(cfg, run_dir, tmp_path / "w", Progress(total_steps=10, mode="off"))
     on_step = scheduler.a.learner.on_step

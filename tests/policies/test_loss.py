@@ -3,7 +3,7 @@ import math
 import torch
 
 from policies.advantages import grpo_advantages
-from policies.loss import kl_penalty, masked_mean, ppo_clip, tis_weight
+from policies.loss import kl_penalty, masked_mean, ppo_clip
 
 
 def test_grpo_advantages_match_float64_reference_and_skip_failed():
@@ -33,14 +33,6 @@ def test_ppo_clip_matches_reference_per_token():
             expect = -min(ratio * a, min(max(ratio, 0.8), 1.28) * a)
             assert abs(loss[i, j].item() - expect) < 1e-12
             assert clipped[i, j].item() == float(min(max(ratio, 0.8), 1.28) * a < ratio * a)
-
-
-def test_tis_weight_truncates_and_is_detached():
-    old = torch.tensor([0.0, -1.0, -3.0], requires_grad=True)
-    behavior = torch.tensor([-2.0, -1.0, 0.0])
-    w = tis_weight(old, behavior, clip=2.0, clip_low=0.1)
-    assert torch.allclose(w, torch.tensor([2.0, 1.0, 0.1]))
-    assert not w.requires_grad
 
 
 def test_kl_estimators_and_masked_mean():
