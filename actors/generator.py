@@ -5,6 +5,10 @@ Lifecycle of one group (each a named task owned by the generator's task set):
     -> n samples in parallel (``SampleRunner``: resumed across weight-update aborts, every token
        stamped with the version that produced it)
     -> SCORED -> buffer.put (BUFFERED), or dropped with a reason when no sample is trainable.
+Over-provisioned runs (``buffer.extra`` > 0): a group the buffer expires (its deadline passed
+untrained) has its task cancelled (its engine requests end with the connection) and is, by
+``expiry``, regenerated from its prompt under the same id through admission ("recompute", before
+any new prompt) or dropped ("drop"); both are counted in ``expired``.
 The generator only ever waits on admission: rollout runs ahead of training by up to
 ``max_staleness`` versions. Its ``clock`` counts the time rollout is *idle*: admission is closed
 and no admitted group is still generating (a closed admission while groups generate is not
@@ -14,6 +18,7 @@ lost time: the engines are busy).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 from collections.abc import Callable, Sequence
 
@@ -46,10 +51,20 @@ class _Live:
     samples: list[Sample]
 
 
+class RedoGroup(msgspec.Struct):
+    """An expired group waiting to be regenerated (kept by checkpoints)."""
+
+    group_id: int
+    prompt: Prompt
+
+
 class Generator:
     def __init__(self, *, prompts: Callable[[int], Prompt], buffer: StalenessBuffer, ledger: Ledger,
                  runner: SampleRunner, scorer: RewardScorer, n_samples: int, cursor: int = 0,
-                 resume: Sequence[LiveGroupState] = ()):
+                 resume: Sequence[LiveGroupState] = (), redo: Sequence[RedoGroup] = (),
+                 expiry: str = "recompute"):
+        if expiry not in ("recompute", "drop"):
+            raise ValueError(f"expiry must be recompute or drop, got {expiry!r}")
         self.prompts, self.buffer, self.ledger = prompts, buffer, ledger
         self.runner, self.scorer = runner, scorer
         self.n_samples = n_samples
@@ -60,6 +75,11 @@ class Generator:
         self._idle = False  # blocked with nothing generating: counted on ``clock``
         self._live: dict[int, _Live] = {}  # admitted, not yet buffered or dropped
         self._resume = list(resume)
+        self.expiry = expiry
+        self.expired: collections.Counter[str] = collections.Counter()
+        self._redo: collections.deque[RedoGroup] = collections.deque(redo)
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        buffer.on_expire = self._expire
 
     async def run(self) -> None:
         """Admit groups until cancelled. A crashing group task is a bug: it ends the run loudly
@@ -73,12 +93,41 @@ class Generator:
                 self._set_blocked(True)
                 try:
                     with trace.span("generator", "wait admission"):
-                        ticket = await self.buffer.reserve(self.ledger.admit)
+                        ticket = await self.buffer.reserve(self._admit)
                 finally:
                     self._set_blocked(False)
-                prompt = self.prompts(self.cursor)
-                self.cursor += 1
-                groups.create_task(self._run_group(ticket, prompt), name=f"group-{ticket.group_id}")
+                if self._redo and self._redo[0].group_id == ticket.group_id:
+                    prompt = self._redo.popleft().prompt
+                else:
+                    prompt = self.prompts(self.cursor)
+                    self.cursor += 1
+                task = groups.create_task(self._run_group(ticket, prompt), name=f"group-{ticket.group_id}")
+                self._tasks[ticket.group_id] = task
+                task.add_done_callback(lambda t, gid=ticket.group_id: self._tasks.get(gid) is t
+                                       and self._tasks.pop(gid))
+
+    def _admit(self) -> int:
+        """The id for the slot just reserved: an expired group to regenerate first, else a new one."""
+        if self._redo:
+            gid = self._redo[0].group_id
+            self.ledger.restart(gid)
+            return gid
+        return self.ledger.admit()
+
+    def _expire(self, gid: int, prompt: Prompt | None) -> None:
+        """The buffer expired ``gid`` (called synchronously from inside the buffer)."""
+        live = self._live.pop(gid, None)
+        task = self._tasks.pop(gid, None)
+        if task is not None:
+            task.cancel()
+        if prompt is None:
+            assert live is not None, f"expired group {gid} is neither ready nor generating"
+            prompt = live.prompt
+        self.expired[f"expired_{self.expiry}"] += 1
+        if self.expiry == "recompute":
+            self._redo.append(RedoGroup(gid, prompt))
+        else:
+            self.ledger.dropped(gid, "expired")
 
     def _set_blocked(self, blocked: bool) -> None:
         self._blocked = blocked
@@ -96,23 +145,26 @@ class Generator:
             self.clock.exit()
         self._idle = idle
 
-    def snapshot(self) -> list[LiveGroupState]:
-        """The live groups, for a checkpoint (synchronous: one instant of the event loop)."""
-        return [
+    def snapshot(self) -> tuple[list[LiveGroupState], list[RedoGroup]]:
+        """The live groups and those waiting to be regenerated, for a checkpoint (synchronous:
+        one instant of the event loop)."""
+        live = [
             LiveGroupState(gid, g.ticket.admitted_version, g.ticket.deadline_version, g.prompt, g.samples)
             for gid, g in self._live.items() if self.ledger.state(gid) < State.BUFFERED
         ]
+        return live, list(self._redo)
 
     async def _run_group(self, ticket: Ticket, prompt: Prompt, samples: list[Sample] | None = None) -> None:
         self._add_active(1)
         gid = ticket.group_id
         samples = samples or [Sample(group_id=gid, index=i, prompt_ids=prompt.input_ids)
                               for i in range(self.n_samples)]
-        self._live[gid] = _Live(ticket, prompt, samples)
+        live = self._live[gid] = _Live(ticket, prompt, samples)
         try:
             await self._generate_group(ticket, prompt, samples)
         finally:
-            self._live.pop(gid, None)
+            if self._live.get(gid) is live:  # not expired and regenerated meanwhile
+                del self._live[gid]
             self._add_active(-1)
 
     async def _generate_group(self, ticket: Ticket, prompt: Prompt, samples: list[Sample]) -> None:

@@ -87,7 +87,7 @@ class SampleRunner:
                 versions = int(out.weight_version)
             else:
                 raise VersionsUnknown("the engine reports no per-token weight versions, so tokens of a request "
-                                      "frozen across an update cannot be dated: use --weight-sync-pause abort")
+                                      "frozen across an update cannot be dated: use --partial-rollout-mode recompute")
             sample.add_segment(list(out.output_ids), list(out.logprobs), versions)
             if out.finish_reason == "abort":
                 self.counters["resumed_after_abort"] += 1

@@ -18,7 +18,22 @@ admission count above says one exists, so no trained token is ever staler than `
 construction, not by dropping. ``max_staleness = 0`` makes each batch exactly the groups admitted
 at the current version: synchronous on-policy training.
 
-Nothing is dropped here except on the caller's word (``cancel``), which is counted by reason.
+Over-provisioning (APRIL, ``extra`` > 0): up to ``extra`` more groups may be live than the rule
+above allows, admitted only while the learner waits for a batch and at most ``G / 4`` groups are
+still generating (a long tail holds the batch while the engines run short of work), and only if
+the new group's deadline is still ahead of the batches handed out (else it would be born expired).
+Batches are formed by EDF as
+above while the over-sampled slack lasts; once ``G + extra`` groups are ready and EDF still waits
+on a generating group (the long tail), the learner takes the ``G`` ready groups with the earliest
+deadlines instead of idling the engines. A group (ready or generating) whose deadline passes
+untrained *expires*: it leaves the buffer (its slot freed, counted in ``expired``) and
+``on_expire(group_id, prompt)`` tells its owner (the prompt is the ready group's; None for one
+still generating, which its owner holds), who regenerates it through admission (a new ticket, so
+every new token is fresh) or drops it. A ready group's deadline is its oldest token's version +
+``s`` (at least its ticket's), so a group whose tokens all came after its admission may wait
+longer. No token is trained past the bound either way.
+
+Nothing is dropped here except on the caller's word (``cancel``) or by expiry, both counted.
 ``close()`` wakes every waiter with ``Closed``.
 """
 
@@ -30,12 +45,15 @@ from collections.abc import Callable
 
 import msgspec
 
-from buffers.types import Group
+from buffers.types import Group, Prompt
 from runtime.waits import WaitClock, waiting
 
 
 class Closed(Exception):
     """The buffer was closed: no more groups will be admitted or handed out."""
+
+
+TAIL_FRACTION = 4  # over-sampling opens when at most G / this many groups are still generating
 
 
 class BufferState(msgspec.Struct):
@@ -58,16 +76,23 @@ class Ticket:
 
 
 class StalenessBuffer:
-    def __init__(self, *, groups_per_step: int, max_staleness: int, capacity: int | None = None):
+    def __init__(self, *, groups_per_step: int, max_staleness: int, capacity: int | None = None, extra: int = 0,
+                 on_expire: Callable[[int, Prompt | None], None] = lambda gid, prompt: None):
         bound = (max_staleness + 1) * groups_per_step
         if capacity is not None and capacity < groups_per_step:
             raise ValueError(f"capacity {capacity} < groups per step {groups_per_step}")
         self.groups_per_step = groups_per_step
         self.max_staleness = max_staleness
         self.capacity = bound if capacity is None else min(capacity, bound)
+        self.extra = extra
+        self.on_expire = on_expire
         self.served_version = 0
         self.admitted = 0
         self.dropped = 0
+        self.expired = 0
+        self.oversampled = 0  # groups admitted beyond the bound, as over-sampling
+        self._taken = -1  # the version of the last batch handed out
+        self._learner_waiting = False
         self._pending: dict[int, int] = {}  # group id -> deadline, still generating
         self._ready: dict[int, Group] = {}
         self._changed = asyncio.Condition()
@@ -87,9 +112,23 @@ class StalenessBuffer:
         return len(self._pending) + len(self._ready)
 
     def can_admit(self) -> bool:
+        return self._in_bound() or self._oversample()
+
+    def _in_bound(self) -> bool:
         live = self.admitted - self.dropped
-        fresh = live < (self.served_version + self.max_staleness + 1) * self.groups_per_step
-        return fresh and self.untrained < self.capacity
+        bound = (self.served_version + self.max_staleness + 1) * self.groups_per_step
+        return live < bound and self.untrained < self.capacity
+
+    def _oversample(self) -> bool:
+        if not self.extra:
+            return False
+        live = self.admitted - self.dropped
+        bound = (self.served_version + self.max_staleness + 1) * self.groups_per_step
+        # over-sampled: only while the engines run short of work (the rest is waiting on a tail)
+        # and only if the new group's deadline is still ahead of the batches handed out
+        tail = self._learner_waiting and len(self._pending) <= max(1, self.groups_per_step // TAIL_FRACTION)
+        return (tail and live < bound + self.extra and self.untrained < self.capacity + self.extra
+                and self.served_version + self.max_staleness > self._taken)
 
     # -- producer side ---------------------------------------------------------------------------
     async def reserve(self, admit: Callable[[], int], *, clock: WaitClock | None = None) -> Ticket:
@@ -102,6 +141,7 @@ class StalenessBuffer:
                     await self._changed.wait_for(lambda: self.can_admit() or self._closed)
             if self._closed:
                 raise Closed("buffer")
+            self.oversampled += not self._in_bound()
             group_id = admit()
             ticket = Ticket(group_id, self.served_version, self.served_version + self.max_staleness)
             self.admitted += 1
@@ -115,6 +155,10 @@ class StalenessBuffer:
                 raise KeyError(f"group {group.group_id} has no reservation (or was already put)")
             if self._pending.pop(group.group_id) != group.deadline_version:
                 raise ValueError(f"group {group.group_id}: deadline changed after admission")
+            if self.extra:  # the tokens themselves say how long the group may wait (module doc)
+                oldest = min((v for smp in group.samples for v in smp.token_versions), default=None)
+                if oldest is not None:
+                    group.deadline_version = max(group.deadline_version, oldest + self.max_staleness)
             self._ready[group.group_id] = group
             self._changed.notify_all()
 
@@ -140,18 +184,34 @@ class StalenessBuffer:
         async with self._changed:
             batch = self._pick(version)
             if batch is None:
-                with waiting(clock, "buffer.get_batch"):
-                    while batch is None:
-                        await self._changed.wait()
-                        batch = self._pick(version)
+                self._learner_waiting = True
+                self._changed.notify_all()  # over-sampled admission may open (module doc)
+                try:
+                    with waiting(clock, "buffer.get_batch"):
+                        while batch is None:
+                            await self._changed.wait()
+                            batch = self._pick(version)
+                finally:
+                    self._learner_waiting = False
             for g in batch:
                 del self._ready[g.group_id]
+            self._taken = max(self._taken, version)
             self._changed.notify_all()
             return batch
 
     def _pick(self, version: int) -> list[Group] | None:
         if self._closed:
             raise Closed("buffer")
+        if self.extra:
+            self._expire_late(version)
+        batch = self._pick_edf(version)
+        if batch is None and self.extra and len(self._ready) >= self.groups_per_step + self.extra:
+            # the over-sampled slack is all ready: waiting longer on the tail would idle the engines
+            batch = sorted(self._ready.values(), key=lambda grp: (grp.deadline_version, grp.group_id))
+            batch = batch[: self.groups_per_step]
+        return batch
+
+    def _pick_edf(self, version: int) -> list[Group] | None:
         g = self.groups_per_step
         entries = sorted(
             [(d, gid, False) for gid, d in self._pending.items()]
@@ -184,6 +244,19 @@ class StalenessBuffer:
         self.admitted, self.dropped, self.served_version = state.admitted, state.dropped, served_version
         self._pending = dict(state.pending)
         self._ready = {g.group_id: g for g in state.ready}
+
+    def _expire_late(self, version: int) -> None:
+        """Over-provisioned: groups the learner at ``version`` may no longer train leave the buffer."""
+        late = [gid for gid, d in self._pending.items() if d < version]
+        late += [gid for gid, grp in self._ready.items() if grp.deadline_version < version]
+        for gid in late:
+            ready = self._ready.pop(gid, None)
+            self._pending.pop(gid, None)
+            self.dropped += 1
+            self.expired += 1
+            self.on_expire(gid, ready.prompt if ready is not None else None)
+        if late:
+            self._changed.notify_all()  # freed slots: admission may go on
 
     async def close(self) -> None:
         async with self._changed:

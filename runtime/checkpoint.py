@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from actors.generator import Generator, LiveGroupState
+from actors.generator import Generator, LiveGroupState, RedoGroup
 from buffers.buffer import BufferState, StalenessBuffer
 from runtime.ledger import Ledger, LedgerState
 
@@ -47,6 +47,7 @@ class RunState(msgspec.Struct):
     buffer: BufferState
     live: list[LiveGroupState]
     py_random: Any  # random.getstate() as plain lists
+    redo: list[RedoGroup] = []  # expired groups waiting to be regenerated (over-provisioned runs)
 
 
 class Resume(msgspec.Struct):
@@ -81,9 +82,9 @@ class Checkpointer:
             await self.save(version)
 
     async def save(self, version: int) -> Path:
+        live, redo = self.generator.snapshot()
         state = RunState(version=version, cursor=self.generator.cursor, ledger=self.ledger.snapshot(),
-                         buffer=self.buffer.snapshot(), live=self.generator.snapshot(),
-                         py_random=random.getstate())
+                         buffer=self.buffer.snapshot(), live=live, redo=redo, py_random=random.getstate())
         data = msgspec.msgpack.encode(state)  # now, before any await: one consistent instant
         self.save_dir.mkdir(parents=True, exist_ok=True)
         tmp, final = self.save_dir / f".step{version}.partial", self.save_dir / f"step{version}"

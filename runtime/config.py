@@ -154,13 +154,22 @@ class AsyncConfig(Section):
     """ASYNC: freshness against throughput, and the timeouts that keep the loop from hanging."""
 
     max_staleness: NonNeg = 1  # policy versions; 0 = synchronous on-policy
-    # in_place needs an engine that dates each token (the embedded one does); abort works with any
-    weight_sync_pause: Literal["in_place", "abort"] = "in_place"  # in_place: freeze requests; abort: end, re-send
+    # what a weight update does to requests in flight. keep: frozen between decode steps, they
+    # continue on their KV cache (needs an engine that dates each token, as the embedded one does);
+    # recompute: they end, and are re-sent with the tokens so far, re-prefilled under the new weights
+    partial_rollout_mode: Literal["keep", "recompute"] = "keep"
+    over_sampling_batch_size: Pos | None = None  # prompts in flight per rollout batch (APRIL); default: no extra
+    partial_expiry: Literal["recompute", "drop"] = "recompute"  # an over-sampled group past its deadline
     buffer_capacity: Pos | None = None  # groups; default (max_staleness + 1) * groups per step
     engine_timeout: PosF = 120.0  # seconds for one engine call
     engine_start_timeout: PosF = 180.0  # seconds for an engine to load and answer /health_generate
     weight_sync_timeout: PosF = 120.0  # seconds for pause + load + continue on every engine
     stall_timeout: PosF = 600.0  # no learner step for this long ends the run with a dump
+
+    @property
+    def pause_mode(self) -> str:
+        """The engines' /pause_generation mode for ``partial_rollout_mode``."""
+        return "in_place" if self.partial_rollout_mode == "keep" else "abort"
 
     def capacity(self, groups_per_step: int) -> int:
         """Groups that may be admitted and not yet trained (the buffer's bound).
@@ -287,6 +296,9 @@ def check(cfg: Config) -> None:
     if r.custom_rm_path and ":" not in r.custom_rm_path:
         raise ConfigError("--custom-rm-path", f"must be module:function, got {r.custom_rm_path!r}")
     a = cfg.async_
+    if a.over_sampling_batch_size is not None and a.over_sampling_batch_size < r.rollout_batch_size:
+        raise ConfigError("--over-sampling-batch-size",
+                          f"{a.over_sampling_batch_size} is below --rollout-batch-size {r.rollout_batch_size}")
     if a.buffer_capacity is not None and a.buffer_capacity < r.groups_per_step:
         raise ConfigError(
             "--buffer-capacity",

@@ -99,7 +99,8 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress) -> Sche
                         timeout_s=a.engine_timeout, start_timeout_s=a.engine_start_timeout, fault=cfg.fault,
                         weight_version=version)
     buffer = StalenessBuffer(groups_per_step=r.groups_per_step, max_staleness=a.max_staleness,
-                             capacity=a.capacity(r.groups_per_step))
+                             capacity=a.capacity(r.groups_per_step),
+                             extra=(a.over_sampling_batch_size or r.rollout_batch_size) - r.rollout_batch_size)
     ledger = Ledger.restore(resume.state.ledger) if resume else Ledger()
     if resume:
         buffer.restore(resume.state.buffer, served_version=version)
@@ -107,20 +108,21 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress) -> Sche
             ledger.restart(g.group_id)
         checkpoint.restore_driver_rng(resume.state)
     scorer = RewardScorer(reward_fn, timeout_s=r.reward_timeout)
-    exact = a.weight_sync_pause == "abort"
+    exact = a.partial_rollout_mode == "recompute"
     rollout = SampleRunner(engines=engines, decode=decode, seed=r.rollout_seed, exact_answer_versions=exact,
                            sampling_params=sampling_params(
         temperature=r.rollout_temperature, top_p=r.rollout_top_p, top_k=r.rollout_top_k,
         max_new_tokens=r.rollout_max_response_len, stop_token_ids=task.stop_token_ids))
     generator = Generator(prompts=task.train_prompt, buffer=buffer, ledger=ledger, runner=rollout,
                           scorer=scorer, n_samples=r.n_samples_per_prompt,
-                          cursor=resume.state.cursor if resume else 0, resume=resume.state.live if resume else ())
+                          cursor=resume.state.cursor if resume else 0, resume=resume.state.live if resume else (),
+                          redo=resume.state.redo if resume else (), expiry=a.partial_expiry)
     trainer = TrainerProcess(model_path, grpo=cfg.grpo, optim=cfg.optimizer, temperature=r.rollout_temperature,
                             pad_id=task.tokenizer.pad_token_id, threads=cfg.perf.learner_threads)
     if resume:
         trainer.load_checkpoint(resume.path)
     broadcaster = WeightBroadcaster(engines=engines, buffer=buffer, timeout_s=a.weight_sync_timeout,
-                                    pause_mode=a.weight_sync_pause, served_version=version)
+                                    pause_mode=a.pause_mode, served_version=version)
     learner = Learner(trainer=trainer, buffer=buffer, ledger=ledger, publisher=broadcaster,
                       num_steps=r.num_steps, max_staleness=a.max_staleness, weights_dir=weights, version=version)
     if cfg.ckpt.save:

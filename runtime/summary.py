@@ -16,7 +16,7 @@ def summarize(s: Scheduler, *, status: str, error: str = "") -> dict[str, Any]:
     ledger = a.ledger.counts()
     evals = sorted(s.evals, key=lambda e: e.version)
     syncs = a.broadcaster.records
-    counters = a.rollout_counters() | dict(s.counters)
+    counters = a.rollout_counters() | dict(s.counters) | dict(a.generator.expired)
     return {
         "status": status,
         "error": error,

@@ -23,16 +23,19 @@ def reward(prompt, sample):
 
 
 async def loop(*, max_staleness, engine_tick_s, learner_delay_s, steps=12, groups_per_step=3, n=4,
-               reward_fn=reward, reward_timeout=5.0, tmp=Path("/tmp"), pause="in_place"):
-    engines = FakeEngines(tick_s=engine_tick_s, report_token_versions=pause == "in_place")
-    buffer = StalenessBuffer(groups_per_step=groups_per_step, max_staleness=max_staleness)
+               reward_fn=reward, reward_timeout=5.0, tmp=Path("/tmp"), pause="in_place", extra=0,
+               expiry="recompute", max_new_tokens=12, stop_prob=0.2, out=None):
+    engines = FakeEngines(tick_s=engine_tick_s, report_token_versions=pause == "in_place", stop_prob=stop_prob)
+    buffer = StalenessBuffer(groups_per_step=groups_per_step, max_staleness=max_staleness, extra=extra)
     ledger = Ledger()
     runner = SampleRunner(engines=engines, decode=lambda ids: " ".join(map(str, ids)),
-                          sampling_params={"max_new_tokens": 12, "temperature": 1.0},
+                          sampling_params={"max_new_tokens": max_new_tokens, "temperature": 1.0},
                           exact_answer_versions=pause == "abort")
     scorer = RewardScorer(reward_fn, timeout_s=reward_timeout)
     gen = Generator(prompts=lambda i: Prompt(i, [1, 2, 3]), buffer=buffer, ledger=ledger, runner=runner,
-                    scorer=scorer, n_samples=n)
+                    scorer=scorer, n_samples=n, expiry=expiry)
+    if out is not None:
+        out.update(engines=engines, generator=gen, buffer=buffer)
     trainer = FakeTrainer(delay_s=learner_delay_s)
     bc = WeightBroadcaster(engines=engines, buffer=buffer, timeout_s=10, pause_mode=pause)
     learner = Learner(trainer=trainer, buffer=buffer, ledger=ledger, publisher=bc, num_steps=steps,
@@ -116,5 +119,56 @@ def test_answers_without_token_versions_are_refused_when_requests_can_span_updat
 
     runner = SampleRunner(engines=FakeEngines(report_token_versions=False), decode=str,
                           sampling_params={"max_new_tokens": 4}, exact_answer_versions=False)
-    with pytest.raises(VersionsUnknown, match="--weight-sync-pause abort"):
+    with pytest.raises(VersionsUnknown, match="--partial-rollout-mode recompute"):
         run(runner.run(Sample(group_id=0, index=0, prompt_ids=[1])))
+
+
+def trained_lags(trainer):
+    """Every trained token's staleness, checking its recorded version against the fake's truth."""
+    lags = []
+    for version, batch in enumerate(trainer.batches):
+        for g in batch:
+            for s in g.samples:
+                assert s.token_versions == [t - TOKEN_BASE for t in s.response_ids]
+                assert len(s.behavior_logprobs) == len(s.loss_mask) == len(s.response_ids)
+                lags += [version - v for v in s.token_versions]
+    return lags
+
+
+@pytest.mark.parametrize("expiry", ["recompute", "drop"])
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_over_provisioning_expires_the_long_tail_and_never_trains_past_the_bound(max_staleness, expiry, tmp_path):
+    """Long-tail answers (up to 40 tokens, most short) and 4 over-sampled groups: batches take
+    ready groups without waiting on the tail; a group whose deadline passes is regenerated or
+    dropped, counted, and no token is ever trained staler than the bound."""
+    out = {}
+    trainer, ledger, _, _ = run(loop(max_staleness=max_staleness, engine_tick_s=0.001, learner_delay_s=0.004,
+                                     extra=4, expiry=expiry, max_new_tokens=40, stop_prob=0.08, steps=16,
+                                     tmp=tmp_path, out=out), timeout=60)
+    lags = trained_lags(trainer)
+    assert lags and max(lags) <= max_staleness
+    counts = ledger.counts()
+    assert counts.trained == 16 * 3 and counts.duplicates == 0 and counts.balanced
+    expired = out["buffer"].expired
+    assert out["buffer"].oversampled > 0  # the tail did open over-sampling: the scenario exercises it
+    assert out["generator"].expired[f"expired_{expiry}"] == expired
+    assert counts.dropped == ({} if expiry == "recompute" else {"expired": expired})
+    trained_ids = [g.group_id for b in trainer.batches for g in b]
+    assert len(trained_ids) == len(set(trained_ids))
+
+
+@pytest.mark.parametrize("pause", ["in_place", "abort"])
+def test_a_partial_carried_over_two_versions_trains_with_each_tokens_own_staleness(pause, tmp_path):
+    """With max_staleness 2, answers long enough to outlive two weight updates: kept (in_place)
+    or resumed (abort) partial answers carry tokens of three versions, and each token is trained
+    with its own staleness (version at training - version that produced it), within the bound."""
+    trainer, _, _, _ = run(loop(max_staleness=2, engine_tick_s=0.002, learner_delay_s=0.0, pause=pause,
+                                max_new_tokens=30, stop_prob=0.02, steps=10, tmp=tmp_path), timeout=60)
+    lags = trained_lags(trainer)
+    assert max(lags) <= 2
+    three = [(version, s) for version, batch in enumerate(trainer.batches) for g in batch for s in g.samples
+             if len(set(s.token_versions)) >= 3]
+    assert three, "no answer spanned two updates"
+    for version, s in three:
+        per_token = [version - v for v in s.token_versions]
+        assert per_token == sorted(per_token, reverse=True) and per_token[0] - per_token[-1] >= 2
