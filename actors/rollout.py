@@ -6,13 +6,13 @@ Shared by the generator (training groups) and the evaluator (held-out prompts).
 from __future__ import annotations
 
 import collections
+import itertools
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from buffers.types import Sample, Status
 from policies.engine.client import EngineError, GenerateOutput
-from runtime import trace
 from runtime.engines import EngineLost
 
 MAX_FAILOVERS = 50  # per sample: beyond this something is wrong beyond an engine dying
@@ -51,11 +51,12 @@ class SampleRunner:
         self.retries = retries
         self.exact_answer_versions = exact_answer_versions
         self.counters: collections.Counter[str] = collections.Counter()
+        self._rids = itertools.count()
 
     async def run(self, sample: Sample) -> None:
         sample.timing.submitted = time.monotonic()
         errors = failovers = 0
-        span_name = "request" if sample.group_id >= 0 else "eval request"  # the evaluator's ids are < 0
+        kind = "g" if sample.group_id >= 0 else "eval"  # the evaluator's ids are < 0
         while sample.status == Status.PENDING:
             budget = self.max_new_tokens - len(sample.response_ids)
             if budget <= 0:
@@ -64,9 +65,9 @@ class SampleRunner:
             seed = hash((self.seed, sample.group_id, sample.index, sample.n_segments)) % 2**31
             params = dict(self.sampling_params, max_new_tokens=budget, sampling_seed=seed)
             try:
-                with trace.span("requests", span_name, group=sample.group_id) as req:
-                    out = await self.engines.generate(sample.prompt_ids + sample.response_ids, params)
-                    req.set(weight_version=out.weight_version, tokens=len(out.output_ids), finish=out.finish_reason)
+                # a readable rid: engine logs and the trace's per-engine tracks name the sample
+                rid = f"{kind}{sample.group_id}-{sample.index}-{sample.n_segments}-{next(self._rids)}"
+                out = await self.engines.generate(sample.prompt_ids + sample.response_ids, params, rid=rid)
             except EngineLost as e:
                 failovers += 1
                 self.counters["failovers_resumed" if sample.response_ids else "failovers_restarted"] += 1

@@ -41,7 +41,8 @@ class RunConfig(Section):
 
     recipe: str = "default"  # a built-in recipe (launchers.recipes)
     run_dir: str = ""  # default: runs/<recipe>-<timestamp>
-    backend: Literal["local"] = "local"
+    backend: Literal["local", "ray"] = "local"  # ray: every long-lived part a Ray actor (pip install -e '.[ray]')
+    ray_address: str = ""  # an existing Ray cluster (host:port); empty: $RAY_ADDRESS, else start a local one
     seed: int = 1234
     progress: Literal["auto", "rich", "bar", "lines", "off"] = "auto"  # auto: rich (or bar) on a terminal, else lines
 
@@ -108,6 +109,16 @@ class EvalConfig(Section):
     eval_max_response_len: Pos | None = None
     n_samples_per_eval_prompt: Pos = 1
     eval_num_prompts: Pos = 200
+
+
+class PlacementConfig(Section):
+    """PLACEMENT: GPUs for the learner and the engines (Miles's flags; --backend ray); see runtime/placement.py."""
+
+    actor_num_nodes: Pos = 1  # nodes for the learner (one learner rank for now: 1)
+    actor_num_gpus_per_node: NonNeg = 0  # learner GPUs per node; 0: CPU (Miles defaults to 8)
+    rollout_num_gpus: NonNeg = 0  # GPUs for all engines: --rollout-num-engines x per engine; 0: CPU
+    rollout_num_gpus_per_engine: Pos = 1  # GPUs per engine (its tensor-parallel size)
+    colocate: bool = False  # engines share the learner's GPUs (time-sliced) instead of their own
 
 
 class PerfConfig(Section):
@@ -215,6 +226,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
     eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
     perf: PerfConfig = msgspec.field(default_factory=PerfConfig)
+    placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
     grpo: GrpoConfig = msgspec.field(default_factory=GrpoConfig)
     optimizer: OptimizerConfig = msgspec.field(default_factory=OptimizerConfig)
     async_: AsyncConfig = msgspec.field(default_factory=AsyncConfig, name="async")
@@ -227,7 +239,7 @@ SECTIONS: dict[str, type[Section]] = {
 }
 GROUP_TITLES = {
     "run": "RUN", "model": "MODEL", "ckpt": "CKPT", "rollout": "ROLLOUT", "eval": "EVAL",
-    "perf": "PERF", "grpo": "GRPO", "optimizer": "OPTIMIZER", "async": "ASYNC",
+    "perf": "PERF", "placement": "PLACEMENT", "grpo": "GRPO", "optimizer": "OPTIMIZER", "async": "ASYNC",
     "fault": "FAULT", "log": "LOGGING",
 }
 
@@ -320,6 +332,7 @@ def check(cfg: Config) -> None:
         raise ConfigError("--tis-clip-by-staleness", f"every cap must be above --tis-clip-low {g.tis_clip_low}")
     if any(b > a for a, b in zip(caps, caps[1:])):
         raise ConfigError("--tis-clip-by-staleness", f"must not increase with staleness, got {caps}")
+    _check_placement(cfg)
     lg = cfg.log
     for wanted, package, name in ((lg.use_tensorboard, "tensorboard", "--use-tensorboard"),
                                   (lg.use_wandb, "wandb", "--use-wandb"),
@@ -328,6 +341,29 @@ def check(cfg: Config) -> None:
             raise ConfigError(name, f"needs the {package} package, which is not installed (pip install {package})")
     if lg.metrics_sink and ":" not in lg.metrics_sink:
         raise ConfigError("--metrics-sink", f"must be module:function, got {lg.metrics_sink!r}")
+
+
+def _check_placement(cfg: Config) -> None:
+    p, engines = cfg.placement, cfg.rollout.rollout_num_engines
+    learner_gpus = p.actor_num_nodes * p.actor_num_gpus_per_node
+    if p.actor_num_nodes != 1:
+        raise ConfigError("--actor-num-nodes", f"the learner is one rank on one node for now, got {p.actor_num_nodes}")
+    if learner_gpus > 1:
+        raise ConfigError("--actor-num-gpus-per-node", f"the learner is one rank, so at most 1 GPU for now "
+                          f"(data-parallel learners are not implemented), got {learner_gpus}")
+    per_engine = p.rollout_num_gpus_per_engine
+    if p.rollout_num_gpus % per_engine:
+        raise ConfigError("--rollout-num-gpus", f"{p.rollout_num_gpus} is not a multiple of "
+                          f"--rollout-num-gpus-per-engine {per_engine}")
+    if p.rollout_num_gpus and p.rollout_num_gpus // per_engine != engines:
+        raise ConfigError("--rollout-num-gpus", f"{p.rollout_num_gpus} GPUs at {per_engine} per engine make "
+                          f"{p.rollout_num_gpus // per_engine} engines, but --rollout-num-engines is {engines}")
+    if p.colocate and p.rollout_num_gpus not in (0, learner_gpus):
+        raise ConfigError("--colocate", f"colocated engines use the learner's {learner_gpus} GPU(s); "
+                          f"--rollout-num-gpus must be 0 or {learner_gpus}, got {p.rollout_num_gpus}")
+    if cfg.run.backend == "local" and (learner_gpus or p.rollout_num_gpus):
+        raise ConfigError("--backend", "GPU placement (--actor-num-gpus-per-node, --rollout-num-gpus) "
+                          "needs --backend ray")
 
 
 def to_toml_dict(cfg: Config) -> dict[str, Any]:

@@ -37,15 +37,16 @@ class Dashboard:
         self._last_draw = -float("inf")
         self.live.start()
 
-    def update(self, line: dict[str, Any], *, elapsed_s: float, last_eval: tuple[float, int] | None) -> None:
+    def update(self, line: dict[str, Any], *, elapsed_s: float, eta_s: float, steps_per_s: float,
+               last_eval: tuple[float, int] | None) -> None:
         self.rewards.append(line["reward/mean"])
         now = time.monotonic()
         final = line["step"] >= self.total
         if now - self._last_draw < 1 / MAX_FPS and not final:
             return
         self._last_draw = now
-        self.live.update(render(line, total=self.total, elapsed_s=elapsed_s, last_eval=last_eval,
-                                rewards=list(self.rewards)), refresh=True)
+        self.live.update(render(line, total=self.total, elapsed_s=elapsed_s, eta_s=eta_s, steps_per_s=steps_per_s,
+                                last_eval=last_eval, rewards=list(self.rewards)), refresh=True)
 
     def message(self, text: str) -> None:
         self.live.console.print(text, markup=False, highlight=False)
@@ -54,10 +55,9 @@ class Dashboard:
         self.live.stop()
 
 
-def render(line: dict[str, Any], *, total: int, elapsed_s: float, last_eval: tuple[float, int] | None,
-           rewards: list[float]) -> Panel:
+def render(line: dict[str, Any], *, total: int, elapsed_s: float, eta_s: float, steps_per_s: float,
+           last_eval: tuple[float, int] | None, rewards: list[float]) -> Panel:
     step = line["step"]
-    eta = elapsed_s / step * (total - step) if step else float("nan")
     rows = Table.grid(padding=(0, 2))
     rows.add_column(style="bold cyan", justify="right")
     rows.add_column()
@@ -67,7 +67,6 @@ def render(line: dict[str, Any], *, total: int, elapsed_s: float, last_eval: tup
     rows.add_row("buffer", f"ready {line['buffer/groups']}  generating {line['buffer/pending']}  capacity "
                            f"{line['buffer/capacity']} groups  (engines serve v{line['buffer/served_version']})")
     rows.add_row("waiting", f"learner {line['learner/wait_frac']:4.0%}  generator {line['generator/wait_frac']:4.0%}")
-    steps_per_s = step / max(elapsed_s, 1e-9)
     rows.add_row("throughput", f"{line['throughput/tokens_per_s']:,.0f} tokens/s  {steps_per_s:.2f} steps/s")
     if "sync/total_s" in line:
         rows.add_row("weight sync", f"v{line['sync/version']} in {line['sync/total_s']:.3f}s "
@@ -75,7 +74,7 @@ def render(line: dict[str, Any], *, total: int, elapsed_s: float, last_eval: tup
     rows.add_row("engines", engine_health(line))
     head = Table.grid(padding=(0, 2))
     head.add_row(ProgressBar(total=total, completed=step, width=40),
-                 Text(f"step {step}/{total}  v{line['version']}  {elapsed_s:.0f}s elapsed  eta {eta:.0f}s"))
+                 Text(f"step {step}/{total}  v{line['version']}  {elapsed_s:.0f}s elapsed  eta {eta_s:.0f}s"))
     return Panel(Group(head, rows), title="asyncrl", border_style="blue")
 
 

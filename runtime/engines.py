@@ -37,6 +37,7 @@ from pathlib import Path
 
 from policies.engine.client import EngineClient, EngineError, GenerateOutput
 from policies.engine.process import EngineProcess, EngineStartError
+from runtime import trace
 from runtime.config import FaultConfig
 from runtime.errors import RunFailed
 
@@ -86,8 +87,13 @@ class Slot:
 class EngineSet:
     def __init__(self, *, model_path: str | Path, n: int, log_dir: Path, threads: int = 1,
                  max_running_requests: int = 512, timeout_s: float = 120.0, start_timeout_s: float = 180.0,
-                 fault: FaultConfig | None = None, weight_version: int = 0):
+                 fault: FaultConfig | None = None, weight_version: int = 0,
+                 process_factory: Callable[..., EngineProcess] | None = None):
         self.model_path = str(model_path)
+        # (index, model_path, **EngineProcess's keywords) -> engine ``index``'s process, for another
+        # backend's host with EngineProcess's interface (the Ray backend's RayHosts.engine);
+        # None: an EngineProcess, a subprocess of this process
+        self.process_factory = process_factory
         self.log_dir = log_dir
         self.threads = threads
         self.max_running_requests = max_running_requests
@@ -110,8 +116,11 @@ class EngineSet:
         self._restart_tasks: set[asyncio.Task[None]] = set()
 
     def _new_process(self, i: int) -> EngineProcess:
-        return EngineProcess(self.model_path, log_path=self.log_dir / f"engine{i}.log", torch_threads=self.threads,
-                             max_running_requests=self.max_running_requests, weight_version=str(self.initial_version))
+        kwargs = dict(log_path=self.log_dir / f"engine{i}.log", torch_threads=self.threads,
+                      max_running_requests=self.max_running_requests, weight_version=str(self.initial_version))
+        if self.process_factory is None:
+            return EngineProcess(self.model_path, **kwargs)
+        return self.process_factory(i, self.model_path, **kwargs)
 
     # -- views -----------------------------------------------------------------------------------
     @property
@@ -179,8 +188,11 @@ class EngineSet:
         assert client is not None
         sent_at_version = self.current[0]
         slot.in_flight += 1
+        rid = rid or f"r{next(self._rids)}"
         try:
-            out = await client.generate(input_ids, sampling_params, rid=rid or f"r{next(self._rids)}")
+            with trace.span(f"engine{slot.index}", "request", rid=rid) as req:
+                out = await client.generate(input_ids, sampling_params, rid=rid)
+                req.set(weight_version=out.weight_version, tokens=len(out.output_ids), finish=out.finish_reason)
         except EngineError as e:
             if slot.incarnation == incarnation and slot.state == "serving" and e.status is None \
                     and await slot.process.exited_within(DEATH_GRACE_S):

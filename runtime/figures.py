@@ -22,7 +22,8 @@ from runtime.trace import iter_spans  # noqa: E402
 
 SMOOTH = 10  # steps in the rolling means drawn over noisy per-step values
 BUCKET = re.compile(r"^correction/s(\d+)(\+?)/tokens$")
-TRACK_ORDER = ["scheduler", "learner", "broadcaster", "generator", "groups", "requests", "evaluator"]
+TRACK_ORDER = ["scheduler", "learner", "broadcaster", "generator", "groups", "evaluator",
+               *(f"engine{i}" for i in range(64))]
 COLORS = {
     "train": "tab:blue", "save weights": "tab:cyan", "wait buffer.get_batch": "0.75",
     "wait admission": "0.85", "wait admission (no group generating)": "0.6",
@@ -103,8 +104,9 @@ def staleness(lines: list[dict[str, Any]], path: Path) -> str:
     axes[0].set_title("token staleness" + ("" if exact else " (estimated from per-step means)"))
     xs, mean_ = series(lines, "staleness/mean", "step")
     _, max_ = series(lines, "staleness/max", "step")
-    axes[1].plot(xs, mean_, label="mean over the step's tokens", color="tab:blue")
-    axes[1].step(xs, max_, where="mid", label="max", color="tab:red", alpha=0.7)
+    axes[1].plot(xs, mean_, color="tab:blue", alpha=0.2, lw=1)
+    axes[1].plot(xs, rolling(mean_), color="tab:blue", lw=2, label=f"mean over tokens ({SMOOTH}-step mean)")
+    axes[1].plot(xs, rolling(max_), color="tab:red", lw=1.5, label=f"max ({SMOOTH}-step mean)")
     axes[1].set_xlabel("learner step")
     axes[1].set_ylabel("staleness (versions)")
     axes[1].set_title("staleness per step")
@@ -134,15 +136,17 @@ def waits(lines: list[dict[str, Any]], path: Path) -> str:
 
 def queues(lines: list[dict[str, Any]], path: Path) -> str:
     fig, ax = plt.subplots(figsize=(12, 3.5))
-    for key, label, style in (("buffer/groups", "ready (scored, untrained)", "-"),
-                              ("buffer/pending", "admitted, still generating", "-"),
-                              ("buffer/capacity", "capacity", "--")):
+    for key, label, color in (("buffer/groups", "ready (scored, untrained)", "tab:blue"),
+                              ("buffer/pending", "admitted, still generating", "tab:orange")):
         xs, ys = series(lines, key)
-        ax.step(xs, ys, style, where="post", label=label)
+        ax.plot(xs, ys, color=color, alpha=0.2, lw=1)
+        ax.plot(xs, rolling(ys), color=color, lw=2, label=f"{label} ({SMOOTH}-step mean)")
+    xs, ys = series(lines, "buffer/capacity")
+    ax.plot(xs, ys, "--", color="tab:green", label="capacity")
     ax.set_ylim(-0.5, max([line["buffer/capacity"] for line in lines], default=1) * 1.35)  # room for the legend
     ax.set_xlabel("seconds since engines ready")
     ax.set_ylabel("prompt groups")
-    ax.set_title("buffer depth at each learner step")
+    ax.set_title("buffer depth, sampled as each learner step ends")
     ax.legend(loc="upper right", ncol=3)
     ax.grid(alpha=0.3)
     _save(fig, path)

@@ -22,17 +22,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from actors.broadcaster import WeightBroadcaster
 from actors.evaluator import Evaluator
 from actors.generator import Generator
-from actors.learner import Learner
+from actors.learner import Learner, Trainer
 from actors.reward import RewardScorer
 from actors.rollout import SampleRunner
 from buffers.buffer import StalenessBuffer
 from launchers.recipes import get_recipe
 from launchers.recipes.task import Task
+from policies.engine.process import EngineProcess
 from policies.model import qwen3_config, write_random_checkpoint
 from policies.trainer_process import TrainerProcess
 from runtime import checkpoint, cli, trace
@@ -48,6 +49,13 @@ from runtime.sinks import open_sinks
 from runtime.summary import summarize
 
 log = logging.getLogger("runtime.launch")
+
+
+class Hosts(Protocol):
+    """Where another backend runs the heavy parts, behind the local classes' interfaces."""
+
+    def engine(self, index: int, model_path: str, **kwargs: Any) -> EngineProcess: ...  # EngineProcess's kwargs
+    def trainer(self, model_path: str, **kwargs: Any) -> Trainer: ...  # TrainerProcess's kwargs
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -82,7 +90,9 @@ def weights_dir() -> Path:
     return Path(tempfile.mkdtemp(prefix="asyncrl-weights-", dir=base))
 
 
-def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress) -> Scheduler:
+def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: Hosts | None = None) -> Scheduler:
+    """The run's actors, wired. ``hosts``: where engines and the trainer run on another backend
+    (Ray: ``runtime.ray_actors.RayHosts``); None: subprocesses of this process."""
     r, a, e = cfg.rollout, cfg.async_, cfg.eval
     task = get_recipe(cfg.run.recipe).make_task(seed=r.rollout_seed, eval_num_prompts=e.eval_num_prompts)
     reward_fn = load_function(r.custom_rm_path or task.reward_path, flag="--custom-rm-path")
@@ -97,7 +107,7 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress) -> Sche
     engines = EngineSet(model_path=model_path, n=r.rollout_num_engines, log_dir=run_dir / "logs",
                         threads=cfg.perf.engine_threads, max_running_requests=cfg.perf.engine_max_running_requests,
                         timeout_s=a.engine_timeout, start_timeout_s=a.engine_start_timeout, fault=cfg.fault,
-                        weight_version=version)
+                        weight_version=version, process_factory=hosts.engine if hosts else None)
     buffer = StalenessBuffer(groups_per_step=r.groups_per_step, max_staleness=a.max_staleness,
                              capacity=a.capacity(r.groups_per_step),
                              extra=(a.over_sampling_batch_size or r.rollout_batch_size) - r.rollout_batch_size)
@@ -117,8 +127,9 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress) -> Sche
                           scorer=scorer, n_samples=r.n_samples_per_prompt,
                           cursor=resume.state.cursor if resume else 0, resume=resume.state.live if resume else (),
                           redo=resume.state.redo if resume else (), expiry=a.partial_expiry)
-    trainer = TrainerProcess(model_path, grpo=cfg.grpo, optim=cfg.optimizer, temperature=r.rollout_temperature,
-                            pad_id=task.tokenizer.pad_token_id, threads=cfg.perf.learner_threads)
+    new_trainer = hosts.trainer if hosts else TrainerProcess
+    trainer = new_trainer(model_path, grpo=cfg.grpo, optim=cfg.optimizer, temperature=r.rollout_temperature,
+                          pad_id=task.tokenizer.pad_token_id, threads=cfg.perf.learner_threads)
     if resume:
         trainer.load_checkpoint(resume.path)
     broadcaster = WeightBroadcaster(engines=engines, buffer=buffer, timeout_s=a.weight_sync_timeout,
@@ -147,13 +158,13 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress) -> Sche
     return scheduler
 
 
-async def train(cfg: Config, run_dir: Path) -> dict[str, Any]:
+async def train(cfg: Config, run_dir: Path, hosts: Hosts | None = None) -> dict[str, Any]:
     progress = Progress(total_steps=cfg.rollout.num_steps, mode=cfg.run.progress)
     weights = weights_dir()
     scheduler: Scheduler | None = None
     status, error = "failed", ""
     try:
-        scheduler = build(cfg, run_dir, weights, progress)
+        scheduler = build(cfg, run_dir, weights, progress, hosts)
         await scheduler.run()
         status = "completed"
     except asyncio.CancelledError:
@@ -176,12 +187,15 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.disable_progress_bar()
     run_dir = prepare_run_dir(cfg)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        handlers=[logging.FileHandler(run_dir / "run.log"), logging.StreamHandler()])
-    logging.getLogger().handlers[1].setLevel(logging.WARNING)  # the terminal gets progress, not chatter
+    setup_logging(run_dir)
     print(f"run directory: {run_dir}", file=sys.stderr)
     try:
-        summary = run_event_loop(train(cfg, run_dir))
+        if cfg.run.backend == "ray":
+            from runtime import backend_ray  # the only importer of ray
+
+            summary = backend_ray.run(cfg, run_dir)
+        else:
+            summary = run_event_loop(train(cfg, run_dir))
     except KeyboardInterrupt:
         print(f"interrupted; partial record in {run_dir}", file=sys.stderr)
         return 130
@@ -198,6 +212,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['first_eval_reward']:.3f} -> {summary['final_eval_reward']:.3f}; {run_dir}/summary.json",
           file=sys.stderr)
     return 0
+
+
+def setup_logging(run_dir: Path) -> None:
+    """Everything to ``run.log``; warnings also to the terminal, which otherwise gets progress."""
+    terminal = logging.StreamHandler()
+    terminal.setLevel(logging.WARNING)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[logging.FileHandler(run_dir / "run.log"), terminal], force=True)
 
 
 def run_event_loop(coro: Any) -> Any:

@@ -35,6 +35,7 @@ class Progress:
         self._start = time.monotonic()
         self._last_print = -float("inf")
         self._last_eval: tuple[float, int] | None = None
+        self._first_step: int | None = None  # a resumed run starts past 0
         self._dashboard = None
         if mode == "rich":
             from runtime.dashboard import Dashboard
@@ -45,8 +46,14 @@ class Progress:
         if "eval/reward" in line:
             self._last_eval = (line["eval/reward"], line.get("eval/version", line["version"]))
         now = time.monotonic()
+        if self._first_step is None:
+            self._first_step = line["step"] - 1
+        # rate since the engines were ready (``time_s``), so start-up does not inflate the ETA
+        rate = (line["step"] - self._first_step) / max(line.get("time_s", now - self._start), 1e-9)
+        eta = (self.total - line["step"]) / rate
         if self._dashboard is not None:
-            self._dashboard.update(line, elapsed_s=now - self._start, last_eval=self._last_eval)
+            self._dashboard.update(line, elapsed_s=now - self._start, eta_s=eta, steps_per_s=rate,
+                                   last_eval=self._last_eval)
             return
         if self.mode == "off":
             return
@@ -54,16 +61,15 @@ class Progress:
         if self.mode == "lines" and now - self._last_print < self.every_s and not final:
             return
         self._last_print = now
-        text = self._format(line, now)
+        text = self._format(line, now - self._start, eta)
         if self.mode == "bar":
             self.stream.write("\r" + text.ljust(120)[:160] + ("\n" if final else ""))
         else:
             self.stream.write(text + "\n")
         self.stream.flush()
 
-    def _format(self, line: dict[str, Any], now: float) -> str:
-        step, elapsed = line["step"], now - self._start
-        eta = elapsed / step * (self.total - step) if step else float("nan")
+    def _format(self, line: dict[str, Any], elapsed: float, eta: float) -> str:
+        step = line["step"]
         ev = f" eval {self._last_eval[0]:.3f}" if self._last_eval is not None else ""
         faults = sum(fault_counts(line).values())
         return (

@@ -12,7 +12,8 @@ Cost: a span is two clock reads, a heap push/pop and a tuple append (about a mic
 encoded and appended to the file every ``flush_every`` events, and past ``max_events`` they are
 counted, not written. The file is a JSON array whose closing ``]`` is written by ``close()`` (the
 scheduler's shutdown, which also runs on a crash); a killed process leaves the array unclosed,
-which Perfetto and ``load_events`` still read.
+which Perfetto and ``load_events`` still read. A resumed run writing into the same directory
+keeps the earlier trace as ``trace.1.json`` (then ``.2``, ...).
 
 Call sites reach the tracer of the run they belong to through a context variable, which asyncio
 copies into every task: ``trace.span("learner", "train")`` is a no-op outside a traced run (unit
@@ -46,12 +47,15 @@ class Tracer:
         self.flush_every = flush_every
         self.origin = now()
         self.version_of: Callable[[], int | None] = lambda: None  # the scheduler points it at the learner
-        self.written = 0
+        self.recorded = 0  # events accepted (metadata aside); past max_events they are dropped
+        self.written = 0  # of those, on disk
         self.dropped = 0
         self._pending: list[tuple[Any, ...]] = []  # (ph, name, tid, ts_s, dur_s, args)
         self._tracks: dict[str, _Track] = {}
         self._tids: dict[tuple[str, int], int] = {}
         self._encoder = msgspec.json.Encoder()
+        if path.exists():  # a resumed run in the same directory: keep the earlier segment's trace
+            path.replace(_free_name(path))
         self._file = open(path, "wb")
         self._file.write(b"[\n")
         self._closed = False
@@ -72,9 +76,10 @@ class Tracer:
     def _emit(self, ph: str, name: str, tid: int, t0: float, dur: float | None, args: dict[str, Any]) -> None:
         if self._closed:
             return
-        if self.written + len(self._pending) >= self.max_events:
+        if self.recorded >= self.max_events:
             self.dropped += 1
             return
+        self.recorded += 1
         self._pending.append((ph, name, tid, t0, dur, args))
         if len(self._pending) >= self.flush_every:
             self.flush()
@@ -126,6 +131,14 @@ class Tracer:
         self._file.write(self._encoder.encode(info) + b"\n]\n")
         self._file.close()
         self._closed = True
+
+
+def _free_name(path: Path) -> Path:
+    """``trace.1.json``, ``trace.2.json``, ...: the first that does not exist."""
+    n = 1
+    while (candidate := path.with_name(f"{path.stem}.{n}{path.suffix}")).exists():
+        n += 1
+    return candidate
 
 
 class _Track:

@@ -149,7 +149,7 @@ def table(results: list[Result], pick: Result | None) -> str:
     return "\n".join(rows)
 
 
-def plot(results: list[Result], path: Path, pick: Result | None) -> None:
+def plot(results: list[Result], path: Path, pick: Result | None, margin: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -164,6 +164,11 @@ def plot(results: list[Result], path: Path, pick: Result | None) -> None:
         ax.annotate(r.point.name + ("  (recommended)" if r is pick else ""),
                     (r.stats.staleness_mean, r.stats.steps_per_s), textcoords="offset points", xytext=(6, 6),
                     fontsize=9, fontweight="bold" if r is pick else "normal")
+    if pick is not None and len(done) > 1:
+        floor = (1 - margin) * max(r.stats.steps_per_s for r in done)
+        ax.axhline(floor, ls="--", color="gray", label=f"within {margin:.0%} of the fastest")
+        ax.legend(loc="lower right")
+    ax.margins(x=0.2, y=0.15)  # room for the labels
     fig.colorbar(dots, ax=ax, label="final eval reward (train reward where no eval)")
     ax.set_xlabel("mean staleness of trained tokens (policy versions)")
     ax.set_ylabel("throughput (learner steps/s)")
@@ -183,7 +188,7 @@ def write_outputs(results: list[Result], out: Path, margin: float, command: str)
             f"throughput. Here {why}.", "", "![tune.png](tune.png)", ""]
     (out / "tune.md").write_text("\n".join(text))
     if importlib.util.find_spec("matplotlib") is not None:
-        plot(results, out / "tune.png", pick)
+        plot(results, out / "tune.png", pick, margin)
     return pick, why
 
 

@@ -18,9 +18,9 @@ class Recipe:
 
 
 def _registry() -> dict[str, Recipe]:
-    from launchers.recipes import copy_digits
+    from launchers.recipes import copy_digits, copy_long
 
-    return {"default": copy_digits.RECIPE}
+    return {r.name: r for r in (copy_digits.RECIPE, copy_long.RECIPE)}
 
 
 def get_recipe(name: str) -> Recipe:

@@ -137,9 +137,8 @@ class EngineClient:
         return_logprob: bool = True,
         timeout_s: float | None = None,
     ) -> GenerateOutput:
-        unknown = set(sampling_params) - SGLANG_SAMPLING_KEYS
-        if unknown:
-            raise ValueError(f"sampling_params keys SGLang does not accept: {sorted(unknown)}")
+        if _parallel(_checked([sampling_params])) != 1:
+            raise ValueError("n > 1 answers several outputs: use generate_batch")
         body: dict[str, Any] = {
             "input_ids": list(input_ids),
             "sampling_params": sampling_params,
@@ -150,6 +149,46 @@ class EngineClient:
         raw = await self._call("POST", "/generate", body, timeout_s)
         resp = self._decode("/generate", raw, _GenerateResponse)
         return self._to_output(resp, return_logprob)
+
+    async def generate_batch(
+        self,
+        input_ids: list[list[int]],
+        sampling_params: dict[str, Any] | list[dict[str, Any]],
+        *,
+        rids: list[str] | None = None,
+        return_logprob: bool = True,
+        timeout_s: float | None = None,
+    ) -> list[GenerateOutput]:
+        """Several prompts in one /generate (SGLang's batch form); one output per prompt, in order.
+
+        `sampling_params` is shared or one dict per prompt; with "n": k (equal in every dict) each
+        prompt yields k outputs, prompt-major. Each member is its own request on the engine:
+        `rids[i]` names prompt i (with n > 1 the embedded engine names its samples
+        f"{rids[i]}_{j}"), so `abort` ends one member while the others run on. The timeout and
+        EngineError contract are generate's, for the call as a whole.
+        """
+        if not input_ids:
+            raise ValueError("generate_batch needs at least one prompt")
+        per_prompt = sampling_params if isinstance(sampling_params, list) else [sampling_params]
+        if isinstance(sampling_params, list) and len(sampling_params) != len(input_ids):
+            raise ValueError(f"{len(sampling_params)} sampling_params for {len(input_ids)} prompts")
+        if rids is not None and len(rids) != len(input_ids):
+            raise ValueError(f"{len(rids)} rids for {len(input_ids)} prompts")
+        n = _parallel(_checked(per_prompt))
+        body: dict[str, Any] = {
+            "input_ids": [list(ids) for ids in input_ids],
+            "sampling_params": sampling_params,
+            "return_logprob": return_logprob,
+        }
+        if rids is not None:
+            body["rid"] = list(rids)
+        raw = await self._call("POST", "/generate", body, timeout_s)
+        resps = self._decode("/generate", raw, list[_GenerateResponse])
+        if len(resps) != len(input_ids) * n:
+            raise EngineError(
+                self.base_url, "/generate", f"{len(resps)} outputs for {len(input_ids)} prompts x n={n}"
+            )
+        return [self._to_output(resp, return_logprob) for resp in resps]
 
     def _to_output(self, resp: _GenerateResponse, return_logprob: bool) -> GenerateOutput:
         meta = resp.meta_info
@@ -282,6 +321,23 @@ class EngineClient:
             # into each request's timeout
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         return self._session
+
+
+def _checked(sampling_params: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Refuse keys SGLang would reject (it answers 400 for unknown sampling_params keys)."""
+    for params in sampling_params:
+        unknown = set(params) - SGLANG_SAMPLING_KEYS
+        if unknown:
+            raise ValueError(f"sampling_params keys SGLang does not accept: {sorted(unknown)}")
+    return sampling_params
+
+
+def _parallel(sampling_params: list[dict[str, Any]]) -> int:
+    """The n shared by every dict (SGLang refuses a batch whose dicts disagree)."""
+    ns = {int(params.get("n", 1)) for params in sampling_params}
+    if len(ns) != 1 or min(ns) < 1:
+        raise ValueError(f"sampling_params n must be one value >= 1, got {sorted(ns)}")
+    return ns.pop()
 
 
 def _expand(spans: list[_VersionSpan]) -> list[str] | None:

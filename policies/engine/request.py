@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import msgspec
-import torch
 
 from policies.engine.runner import ModelRunner, Row
 from policies.engine.sampling import RowParams
-from policies.engine.wire import BadRequest, GenerateReqInput
+from policies.engine.wire import BadRequest, GenerateItem
+
+_keys = itertools.count()  # Request.key: unique for the process's lifetime, unlike a client's rid
 
 
 class FinishReason(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -42,7 +43,11 @@ class Completion(msgspec.Struct, frozen=True):
 
 @dataclass(eq=False)
 class Request:
-    """One generation in flight. output_ids/logprobs are mutated only by `Scheduler._apply`."""
+    """One generation in flight. output_ids/logprobs/versions are mutated only by `Scheduler._apply`.
+
+    `key` names the request's row in the runner's KV cache; it is never reused, so a finished
+    request's stale row can never be mistaken for a new request that reuses its rid.
+    """
 
     rid: str
     prompt: list[int]
@@ -55,51 +60,40 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)  # weight version that produced each token
+    key: int = field(default_factory=lambda: next(_keys))
 
     def row(self) -> Row:
-        return Row(self.prompt + self.output_ids, self.params)
+        return Row(self.key, self.prompt + self.output_ids, self.params)
 
 
-def build_request(req: GenerateReqInput, runner: ModelRunner) -> Request:
-    """Check `req` against the model and build its Request; raises BadRequest with one line."""
-    prompt = _check(req, vocab_size=runner.vocab_size, max_context=runner.max_context)
-    sp = req.sampling_params
+def build_request(item: GenerateItem, runner: ModelRunner) -> Request:
+    """Check `item` against the model and build its Request; raises BadRequest with one line."""
+    _check(item, vocab_size=runner.vocab_size, max_context=runner.max_context)
+    sp = item.sampling_params
     stop = set(sp.stop_token_ids or ())
     if not sp.ignore_eos:
         stop |= runner.eos_token_ids
-    params = RowParams(sp.temperature, sp.top_p, sp.top_k, _generator(sp.temperature, sp.sampling_seed))
-    return Request(
-        req.rid or uuid.uuid4().hex, prompt, sp.max_new_tokens, frozenset(stop), params, new_future()
-    )
+    params = RowParams(sp.temperature, sp.top_p, sp.top_k, make_generator(sp.temperature, sp.sampling_seed))
+    return Request(item.rid, list(item.input_ids), sp.max_new_tokens, frozenset(stop), params, new_future())
 
 
-def _check(req: GenerateReqInput, *, vocab_size: int, max_context: int) -> list[int]:
-    if req.stream:
-        raise BadRequest("stream not supported")
-    if req.input_ids is None:
-        raise BadRequest("input_ids is required (text input is not supported: token-in, token-out)")
-    if not req.input_ids:
-        raise BadRequest("input_ids is empty")
-    if any(not 0 <= t < vocab_size for t in req.input_ids):
+def _check(item: GenerateItem, *, vocab_size: int, max_context: int) -> None:
+    if any(not 0 <= t < vocab_size for t in item.input_ids):
         raise BadRequest(f"input_ids contain a token id outside [0, {vocab_size})")
-    req.sampling_params.check()
-    max_new = req.sampling_params.max_new_tokens
-    if len(req.input_ids) + max_new > max_context:
+    max_new = item.sampling_params.max_new_tokens
+    if len(item.input_ids) + max_new > max_context:
         raise BadRequest(
-            f"prompt of {len(req.input_ids)} tokens + max_new_tokens {max_new}"
+            f"prompt of {len(item.input_ids)} tokens + max_new_tokens {max_new}"
             f" exceeds the context length (max_position_embeddings={max_context})"
         )
-    return list(req.input_ids)
 
 
 def new_future() -> asyncio.Future[Completion]:
     return asyncio.get_running_loop().create_future()
 
 
-def _generator(temperature: float, seed: int | None) -> torch.Generator | None:
+def make_generator(temperature: float, seed: int | None) -> random.Random | None:
     """A private RNG per sampled request (None when greedy), seeded for reproducibility if asked."""
     if temperature <= 0:
         return None
-    generator = torch.Generator()
-    generator.manual_seed(seed % 2**63 if seed is not None else random.getrandbits(63))
-    return generator
+    return random.Random(seed % 2**63 if seed is not None else random.getrandbits(63))

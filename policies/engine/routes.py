@@ -33,6 +33,7 @@ from policies.engine.wire import (
     UpdateWeightsFromDiskReq,
     UpdateWeightVersionReq,
     decode,
+    split_generate,
 )
 
 log = logging.getLogger("engine.routes")
@@ -104,15 +105,20 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 async def generate(request: web.Request) -> web.Response:
-    req = decode(await request.read(), GenerateReqInput)
+    """One prompt answers one object; a batch (or n > 1) answers a list, one per output, in order.
+    Members of a batch are independent requests (each abortable by its rid); the answer is sent
+    when the last one ends."""
+    single, items = split_generate(decode(await request.read(), GenerateReqInput))
     scheduler = _engine(request).scheduler
-    pending = scheduler.submit(req)
+    pending = scheduler.submit(items)
     try:
-        done = await pending.future
-    except asyncio.CancelledError:  # the client went away: free its slot in the batch
-        scheduler.abort(pending.rid, "client disconnected")
+        done = [await p.future for p in pending]
+    except asyncio.CancelledError:  # the client went away: free its slots in the batch
+        for p in pending:
+            scheduler.abort(p.rid, "client disconnected")
         raise
-    return _json(_generate_response(done, return_logprob=req.return_logprob))
+    answers = [_generate_response(d, return_logprob=i.return_logprob) for d, i in zip(done, items, strict=True)]
+    return _json(answers[0] if single else answers)
 
 
 def _version_spans(versions: list[str]) -> list[dict[str, Any]]:

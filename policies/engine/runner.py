@@ -1,31 +1,54 @@
-"""The model side of the embedded engine: one forward step over a batch, and in-place weight loads.
+"""The model side of the embedded engine: one token per running row per step, and in-place weight loads.
 
-Threading contract: `step` and `apply_weights` run only on the scheduler's single decode thread,
-so they never overlap; `read_checkpoint` only reads files and parameter shapes and may run on any
-thread while a step is in progress.
+Threading contract: `step`, `drop_cache` and `apply_weights` run only on the scheduler's single
+decode thread, so they never overlap; `read_checkpoint` only reads files and parameter shapes and
+may run on any thread while a step is in progress.
 
-A step recomputes every row from scratch (no KV cache): rows are left-padded to a common length,
-with an attention mask and position ids that restart at 0 on each row's first real token, so a
-row's logits equal those of the same sequence run alone (up to float rounding, ~1e-7).
+A step with the KV cache (the default) runs at most two forwards: a decode of every row already
+in the batch cache (one token each, attending to its cached keys/values) and a prefill of the rows
+that are not (they just joined, or their cache was dropped): their whole context, left-padded,
+whose keys/values then join the batch cache (see batch_cache.py for the layout and why). Rows
+absent from a step leave the cache. So rows join and leave between steps (continuous batching)
+and the scheduler never manages cache slots: the runner derives them from the rows it is given.
+
+Without the cache (`use_kv_cache=False`, the reference path) every step recomputes every row from
+scratch. Both paths give each row the logits of its sequence run alone: rows are left-padded with
+an attention mask and position ids that restart at 0 on each row's first real token, so padding
+and batch composition change only float rounding (~1e-7).
+
+Keep vs recompute across a weight update: rows keep their cached keys/values when the weights
+change (SGLang's in_place pause: the next tokens attend to a prefix computed by the old weights);
+`drop_cache` makes every row re-prefill its whole context under the current weights (retract).
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache
 
+from policies.engine import batch_cache
+from policies.engine.batch_cache import BatchCache
 from policies.engine.sampling import RowParams, sample
+
+log = logging.getLogger("engine.runner")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Row(NamedTuple):
-    """One sequence to extend by a token: the full context (prompt + generated so far)."""
+    """One sequence to extend by a token.
 
+    key identifies the request while it runs (its row in the batch cache); tokens is its full
+    context (prompt + generated so far); the cache holds all of it but the last token.
+    """
+
+    key: int
     tokens: list[int]
     params: RowParams
 
@@ -34,38 +57,130 @@ class WeightLoadError(ValueError):
     """A checkpoint that does not match the live model exactly; nothing was copied."""
 
 
-class ModelRunner:
-    """Owns the live model. Parameters are only ever changed in place (copy_), never replaced."""
+def attention_for(device: str, dtype: str) -> str:
+    """flash_attention_2 on a CUDA device in half precision when flash_attn is installed, else sdpa."""
+    half = dtype in ("bfloat16", "float16")
+    if device.startswith("cuda") and half and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
 
-    def __init__(self, model: torch.nn.Module, *, device: torch.device) -> None:
+
+class ModelRunner:
+    """Owns the live model and the batch KV cache. Parameters are only changed in place (copy_)."""
+
+    def __init__(self, model: torch.nn.Module, *, device: torch.device, use_kv_cache: bool = True) -> None:
         self.model = model
         self.device = device
         self.vocab_size = int(model.config.vocab_size)
         self.max_context = int(model.config.max_position_embeddings)
         eos = model.config.eos_token_id
         self.eos_token_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.use_kv_cache = use_kv_cache and batch_cache.supports(model.config)
+        if use_kv_cache and not self.use_kv_cache:
+            log.warning("this model's cache layers are not plain DynamicLayers: decoding without a KV cache")
+        self._cache = BatchCache()
 
     @classmethod
-    def load(cls, model_path: str, *, device: str = "cpu", dtype: str = "float32") -> ModelRunner:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[dtype])
+    def load(
+        cls, model_path: str, *, device: str = "cpu", dtype: str = "float32", use_kv_cache: bool = True
+    ) -> ModelRunner:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=DTYPES[dtype], attn_implementation=attention_for(device, dtype)
+        )
         dev = torch.device(device)
-        return cls(model.to(dev).eval().requires_grad_(False), device=dev)
+        return cls(model.to(dev).eval().requires_grad_(False), device=dev, use_kv_cache=use_kv_cache)
+
+    @property
+    def cached_rows(self) -> int:
+        return len(self._cache)
+
+    @property
+    def cache_width(self) -> int:
+        """Columns of the batch cache: the longest cached row (padding columns are cut)."""
+        return 0 if self._cache.mask is None else self._cache.mask.shape[1]
 
     @torch.inference_mode()
     def step(self, rows: list[Row]) -> tuple[list[int], list[float]]:
         """Sample one next token for every row; returns (token ids, logprobs), row-aligned."""
-        width = max(len(r.tokens) for r in rows)
-        ids = torch.zeros(len(rows), width, dtype=torch.long)
-        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        if not self.use_kv_cache:
+            logits, _ = self._prefill(rows, keep_cache=False)
+            return sample(logits, [r.params for r in rows])
+        try:
+            return self._cached_step(rows)
+        except BaseException:
+            self._cache.clear()  # a step that failed half-way leaves no trustworthy cache: re-prefill
+            raise
+
+    def _cached_step(self, rows: list[Row]) -> tuple[list[int], list[float]]:
+        cached: list[int] = []  # indices of rows whose cache holds all but their last token
+        fresh: list[int] = []  # rows to prefill: new, or their cache was dropped
         for i, row in enumerate(rows):
-            ids[i, width - len(row.tokens) :] = torch.tensor(row.tokens)
-            mask[i, width - len(row.tokens) :] = 1
+            (cached if self._cache.length_of(row.key) == len(row.tokens) - 1 else fresh).append(i)
+        self._cache.keep([rows[i].key for i in cached])
+        logits = []
+        if cached:
+            logits.append(self._decode([rows[i] for i in cached]))
+        if fresh:
+            prefill_logits, (kv, mask) = self._prefill([rows[i] for i in fresh], keep_cache=True)
+            self._cache.append([rows[i].key for i in fresh], [len(rows[i].tokens) for i in fresh], kv, mask)
+            logits.append(prefill_logits)
+        order = cached + fresh  # the rows of `logits`
+        tokens, logprobs = sample(torch.cat(logits), [rows[i].params for i in order])
+        out_tokens, out_logprobs = [0] * len(rows), [0.0] * len(rows)
+        for j, i in enumerate(order):
+            out_tokens[i], out_logprobs[i] = tokens[j], logprobs[j]
+        return out_tokens, out_logprobs
+
+    def _decode(self, rows: list[Row]) -> torch.Tensor:
+        """Feed each cached row its last token; the cache grows by one column. Returns [rows, V] logits."""
+        ids = torch.tensor([[r.tokens[-1]] for r in rows], device=self.device)
+        positions = torch.tensor([[len(r.tokens) - 1] for r in rows], device=self.device)
+        mask = self._cache.grown_mask()
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=self._cache.kv, use_cache=True
+        )
+        self._cache.commit_decode(mask)
+        return out.logits[:, -1, :]
+
+    def _prefill(
+        self, rows: list[Row], *, keep_cache: bool
+    ) -> tuple[torch.Tensor, tuple[DynamicCache, torch.Tensor] | None]:
+        """Run every row's whole context, left-padded; returns last-position logits [rows, V] and,
+        when keep_cache, the rows' new cache and padding mask.
+
+        With the cache, identical contexts are run once and their results copied to each row: the
+        n samples of a GRPO group arrive together with one prompt, so this divides prefill work by
+        n (what SGLang's prefix cache does for parallel sampling). The reference path does not.
+        """
+        contexts, which = _dedupe([r.tokens for r in rows]) if keep_cache else ([r.tokens for r in rows], None)
+        width = max(len(tokens) for tokens in contexts)
+        ids = torch.zeros(len(contexts), width, dtype=torch.long)
+        mask = torch.zeros(len(contexts), width, dtype=torch.long)
+        for i, tokens in enumerate(contexts):
+            ids[i, width - len(tokens) :] = torch.tensor(tokens)
+            mask[i, width - len(tokens) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         ids, mask, positions = (t.to(self.device) for t in (ids, mask, positions))
+        kv = DynamicCache(config=self.model.config) if keep_cache else None
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=kv,
+            use_cache=keep_cache,
+            logits_to_keep=1,
         )
-        return sample(out.logits[:, -1, :], [r.params for r in rows])
+        logits = out.logits[:, -1, :]
+        if which is not None:  # copy each unique context's results to its rows
+            index = torch.tensor(which, device=self.device)
+            logits, mask = logits.index_select(0, index), mask.index_select(0, index)
+            for layer in kv.layers:
+                layer.keys, layer.values = layer.keys.index_select(0, index), layer.values.index_select(0, index)
+        return logits, ((kv, mask) if keep_cache else None)
+
+    def drop_cache(self) -> None:
+        """Forget every row's keys/values: each row re-prefills its whole context at its next step."""
+        self._cache.clear()
 
     def read_checkpoint(self, model_path: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Load every *.safetensors in `model_path` and pair each tensor with its live parameter.
@@ -97,6 +212,15 @@ class ModelRunner:
         """Copy checked tensors into the live parameters. Call only between steps."""
         for param, tensor in pairs:
             param.copy_(tensor)
+
+
+def _dedupe(contexts: list[list[int]]) -> tuple[list[list[int]], list[int] | None]:
+    """(unique contexts, the unique index of each input) or, when all differ, (contexts, None)."""
+    unique: dict[tuple[int, ...], int] = {}
+    which = [unique.setdefault(tuple(tokens), len(unique)) for tokens in contexts]
+    if len(unique) == len(contexts):
+        return contexts, None
+    return [list(tokens) for tokens in unique], which
 
 
 def _check_names(loaded: dict[str, torch.Tensor], live: dict[str, torch.Tensor]) -> None:

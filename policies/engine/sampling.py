@@ -4,13 +4,17 @@ Invariants:
 - Row i's token depends only on row i's logits, its parameters and its own generator, so a
   request samples the same tokens whatever else is in the batch (given equal logits).
 - Each sampled (temperature > 0) row draws exactly one uniform number per step from its generator;
-  greedy rows draw nothing. A seeded request is therefore reproducible.
+  greedy rows draw nothing. A seeded request is therefore reproducible. The generator is a
+  Python `random.Random`: one draw costs ~0.1 us against ~2 us for a `torch.Generator`, which at
+  128 rows was a tenth of a decode step.
+- Truncation (top-k / top-p) runs only when some row asks for it; it is a no-op otherwise.
 - The reported logprob is log_softmax(logits / T)[token] (log_softmax(logits) when greedy),
   before top-k/top-p truncation, as SGLang reports it.
 """
 
 from __future__ import annotations
 
+import random
 from typing import NamedTuple
 
 import torch
@@ -22,19 +26,21 @@ class RowParams(NamedTuple):
     temperature: float
     top_p: float
     top_k: int
-    generator: torch.Generator | None
+    generator: random.Random | None
 
 
 def sample(logits: torch.Tensor, rows: list[RowParams]) -> tuple[list[int], list[float]]:
     """Pick one token per row of `logits` [B, V]; returns (token ids, their logprobs)."""
     logits = logits.float()
-    greedy = torch.tensor([r.temperature <= 0.0 for r in rows], device=logits.device)
-    temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows], device=logits.device)
-    scaled = logits / temps[:, None]
     tokens = logits.argmax(dim=-1)
-    if not bool(greedy.all()):
-        drawn = _draw(_truncate(scaled, rows), rows)
-        tokens = torch.where(greedy, tokens, drawn)
+    scaled = logits
+    if any(r.temperature > 0 for r in rows):
+        temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows], device=logits.device)
+        scaled = logits / temps[:, None]
+        vocab = logits.shape[-1]
+        truncated = _truncate(scaled, rows) if any(0 < r.top_k < vocab or r.top_p < 1.0 for r in rows) else scaled
+        greedy = torch.tensor([r.temperature <= 0.0 for r in rows], device=logits.device)
+        tokens = torch.where(greedy, tokens, _draw(truncated, rows))
     logprobs = torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None])[:, 0]
     return tokens.tolist(), logprobs.tolist()
 
@@ -58,9 +64,7 @@ def _truncate(scaled: torch.Tensor, rows: list[RowParams]) -> torch.Tensor:
 
 def _draw(truncated: torch.Tensor, rows: list[RowParams]) -> torch.Tensor:
     """Inverse-CDF sampling with one uniform per sampled row from that row's generator."""
-    uniforms = [
-        float(torch.rand((), generator=r.generator)) if r.generator is not None else 0.0 for r in rows
-    ]
+    uniforms = [r.generator.random() if r.generator is not None else 0.0 for r in rows]
     u = torch.tensor(uniforms, device=truncated.device, dtype=torch.float32)
     cdf = truncated.softmax(dim=-1).cumsum(dim=-1)
     # scale u by the row total so float rounding in the cumsum can never push u past the end

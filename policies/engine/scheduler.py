@@ -1,20 +1,24 @@
 """Continuous batching for the embedded engine.
 
-Dataflow (all state here belongs to the event-loop thread; only `ModelRunner.step` and
-`ModelRunner.apply_weights` run on the single decode thread):
+Dataflow (all state here belongs to the event-loop thread; only the runner's `step`,
+`drop_cache` and `apply_weights` run, one at a time, on the single decode thread):
 
-    POST /generate ─submit()─► waiting (FIFO)
+    POST /generate ─submit()─► waiting (FIFO; a batched body enqueues all its members at once)
                                   │ admitted between steps while len(running) < max_running,
                                   │ not paused, and no weight update is pending
                                   ▼
                                running ─run_in_executor(step)─► decode thread: one token per row
-                                  ▲                                   │
+                                  ▲                              (prefill of rows new to the KV
+                                  │                               cache, decode of the others)
                                   └──── _apply(): append tokens ◄─────┘
                                         finished / aborted requests leave; their futures resolve
-                                        and their HTTP handlers answer.
+                                        and their HTTP handlers answer. A request that left loses
+                                        its KV-cache row at the next step (the runner keeps rows
+                                        only for the requests it is given).
 
-The loop sleeps on `_wake` when there is nothing to decode; submit, abort, pause/continue and the
-end of a weight update set it (`_notify`). Coroutines that wait for a state (pause waiting for the
+The loop sleeps on `_wake` when there is nothing to decode (first dropping the KV cache if no
+request is left to use it); submit, abort, pause/continue and the end of a weight update set it
+(`_notify`). Coroutines that wait for a state (pause waiting for the
 step to end, an update waiting for the batch to drain) register a watcher future that `_notify`
 resolves, then re-check their predicate.
 
@@ -22,13 +26,20 @@ The waiting queue has no bound of its own: HTTP callers bound it (the runtime ad
 number of in-flight requests per engine), and refusing requests during a pause would turn a
 weight update into errors.
 
+Pause modes across a weight update (SGLang's): `in_place` freezes running requests with their
+KV cache; after the update they continue on it, so their next tokens attend to keys/values the
+old weights computed (the "keep" partial rollout). `retract` freezes them and drops their KV
+cache; on resume each re-prefills prompt + generated tokens under the new weights ("recompute").
+`abort` ends them with their partial output. Either way each token keeps the version and logprob
+it was generated with (`Request.versions`, reported as SGLang's weight_versions spans).
+
 Invariants:
-- At most one step or weight copy runs at a time (one decode thread); weights change only
-  between steps.
+- At most one step, cache drop or weight copy runs at a time (one decode thread); weights
+  change only between steps.
 - Every token of a request comes from one weight version unless the request was frozen by an
-  in_place/retract pause across an update; it then reports the version current at its end.
-  An unpaused update waits for the running batch to drain while admission is closed (like the
-  model-update writer lock in SGLang's tokenizer manager).
+  in_place/retract pause across an update; its answer's weight_version is then the version
+  current at its end. An unpaused update waits for the running batch to drain while admission
+  is closed (like the model-update writer lock in SGLang's tokenizer manager).
 - Every accepted request's future resolves exactly once (finished, aborted, engine error or
   shutdown), so no HTTP handler waits forever.
 """
@@ -47,7 +58,7 @@ import torch
 from policies.engine.request import Completion, FinishReason, Request, build_request, new_future
 from policies.engine.runner import ModelRunner
 from policies.engine.sampling import RowParams
-from policies.engine.wire import PAUSE_MODES, BadRequest, GenerateReqInput, Unavailable
+from policies.engine.wire import PAUSE_MODES, BadRequest, GenerateItem, Unavailable
 
 log = logging.getLogger("engine.scheduler")
 
@@ -90,11 +101,14 @@ class Scheduler:
 
     # ---- requests -------------------------------------------------------------------------
 
-    def submit(self, req: GenerateReqInput) -> Request:
-        """Queue a request (BadRequest if invalid); its future resolves when it finishes or aborts."""
-        if req.rid is not None and (req.rid in self._running or req.rid in self._waiting):
-            raise BadRequest(f"rid {req.rid!r} is already in flight")
-        return self._enqueue(build_request(req, self.runner))
+    def submit(self, items: list[GenerateItem]) -> list[Request]:
+        """Queue every item or none (BadRequest if any is invalid); each Request's future
+        resolves when it finishes or aborts."""
+        for item in items:
+            if item.rid in self._running or item.rid in self._waiting:
+                raise BadRequest(f"rid {item.rid!r} is already in flight")
+        requests = [build_request(item, self.runner) for item in items]
+        return [self._enqueue(r) for r in requests]
 
     def submit_probe(self) -> Request:
         """A one-token greedy request for /health_generate; any pause aborts it."""
@@ -133,9 +147,9 @@ class Scheduler:
         """Stop decoding; return once no step is in flight.
 
         abort: every request in flight returns its partial output (finish_reason abort).
-        in_place / retract: running requests stay frozen and resume on `resume` (without a KV
-        cache, retract and in_place are the same thing here). Probes are always aborted, so a
-        health probe never waits for a pause to end.
+        in_place: running requests stay frozen with their KV cache and resume on `resume`.
+        retract: the same, but their KV cache is dropped: they re-prefill on resume.
+        Probes are always aborted, so a health probe never waits for a pause to end.
         """
         if mode not in PAUSE_MODES:
             raise BadRequest(f"mode must be one of {PAUSE_MODES}, got {mode!r}")
@@ -145,6 +159,8 @@ class Scheduler:
         else:
             self.abort_all("generation paused", only=lambda r: r.probe)
         await self._wait_for(lambda: not self._stepping)
+        if mode == "retract":
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.drop_cache)
 
     def resume(self) -> None:
         self._paused = False
@@ -192,6 +208,9 @@ class Scheduler:
             self._admit()
             batch = [] if self._paused else list(self._running.values())
             if not batch:
+                if not self._running and self.runner.cached_rows:  # idle: free the finished rows' KV
+                    await loop.run_in_executor(self._executor, self.runner.drop_cache)
+                    continue
                 self._wake.clear()
                 await self._wake.wait()
                 continue

@@ -2,13 +2,18 @@
 
     python -m policies.engine.server --model-path DIR [--host 127.0.0.1] [--port 0]
         [--port-file PATH] [--device cpu] [--dtype float32] [--torch-threads 1]
-        [--max-running-requests 256] [--weight-version 0]
+        [--max-running-requests 256] [--weight-version 0] [--kv-cache on|off]
 
 Lifecycle: load the model → start the decode loop → bind (127.0.0.1 unless told otherwise; port 0
 picks a free port) → write the bound port to --port-file atomically (its existence means
 "serving") → serve until SIGTERM/SIGINT → stop accepting, abort every request in flight (each
 answers with its partial output, finish_reason abort) → exit 0. Dying with the parent is the
 process manager's job (policies.engine.process sets PR_SET_PDEATHSIG).
+
+`--kv-cache off` decodes by recomputing every row each step (the reference path, kept for
+comparison: benchmarks/engine_decode.py). Its default comes from the environment variable
+ASYNCRL_ENGINE_KV_CACHE (on when unset), so a process manager that passes only its own flags
+still lets a caller pick.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from policies.engine.scheduler import Scheduler
 
 log = logging.getLogger("engine.server")
 
+KV_CACHE_ENV = "ASYNCRL_ENGINE_KV_CACHE"
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m policies.engine.server", description=__doc__.splitlines()[0])
@@ -43,7 +50,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--max-running-requests", type=int, default=256)
     p.add_argument("--weight-version", default="0")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--kv-cache",
+        choices=("on", "off"),
+        default=os.environ.get(KV_CACHE_ENV, "on"),
+        help=f"decode with a KV cache (default: ${KV_CACHE_ENV}, else on)",
+    )
+    args = p.parse_args(argv)
+    if args.kv_cache not in ("on", "off"):  # argparse does not check a default against choices
+        p.error(f"${KV_CACHE_ENV} must be on or off, got {args.kv_cache!r}")
+    return args
 
 
 def write_port_file(path: str, port: int) -> None:
@@ -100,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     torch.set_num_threads(args.torch_threads)
     transformers.utils.logging.disable_progress_bar()  # keep the engine log to one line per event
-    runner = _load_or_exit(args.model_path, device=args.device, dtype=args.dtype)
+    runner = _load_or_exit(args.model_path, device=args.device, dtype=args.dtype, kv_cache=args.kv_cache == "on")
     info = {
         "host": args.host,
         "device": args.device,
@@ -108,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         "max_running_requests": args.max_running_requests,
         "context_length": runner.max_context,
         "vocab_size": runner.vocab_size,
+        "kv_cache": runner.use_kv_cache,
         "engine": "policies.engine.server",
     }
 
@@ -126,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     os._exit(0)
 
 
-def _load_or_exit(model_path: str, *, device: str, dtype: str) -> ModelRunner:
+def _load_or_exit(model_path: str, *, device: str, dtype: str, kv_cache: bool) -> ModelRunner:
     """Load the model, or exit 1 with a one-line reason (the process manager shows the log tail)."""
     if not (Path(model_path) / "config.json").is_file():
         log.error(
@@ -134,7 +151,7 @@ def _load_or_exit(model_path: str, *, device: str, dtype: str) -> ModelRunner:
         )
         sys.exit(1)
     try:
-        return ModelRunner.load(model_path, device=device, dtype=dtype)
+        return ModelRunner.load(model_path, device=device, dtype=dtype, use_kv_cache=kv_cache)
     except Exception as exc:
         log.error("cannot load model from %s: %s: %s", model_path, type(exc).__name__, exc)
         sys.exit(1)

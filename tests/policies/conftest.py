@@ -88,12 +88,24 @@ async def wait_until(
         await asyncio.sleep(0.002)  # polling a remote process with a deadline
 
 
+def kept_logprobs(model_a, model_b, prompt: list[int], out: list[int], k: int) -> torch.Tensor:  # noqa: ANN001
+    """Logprobs of out[k:] for a request frozen in place across an update after k tokens: the
+    prompt and out[:k-1] were cached under model A (the last sampled token is not yet cached),
+    everything from out[k-1] on runs under model B on top of that cache."""
+    with torch.inference_mode():
+        cache = transformers.DynamicCache(config=model_a.config)
+        model_a(input_ids=torch.tensor([prompt + out[: k - 1]]), past_key_values=cache, use_cache=True)
+        logits = model_b(input_ids=torch.tensor([out[k - 1 : -1]]), past_key_values=cache, use_cache=True).logits[0]
+    return torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(out[k:])[:, None])[:, 0]
+
+
 class EngineKit:
     """The helpers above, handed to tests as the `kit` fixture (conftest is not importable)."""
 
     run_with_client = staticmethod(run_with_client)
     stats = staticmethod(stats)
     wait_until = staticmethod(wait_until)
+    kept_logprobs = staticmethod(kept_logprobs)
 
 
 @pytest.fixture(scope="session")

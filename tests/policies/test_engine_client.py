@@ -89,6 +89,46 @@ def test_decodes_an_sglang_response_and_sends_only_sglang_fields():
     asyncio.run(main())
 
 
+def test_generate_batch_sends_sglang_batch_form_and_checks_the_answer():
+    seen: list[dict] = []
+    outputs = [3]  # how many answers the fake sends
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(await request.json())
+        return web.json_response([SGLANG_RESPONSE] * outputs[0])
+
+    async def main() -> None:
+        async with fake_engine(handler) as url, EngineClient(url, timeout_s=2) as c:
+            params = [{"max_new_tokens": 2, "sampling_seed": s} for s in range(3)]
+            outs = await c.generate_batch([[1], [2, 3], [4]], params, rids=["a", "b", "c"])
+            assert [o.output_ids for o in outs] == [[5, 6]] * 3 and outs[1].logprobs == [-0.5, -1.5]
+            outputs[0] = 4
+            assert len(await c.generate_batch([[1], [2]], {"max_new_tokens": 2, "n": 2}, return_logprob=False)) == 4
+            with pytest.raises(EngineError, match="4 outputs for 1 prompts x n=1") as info:
+                await c.generate_batch([[1]], {"max_new_tokens": 2})
+            assert info.value.route == "/generate"
+            for bad, match in [
+                (([], {}), "at least one prompt"),
+                (([[1], [2]], [{}]), "1 sampling_params for 2 prompts"),
+                (([[1], [2]], [{"n": 2}, {}]), "one value"),
+                (([[1]], {"temprature": 1.0}), "does not accept"),
+            ]:
+                with pytest.raises(ValueError, match=match):
+                    await c.generate_batch(*bad)
+            with pytest.raises(ValueError, match="1 rids for 2 prompts"):
+                await c.generate_batch([[1], [2]], {}, rids=["a"])
+        assert seen[0] == {
+            "input_ids": [[1], [2, 3], [4]],
+            "sampling_params": params,
+            "return_logprob": True,
+            "rid": ["a", "b", "c"],
+        }
+        assert seen[1]["sampling_params"] == {"max_new_tokens": 2, "n": 2} and "rid" not in seen[1]
+        assert len(seen) == 3  # the refused calls sent nothing
+
+    asyncio.run(main())
+
+
 def test_dead_port_raises_engine_error_and_probes_say_false():
     async def main() -> None:
         async with EngineClient(f"http://127.0.0.1:{free_port()}", timeout_s=2) as c:
@@ -116,6 +156,8 @@ def test_a_hanging_engine_times_out_within_the_timeout():
                 await c.generate([1], {"max_new_tokens": 1})
             with pytest.raises(EngineError, match=r"timed out after 0.1s"):
                 await c.generate([1], {}, timeout_s=0.1)
+            with pytest.raises(EngineError, match=r"timed out after 0.1s"):
+                await c.generate_batch([[1], [2]], {}, timeout_s=0.1)
             assert not await c.health_generate(timeout_s=0.1)
             assert time.perf_counter() - start < 2.0
             release.set()

@@ -100,6 +100,14 @@ async def _exercise_generate(c: EngineClient) -> None:
     await c.generate([1, 2, 3], {"max_new_tokens": 4}, return_logprob=False)
 
 
+async def _exercise_generate_batch(c: EngineClient) -> None:
+    outs = await c.generate_batch([[1, 2, 3], [4, 5]], [RUNTIME_SAMPLING, {**RUNTIME_SAMPLING, "sampling_seed": 8}],
+                                  rids=["r1", "r2"])
+    assert [o.output_ids for o in outs] == [[5, 6], [5, 6]]
+    outs = await c.generate_batch([[1, 2, 3]], {"max_new_tokens": 4, "n": 2}, return_logprob=False)
+    assert len(outs) == 2
+
+
 async def _exercise_pause(c: EngineClient) -> None:
     for mode in PAUSE_MODES:
         await c.pause(mode)
@@ -117,6 +125,7 @@ async def _assert_true(result: Awaitable[bool]) -> None:
 # One entry per public coroutine method of EngineClient (test_every_client_method_is_exercised).
 EXERCISES: dict[str, Callable[[EngineClient], Awaitable[Any]]] = {
     "generate": _exercise_generate,
+    "generate_batch": _exercise_generate_batch,
     "abort": lambda c: c.abort("r1"),
     "abort_all": lambda c: c.abort_all(),
     "pause": _exercise_pause,
@@ -144,6 +153,10 @@ def record_client_requests() -> list[Sent]:
         if request.path not in ANSWERS:
             return web.json_response({"detail": "Not Found"}, status=404)
         answer = ANSWERS[request.path]
+        if request.path == "/generate" and isinstance(body["input_ids"][0], list):  # a batch: one answer per output
+            params = body["sampling_params"]
+            n = (params[0] if isinstance(params, list) else params).get("n", 1)
+            answer = [answer] * (len(body["input_ids"]) * n)
         if answer is None:
             return web.Response(status=200)
         if isinstance(answer, str):
@@ -235,7 +248,8 @@ def generate_body_problems(src: sgl.SglangSource, bodies: list[dict]) -> list[st
     problems = []
     for body in bodies:
         problems += field_problems("/generate body field", set(body), top, source=f"{req_model[1]} ({req_model[0]})")
-        keys = set(body.get("sampling_params") or {})
+        params = body.get("sampling_params") or {}
+        keys = set().union(*params) if isinstance(params, list) else set(params)  # a batch: one dict per prompt
         problems += field_problems(
             "/generate sampling_params key", keys, sampling, source=f"SamplingParams ({sgl.SAMPLING_PARAMS})"
         )

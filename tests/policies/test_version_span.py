@@ -1,9 +1,11 @@
 """A request that spans a real weight update records the right version for each token.
 
-Real engine subprocess, real HTTP: the broadcaster's pause(abort) -> update -> continue lands in
-the middle of a greedy generation; the runtime's SampleRunner resumes the request. Ground truth
-is computed with transformers directly: the first k tokens are model A's greedy continuation,
-the rest model B's greedy continuation of prompt + those k tokens.
+Real engine subprocess, real HTTP: the broadcaster's pause -> update -> continue lands in the
+middle of a greedy generation; the runtime's SampleRunner resumes the request if it was aborted.
+Ground truth is computed with transformers directly: the first k tokens are model A's greedy
+continuation; the rest are model B's greedy continuation of prompt + those k tokens, recomputed
+(abort, retract) or, for in_place, on top of the KV cache model A computed for prompt + the first
+k - 1 tokens (SGLang keeps a frozen request's cache across the update).
 """
 
 import asyncio
@@ -29,7 +31,22 @@ def greedy(model, ids, n):
     return out, lps
 
 
-@pytest.mark.parametrize("pause", ["abort", "in_place"])
+def greedy_on_kept_cache(model_a, model_b, prompt, first, n):
+    """B's greedy continuation when prompt + first[:-1] are cached by A (the last token is not yet)."""
+    cache = transformers.DynamicCache(config=model_a.config)
+    out, lps, nxt = [], [], first[-1]
+    with torch.no_grad():
+        model_a(torch.tensor([prompt + first[:-1]]), past_key_values=cache, use_cache=True)
+        for _ in range(n):
+            logits = model_b(torch.tensor([[nxt]]), past_key_values=cache, use_cache=True).logits[0, -1]
+            logp = torch.log_softmax(logits.float(), -1)
+            nxt = int(logp.argmax())
+            out.append(nxt)
+            lps.append(float(logp[nxt]))
+    return out, lps
+
+
+@pytest.mark.parametrize("pause", ["abort", "in_place", "retract"])
 def test_tokens_before_and_after_an_update_carry_their_versions(pause, engine, tiny_model_dir, tiny_model_dir_b,
                                                                 kit, tmp_path):
     prompt, n = [1, 5, 9, 3], 40
@@ -59,6 +76,9 @@ def test_tokens_before_and_after_an_update_carry_their_versions(pause, engine, t
     model_a = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     model_b = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir_b)
     first, first_lp = greedy(model_a, prompt, k)
-    rest, rest_lp = greedy(model_b, prompt + first, n - k)
+    if pause == "in_place":
+        rest, rest_lp = greedy_on_kept_cache(model_a, model_b, prompt, first, n - k)
+    else:
+        rest, rest_lp = greedy(model_b, prompt + first, n - k)
     assert sample.response_ids == first + rest
     assert torch.allclose(torch.tensor(sample.behavior_logprobs), torch.tensor(first_lp + rest_lp), atol=1e-4)

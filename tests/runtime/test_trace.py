@@ -97,6 +97,12 @@ def test_a_killed_run_leaves_a_readable_prefix(tmp_path):
     assert written == tracer.written >= 4 - 1  # at most flush_every - 1 events are lost with the process
 
 
+def test_a_resumed_run_keeps_the_earlier_trace(tmp_path):
+    for _ in range(3):
+        trace.Tracer(tmp_path / "trace.json").close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace.1.json", "trace.2.json", "trace.json"]
+
+
 def test_outside_a_traced_run_spans_are_free_no_ops():
     async def main():
         assert trace.span("learner", "train") is trace.OFF
@@ -124,13 +130,33 @@ def test_a_real_run_traces_every_actor_with_versions_and_overlap():
         by[(track, e["name"])].append(e)
     train = by[("learner", "train")]
     assert len(train) == STEPS and [e["args"]["v"] for e in train] == list(range(STEPS))
-    for key in [("groups", "generate"), ("groups", "score"), ("requests", "request"),
+    for key in [("groups", "generate"), ("groups", "score"), ("engine0", "request"),
                 ("broadcaster", "weight sync"), ("broadcaster", "paused"), ("evaluator", "eval"),
                 ("learner", "save weights"), ("generator", "wait admission")]:
         assert by[key], f"no {key} span"
-    assert all(e["args"]["weight_version"] is not None for e in by[("requests", "request")])
+    assert all(e["args"]["weight_version"] is not None for e in by[("engine0", "request")])
     # the point of async: the learner trains while groups are being generated
     gen = [(e["ts"], e["ts"] + e["dur"]) for e in by[("groups", "generate")]]
     overlapping = [t for t in train if any(s < t["ts"] + t["dur"] and t["ts"] < e for s, e in gen)]
     assert len(overlapping) >= STEPS // 2, f"only {len(overlapping)} of {STEPS} steps overlapped generation"
     assert events[-1]["name"] == "trace_info" and events[-1]["args"]["dropped_over_max_events"] == 0
+
+
+def test_a_crashed_run_still_closes_its_trace(tmp_path):
+    from runtime.launch import build, prepare_run_dir
+    from runtime.progress import Progress
+    from runtime.scheduler import RunFailed
+
+    cfg = cli.resolve(["--run-dir", str(tmp_path / "crash"), "--num-rollout", "3", "--eval-num-prompts", "10"])
+    run_dir = prepare_run_dir(cfg)
+    scheduler = build(cfg, run_dir, tmp_path / "w", Progress(total_steps=3, mode="off"))
+
+    def broken_step(batch, version):
+        raise ZeroDivisionError("learner bug")
+
+    scheduler.a.learner.trainer.step = broken_step
+    with pytest.raises(RunFailed, match="ZeroDivisionError"):
+        asyncio.run(asyncio.wait_for(scheduler.run(), 120))
+    events = json.loads((run_dir / "trace.json").read_text())  # closed: plain json.loads works
+    names = {e["name"] for e in x_events(events)}
+    assert {"start engines", "train", "wait admission"} <= names and events[-1]["name"] == "trace_info"

@@ -37,13 +37,16 @@ def test_grid_skips_points_whose_effective_capacity_repeats():
     points = grid([0, 1, 2], ["auto", "2x", "40"], groups_per_step=16, over_sampling=[None])
     # s0: every capacity is 16; s1: auto = 32 = 2x, 40 > 32; s2: auto 48, 2x 32, 40
     assert [p.name for p in points] == ["s0-cauto", "s1-cauto", "s2-cauto", "s2-c32", "s2-c40"]
+    assert [p.name for p in grid([1], ["auto"], groups_per_step=16, over_sampling=[None, 32])] == [
+        "s1-cauto", "s1-cauto-o32"]
+    assert Point(1, None, 32).flags() == ["--max-staleness", "1", "--over-sampling-batch-size", "32"]
     with pytest.raises(ValueError, match="cannot hold"):
         grid([1], ["8"], groups_per_step=16, over_sampling=[None])
 
 
 def test_a_tiny_grid_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "tune"
-    rc = main(["--staleness", "0,1", "--capacity", "auto", "--num-rollout", "3", "--out", str(out), "--",
+    rc = main(["--quick", "--staleness", "0,1", "--num-rollout", "3", "--out", str(out), "--",
                "--eval-num-prompts", "20", "--no-trace"])
     assert rc == 0, (out / "s0-cauto.log").read_text()[-2000:]
     data = json.loads((out / "tune.json").read_text())

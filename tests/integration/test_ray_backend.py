@@ -1,0 +1,156 @@
+"""``--backend ray``: whole runs on one Ray cluster shared by the session, Ray actors killed mid-run,
+and the start-up failures that must end in one line within seconds.
+
+The cluster is started here (temp files under a short /tmp directory); each run is a real
+``python -m runtime.launch --backend ray --ray-address ...`` that connects to it, so killing an
+actor by name from this process is what an operator would do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="the Ray backend needs ray: pip install -e '.[ray]'")
+
+from runtime import backend_ray  # noqa: E402
+from runtime.metrics import read_metrics  # noqa: E402
+from tests.integration.test_launch import ROOT, SHORT, STEP_KEYS, engines_of  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    temp = Path(tempfile.mkdtemp(prefix="ray-t", dir="/tmp"))
+    address = backend_ray.start_local_cluster(temp, num_cpus=4, namespace=backend_ray.NAMESPACE,
+                                              logging_level=logging.WARNING)
+    yield address
+    ray.shutdown()
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def ray_launch(run_dir: Path, address: str, *flags: str) -> subprocess.Popen[str]:
+    """The launcher on the session's cluster, in the background (``communicate`` to wait)."""
+    return subprocess.Popen([sys.executable, "-m", "runtime.launch", "--backend", "ray", "--ray-address", address,
+                             "--run-dir", str(run_dir), *SHORT, *flags],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def kill_actor_after_steps(proc: subprocess.Popen[str], run_dir: Path, name: str, steps: int) -> None:
+    """``ray.kill`` the run's actor ``name`` once ``steps`` learner steps are in metrics.jsonl."""
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= steps):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    ray.kill(ray.get_actor(f"{run_dir}:{name}", namespace=backend_ray.NAMESPACE), no_restart=True)
+
+
+def assert_ledger_balanced(summary: dict) -> None:
+    ledger = summary["ledger"]
+    assert ledger["admitted"] == ledger["trained"] + sum(ledger["dropped"].values()) + ledger["in_flight"]
+    assert ledger["duplicates"] == 0
+
+
+def test_a_run_on_ray_completes_with_the_ledger_balanced_and_staleness_bounded(ray_address, tmp_path):
+    run_dir = tmp_path / "ray"
+    proc = ray_launch(run_dir, ray_address, "--max-staleness", "1")
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    lines = read_metrics(run_dir / "metrics.jsonl")
+    assert summary["status"] == "completed" and summary["steps"] == 10 and len(lines) == 10
+    assert all(STEP_KEYS <= line.keys() for line in lines)
+    assert summary["staleness_max_observed"] <= 1
+    assert_ledger_balanced(summary)
+    assert summary["ledger"]["trained"] == 10 * 16
+    assert summary["first_eval_reward"] is not None and summary["final_eval_reward"] is not None
+    assert {"config.toml", "metrics.jsonl", "summary.json", "run.log", "trace.json", "logs"} <= {
+        p.name for p in run_dir.iterdir()}
+    assert (run_dir / "logs" / "engine0.log").stat().st_size > 0
+    assert "step 10/10" in err and "(Controller" not in err  # progress reaches the terminal as on local
+    assert not engines_of(run_dir)
+
+
+def test_a_killed_engine_host_is_restarted_and_the_run_completes(ray_address, tmp_path):
+    run_dir = tmp_path / "engine-kill"
+    proc = ray_launch(run_dir, ray_address)
+    try:
+        kill_actor_after_steps(proc, run_dir, "engine0.0", steps=2)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 10 and summary["counters"]["engine_restarts"] >= 1
+    assert summary["engine_restarts"][0]["refit_version"] is not None
+    assert_ledger_balanced(summary)
+    assert summary["staleness_max_observed"] <= 1
+    assert not engines_of(run_dir)
+
+
+def test_a_killed_trainer_actor_ends_the_run_with_one_line(ray_address, tmp_path):
+    run_dir = tmp_path / "trainer-kill"
+    proc = ray_launch(run_dir, ray_address, "--num-rollout", "1000")
+    try:
+        kill_actor_after_steps(proc, run_dir, "trainer", steps=1)
+        killed_at = time.monotonic()
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1, err[-3000:]
+    assert time.monotonic() - killed_at < 45
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("run failed: the trainer actor died"), err[-3000:]
+    assert "Traceback" not in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "trainer actor died" in summary["error"]
+    assert not engines_of(run_dir)
+
+
+def fail_fast(run_dir: Path, *flags: str) -> tuple[str, float]:
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "runtime.launch", "--backend", "ray", "--run-dir", str(run_dir),
+                           *flags], cwd=ROOT, capture_output=True, text=True, timeout=90)
+    elapsed = time.monotonic() - t0
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 2, proc.stderr[-3000:]  # "run directory: ..." and the error
+    return lines[1], elapsed
+
+
+def test_an_unreachable_ray_address_fails_fast_in_one_line(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing listens there
+    line, elapsed = fail_fast(tmp_path / "unreachable", "--ray-address", f"127.0.0.1:{port}")
+    assert line.startswith(f"run failed: --ray-address 127.0.0.1:{port}: no Ray cluster reachable"), line
+    assert elapsed < 20
+
+
+def test_a_placement_the_cluster_cannot_hold_fails_fast_saying_what_was_asked(ray_address, tmp_path):
+    line, elapsed = fail_fast(tmp_path / "gpu", "--ray-address", ray_address, "--actor-num-gpus-per-node", "1")
+    assert line.startswith("run failed: placement: the disaggregated layout (learner 1 CPU + 1 GPU"), line
+    assert "needs 2 CPU + 1 GPU in all; the cluster has 4 CPU + 0 GPU" in line, line
+    assert elapsed < 20
+
+
+def test_the_ray_temp_dir_is_under_the_run_dir_or_linked_from_it(tmp_path):
+    short = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
+    try:
+        assert backend_ray.temp_dir(short) == short / "ray"
+    finally:
+        shutil.rmtree(short)
+    long = tmp_path / ("x" * 60)
+    long.mkdir()
+    temp = backend_ray.temp_dir(long)
+    try:
+        assert len(str(temp)) <= backend_ray.MAX_TEMP_DIR and (long / "ray").resolve() == temp.resolve()
+    finally:
+        shutil.rmtree(temp)

@@ -1,0 +1,143 @@
+"""The runner's KV cache against full recomputation, in process (no server): continuous batching
+with rows that join at different steps with different prompt lengths and leave at different
+steps, cache drops, and what a weight change does to cached rows (keep vs recompute)."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from policies.engine.request import make_generator
+from policies.engine.runner import ModelRunner, Row
+from policies.engine.sampling import RowParams
+
+pytestmark = pytest.mark.timeout(60)
+
+KEYS = itertools.count()  # runners are shared by tests: a key is never reused, as in the scheduler
+
+
+@dataclass
+class Seq:
+    """A scripted request: joins the batch at step `join` and generates `n` tokens."""
+
+    prompt: list[int]
+    join: int
+    n: int
+    temperature: float = 0.0
+    seed: int = 0
+    key: int = field(default_factory=lambda: next(KEYS))
+    out: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    params: RowParams | None = None
+
+    def row(self) -> Row:
+        if self.params is None:  # a private generator per run, so both runs draw the same uniforms
+            self.params = RowParams(self.temperature, 1.0, -1, make_generator(self.temperature, self.seed))
+        return Row(self.key, self.prompt + self.out, self.params)
+
+
+def script() -> list[Seq]:
+    return [
+        Seq([1, 2, 3], join=0, n=9),
+        Seq(list(range(3, 20)), join=0, n=4),  # long prompt, leaves early
+        Seq([7], join=2, n=8, temperature=0.8, seed=3),
+        Seq([7], join=2, n=6, temperature=0.8, seed=4),  # same prompt, same step: prefilled once
+        Seq([7], join=2, n=7),
+        Seq([5, 9, 11, 2, 30], join=2, n=3),  # leaves while rows 0 and 2 run on
+        Seq(list(range(20, 31)), join=6, n=7),  # joins after row 1 left: the cache is trimmed
+        Seq([4, 4], join=6, n=5, temperature=1.0, seed=9),
+    ]
+
+
+def run(runner: ModelRunner, seqs: list[Seq], *, on_step=None) -> int:  # noqa: ANN001
+    """Drive `runner` through the script like the scheduler does; returns the number of steps."""
+    step = 0
+    while True:
+        active = [s for s in seqs if s.join <= step and len(s.out) < s.n]
+        if not active and all(s.join <= step for s in seqs):
+            return step
+        if active:
+            tokens, logprobs = runner.step([s.row() for s in active])
+            for s, t, lp in zip(active, tokens, logprobs, strict=True):
+                s.out.append(t)
+                s.logprobs.append(lp)
+            if runner.use_kv_cache:  # rows that left are gone, and so are columns only they used
+                assert runner.cached_rows == len(active)
+                assert runner.cache_width == max(len(s.prompt) + len(s.out) - 1 for s in active)
+        step += 1
+        if on_step is not None:
+            on_step(step, runner)
+
+
+@pytest.fixture(scope="module")
+def runners(tiny_model_dir):
+    return {cache: ModelRunner.load(str(tiny_model_dir), use_kv_cache=cache) for cache in (True, False)}
+
+
+def assert_same(cached: list[Seq], full: list[Seq]) -> None:
+    for a, b in zip(cached, full, strict=True):
+        assert a.out == b.out, f"row with prompt {a.prompt}: tokens differ"
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+
+
+def test_cache_matches_full_recompute_with_rows_joining_and_leaving(runners):
+    assert runners[True].use_kv_cache and not runners[False].use_kv_cache
+    cached, full = script(), script()
+    run(runners[True], cached)
+    run(runners[False], full)
+    assert_same(cached, full)
+    assert {s.key: len(s.out) for s in cached} == {s.key: s.n for s in cached}
+
+
+def test_dropping_the_cache_mid_run_changes_nothing_under_the_same_weights(runners):
+    dropped, full = script(), script()
+    run(runners[True], dropped, on_step=lambda step, r: r.drop_cache() if step in (1, 4, 7) else None)
+    run(runners[False], full)
+    assert_same(dropped, full)
+
+
+def test_a_failed_step_clears_the_cache_and_the_next_step_reprefills(runners):
+    runner = runners[True]
+    seq, reference = Seq([1, 2, 3], join=0, n=4), Seq([1, 2, 3], join=0, n=4)
+    ((token,), (logprob,)) = runner.step([seq.row()])
+    seq.out, seq.logprobs = [token], [logprob]
+    # seq is decoded (its cache grows) before the prefill of an out-of-range token fails the step
+    with pytest.raises(IndexError):
+        runner.step([seq.row(), Row(next(KEYS), [10_000], RowParams(0.0, 1.0, -1, None))])
+    assert runner.cached_rows == 0
+    run(runner, [seq])  # the failed step gave seq nothing: it re-prefills prompt + its one token
+    run(runners[False], [reference])
+    assert_same([seq], [reference])
+
+
+def full_reference(model, prompt: list[int], out: list[int]) -> torch.Tensor:
+    with torch.inference_mode():
+        logits = model(input_ids=torch.tensor([prompt + out])).logits[0, len(prompt) - 1 : -1].float()
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(out)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("mode", ["keep", "recompute"])
+def test_weight_change_keeps_or_recomputes_the_cached_prefix(tiny_model_dir, tiny_model_dir_b, kit, mode):
+    """keep (in_place pause): cached keys/values from the old weights stay; recompute (retract):
+    the cache is dropped and the whole context is re-prefilled under the new weights."""
+    runner = ModelRunner.load(str(tiny_model_dir))
+    model_a, model_b = (AutoModelForCausalLM.from_pretrained(str(d)).eval() for d in (tiny_model_dir, tiny_model_dir_b))
+    seq, k = Seq([3, 1, 4, 1, 5], join=0, n=10), 4
+    for _ in range(k):
+        tokens, logprobs = runner.step([seq.row()])
+        seq.out += tokens
+        seq.logprobs += logprobs
+    runner.apply_weights(runner.read_checkpoint(str(tiny_model_dir_b)))
+    if mode == "recompute":
+        runner.drop_cache()
+    run(runner, [seq])
+    got = torch.tensor(seq.logprobs)
+    torch.testing.assert_close(got[:k], full_reference(model_a, seq.prompt, seq.out)[:k], atol=1e-5, rtol=0)
+    recomputed = full_reference(model_b, seq.prompt, seq.out)[k:]
+    kept = kit.kept_logprobs(model_a, model_b, seq.prompt, seq.out, k)
+    assert not torch.allclose(recomputed, kept, atol=1e-3), "the two references must differ for the test to bite"
+    torch.testing.assert_close(got[k:], kept if mode == "keep" else recomputed, atol=1e-5, rtol=0)
