@@ -172,7 +172,7 @@ class Generator:
         self.ledger.advance(gid, State.GENERATING)
         with trace.lane("groups") as lane:  # one row per group: its generation, then its scoring
             with lane.span("generate", group=gid, admitted_version=ticket.admitted_version):
-                await asyncio.gather(*(self.runner.run(s) for s in samples))
+                await self.runner.run_group(samples)
             with lane.span("score", group=gid):
                 await asyncio.gather(*(self.scorer.score(prompt, s) for s in samples if s.status != Status.FAILED))
         self.ledger.advance(gid, State.SCORED)

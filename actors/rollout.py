@@ -23,8 +23,8 @@ class VersionsUnknown(RuntimeError):
 
 
 class Engines(Protocol):
-    async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None
-                       ) -> GenerateOutput: ...
+    async def generate_batch(self, input_ids: list[list[int]], sampling_params: list[dict], *,
+                             rids: list[str] | None = None) -> list[GenerateOutput]: ...
 
 
 class SampleRunner:
@@ -54,46 +54,74 @@ class SampleRunner:
         self._rids = itertools.count()
 
     async def run(self, sample: Sample) -> None:
-        sample.timing.submitted = time.monotonic()
+        await self.run_group([sample])
+
+    async def run_group(self, samples: list[Sample]) -> None:
+        """Drive ``samples`` (one group's, same prompt) to completion, one batched /generate per round.
+
+        Each round sends every still-pending sample as one member of a batch request (SGLang's
+        batch form: one HTTP call for the group, not one per sample); members that come back
+        aborted are resumed in the next round. Errors and failovers are per round, for the round's
+        members, with the counts and limits of the class docstring.
+        """
+        start = time.monotonic()
+        for s in samples:
+            s.timing.submitted = start
         errors = failovers = 0
-        kind = "g" if sample.group_id >= 0 else "eval"  # the evaluator's ids are < 0
-        while sample.status == Status.PENDING:
-            budget = self.max_new_tokens - len(sample.response_ids)
-            if budget <= 0:
-                sample.status = Status.TRUNCATED
-                break
-            seed = hash((self.seed, sample.group_id, sample.index, sample.n_segments)) % 2**31
-            params = dict(self.sampling_params, max_new_tokens=budget, sampling_seed=seed)
+        while todo := self._pending(samples):
+            inputs, params, rids = [], [], []
+            for s in todo:
+                seed = hash((self.seed, s.group_id, s.index, s.n_segments)) % 2**31
+                params.append(dict(self.sampling_params, max_new_tokens=self.max_new_tokens - len(s.response_ids),
+                                   sampling_seed=seed))
+                inputs.append(s.prompt_ids + s.response_ids)
+                # a readable rid: engine logs and the trace name the sample
+                kind = "g" if s.group_id >= 0 else "eval"  # the evaluator's ids are < 0
+                rids.append(f"{kind}{s.group_id}-{s.index}-{s.n_segments}-{next(self._rids)}")
             try:
-                # a readable rid: engine logs and the trace's per-engine tracks name the sample
-                rid = f"{kind}{sample.group_id}-{sample.index}-{sample.n_segments}-{next(self._rids)}"
-                out = await self.engines.generate(sample.prompt_ids + sample.response_ids, params, rid=rid)
+                outs = await self.engines.generate_batch(inputs, params, rids=rids)
             except EngineLost as e:
                 failovers += 1
-                self.counters["failovers_resumed" if sample.response_ids else "failovers_restarted"] += 1
+                for s in todo:
+                    self.counters["failovers_resumed" if s.response_ids else "failovers_restarted"] += 1
                 if failovers > MAX_FAILOVERS:
-                    sample.fail(f"engines failed under this sample {failovers} times: {e}")
-                    self.counters["samples_failed_engine"] += 1
+                    self._fail(todo, f"engines failed under these samples {failovers} times: {e}")
                 continue
             except EngineError as e:
                 errors += 1
                 self.counters["engine_errors"] += 1
                 if errors > self.retries:
-                    sample.fail(f"engine failed {errors} times: {e}")
-                    self.counters["samples_failed_engine"] += 1
+                    self._fail(todo, f"engine failed {errors} times: {e}")
                 continue
-            if out.token_versions is not None:
-                versions: int | list[int] = [int(v) for v in out.token_versions]
-            elif self.exact_answer_versions:
-                versions = int(out.weight_version)
-            else:
-                raise VersionsUnknown("the engine reports no per-token weight versions, so tokens of a request "
-                                      "frozen across an update cannot be dated: use --partial-rollout-mode recompute")
-            sample.add_segment(list(out.output_ids), list(out.logprobs), versions)
-            if out.finish_reason == "abort":
-                self.counters["resumed_after_abort"] += 1
-            else:
-                sample.status = Status.COMPLETED if out.finish_reason == "stop" else Status.TRUNCATED
-        sample.timing.generated = time.monotonic()
-        if sample.status != Status.FAILED:
-            sample.response_text = self.decode(sample.response_ids)
+            for s, out in zip(todo, outs, strict=True):
+                self._apply(s, out)
+        done = time.monotonic()
+        for s in samples:
+            s.timing.generated = done
+            if s.status != Status.FAILED:
+                s.response_text = self.decode(s.response_ids)
+
+    def _pending(self, samples: list[Sample]) -> list[Sample]:
+        for s in samples:
+            if s.status == Status.PENDING and len(s.response_ids) >= self.max_new_tokens:
+                s.status = Status.TRUNCATED
+        return [s for s in samples if s.status == Status.PENDING]
+
+    def _fail(self, samples: list[Sample], reason: str) -> None:
+        for s in samples:
+            s.fail(reason)
+            self.counters["samples_failed_engine"] += 1
+
+    def _apply(self, sample: Sample, out: GenerateOutput) -> None:
+        if out.token_versions is not None:
+            versions: int | list[int] = [int(v) for v in out.token_versions]
+        elif self.exact_answer_versions:
+            versions = int(out.weight_version)
+        else:
+            raise VersionsUnknown("the engine reports no per-token weight versions, so tokens of a request "
+                                  "frozen across an update cannot be dated: use --partial-rollout-mode recompute")
+        sample.add_segment(list(out.output_ids), list(out.logprobs), versions)
+        if out.finish_reason == "abort":
+            self.counters["resumed_after_abort"] += 1
+        else:
+            sample.status = Status.COMPLETED if out.finish_reason == "stop" else Status.TRUNCATED

@@ -181,18 +181,27 @@ class EngineSet:
 
     async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None
                        ) -> GenerateOutput:
-        """One /generate on the least-loaded engine. ``EngineLost`` when that engine failed under
-        the request (re-send it), ``EngineError`` for any other failure."""
+        """One /generate on the least-loaded engine (see ``generate_batch``)."""
+        (out,) = await self.generate_batch([input_ids], [sampling_params], rids=[rid] if rid else None)
+        return out
+
+    async def generate_batch(self, input_ids: list[list[int]], sampling_params: list[dict], *,
+                             rids: list[str] | None = None) -> list[GenerateOutput]:
+        """One batched /generate (one member per prompt) on the least-loaded engine. ``EngineLost``
+        when that engine failed under the call (re-send it), ``EngineError`` for any other failure."""
         slot = await self._pick()
         client, incarnation, first = slot.client, slot.incarnation, slot.pending_first
         assert client is not None
         sent_at_version = self.current[0]
-        slot.in_flight += 1
-        rid = rid or f"r{next(self._rids)}"
+        rids = rids or [f"r{next(self._rids)}" for _ in input_ids]
+        slot.in_flight += len(input_ids)
         try:
-            with trace.span(f"engine{slot.index}", "request", rid=rid) as req:
-                out = await client.generate(input_ids, sampling_params, rid=rid)
-                req.set(weight_version=out.weight_version, tokens=len(out.output_ids), finish=out.finish_reason)
+            with trace.span(f"engine{slot.index}", "request", rids=len(rids), first_rid=rids[0]) as req:
+                if len(input_ids) == 1:  # the plain form: what every SGLang version takes
+                    outs = [await client.generate(input_ids[0], sampling_params[0], rid=rids[0])]
+                else:
+                    outs = await client.generate_batch(input_ids, sampling_params, rids=rids)
+                req.set(weight_version=outs[0].weight_version, tokens=sum(len(o.output_ids) for o in outs))
         except EngineError as e:
             if slot.incarnation == incarnation and slot.state == "serving" and e.status is None \
                     and await slot.process.exited_within(DEATH_GRACE_S):
@@ -201,16 +210,17 @@ class EngineSet:
                 raise EngineLost(e.url, e.route, f"engine {slot.index} failed: {e.reason}") from e
             raise
         finally:
-            slot.in_flight -= 1
+            slot.in_flight -= len(input_ids)
         if slot.incarnation == incarnation:
             slot.last_progress = time.monotonic()
             if first is not None and slot.pending_first is first:
                 slot.pending_first = None
                 # the version of its first token: an answer frozen across a sync ends at a newer one
+                out = outs[0]
                 first.first_version = out.token_versions[0] if out.token_versions else out.weight_version
                 first.current_at_first = sent_at_version
-        self.generated_tokens += len(out.output_ids)
-        return out
+        self.generated_tokens += sum(len(o.output_ids) for o in outs)
+        return outs
 
     # -- weight syncs ----------------------------------------------------------------------------
     async def sync_weights(self, path: str | Path, version: int, pause_mode: str) -> float:

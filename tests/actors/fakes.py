@@ -69,6 +69,10 @@ class FakeEngines:
                               completion_tokens=len(out), latency_s=0.0,
                               token_versions=versions if self.report_token_versions else None)
 
+    async def generate_batch(self, input_ids, sampling_params, *, rids=None) -> list[GenerateOutput]:
+        """The batch form: each member runs as its own request; the answer waits for all of them."""
+        return list(await asyncio.gather(*(self.generate(i, p) for i, p in zip(input_ids, sampling_params))))
+
     async def _count(self, *, in_flight: int = 0, parked: int = 0) -> None:
         async with self._changed:
             self._in_flight += in_flight
