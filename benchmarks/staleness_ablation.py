@@ -1,4 +1,4 @@
-"""Staleness ablation and over-provisioning throughput, on the harder recipe (``copy_long``).
+"""Staleness ablation (on ``copy4``) and over-provisioning throughput (on ``copy_long``).
 
     python benchmarks/staleness_ablation.py ablation --jobs 5 --out runs/ablation
     python benchmarks/staleness_ablation.py overprov --jobs 4 --out runs/overprov
@@ -9,8 +9,8 @@
   - staleness: ``--use-tis --tis-clip-by-staleness 2,1.5,1.25,1.1`` (tighter caps for older tokens)
   Reports final eval reward (mean and min..max over seeds), wall time, and time to an eval reward
   threshold, and compares each setting with synchronous training (``--max-staleness 0``, none).
-``overprov``: the same recipe with and without ``--over-sampling-batch-size`` (APRIL), reporting
-  trained samples per second and engine tokens per second, and the ratio of each.
+``overprov``: the long-tailed recipe with and without ``--over-sampling-batch-size`` (APRIL),
+  reporting trained samples per second and engine tokens per second, and their ratio.
 
 Every run is a real ``python -m runtime.launch`` subprocess with its own run directory; ``--jobs``
 run at once (each uses three single-threaded processes: driver, engine, trainer), so give each job
@@ -66,7 +66,8 @@ def _batch(flags: list[str]) -> int:
 
 
 def grid(mode: str, args: argparse.Namespace) -> dict[str, list[str]]:
-    base = ["--recipe", "copy_long", "--num-rollout", str(args.num_rollout), "--eval-interval", str(args.eval_interval)]
+    recipe = args.recipe or ("copy4" if mode == "ablation" else "copy_long")
+    base = ["--recipe", recipe, "--num-rollout", str(args.num_rollout), "--eval-interval", str(args.eval_interval)]
     runs = {}
     for seed in args.seeds:
         if mode == "ablation":
@@ -159,7 +160,7 @@ def plot(results: list[dict], out: Path, mode: str) -> None:
         ax.plot(t, y, marker=".", label=f"{label} (n={len(rs)})")
     ax.set_xlabel("wall time (s)")
     ax.set_ylabel("eval reward (mean over seeds)")
-    ax.set_title(f"copy_long: eval reward against wall time ({mode})")
+    ax.set_title(f"eval reward against wall time ({mode})")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -174,10 +175,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 3])
     ap.add_argument("--staleness", type=lambda s: [int(x) for x in s.split(",")], default=None)
     ap.add_argument("--corrections", type=lambda s: s.split(","), default=list(CORRECTIONS))
+    ap.add_argument("--recipe", default=None, help="default: copy4 (ablation), copy_long (overprov)")
     ap.add_argument("--num-rollout", type=int, default=300)
-    ap.add_argument("--eval-interval", type=int, default=25)
+    ap.add_argument("--eval-interval", type=int, default=20)
     ap.add_argument("--over-sampling", type=int, default=32)
-    ap.add_argument("--threshold", type=float, default=0.8)
+    ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--report-only", action="store_true", help="rebuild table and plot from results.jsonl")
     args = ap.parse_args()

@@ -20,7 +20,7 @@ class Recipe:
 def _registry() -> dict[str, Recipe]:
     from launchers.recipes import copy_digits, copy_long
 
-    return {r.name: r for r in (copy_digits.RECIPE, copy_long.RECIPE)}
+    return {r.name: r for r in (copy_digits.RECIPE, copy_digits.RECIPE_4, copy_long.RECIPE)}
 
 
 def get_recipe(name: str) -> Recipe:

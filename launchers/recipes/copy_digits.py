@@ -12,6 +12,7 @@ Of the 1000 possible prompts, ``eval_num_prompts`` are held out for evaluation.
 
 from __future__ import annotations
 
+import functools
 import random
 
 from buffers.types import Prompt, Sample
@@ -30,9 +31,9 @@ def reward(prompt: Prompt, sample: Sample) -> float:
     return (4 * right / len(prompt.label) + well_formed) / 5
 
 
-def make_task(*, seed: int, eval_num_prompts: int) -> Task:
+def make_task(*, seed: int, eval_num_prompts: int, digits: int = DIGITS) -> Task:
     tok = word_tokenizer([str(d) for d in range(10)] + ["="])
-    triples = [f"{i:0{DIGITS}d}" for i in range(10**DIGITS)]
+    triples = [f"{i:0{digits}d}" for i in range(10**digits)]
     random.Random(seed).shuffle(triples)
     if not 0 < eval_num_prompts < len(triples):
         raise ValueError(f"eval_num_prompts must be in 1..{len(triples) - 1}")
@@ -59,4 +60,12 @@ RECIPE = Recipe(
     # plateaued at 0.63-0.71 on seed 2: a digit position the policy stopped exploring)
     defaults={"rollout": {"rollout_max_response_len": 6, "num_rollout": 400}, "optimizer": {"lr": 5e-4}},
     make_task=make_task,
+)
+
+
+RECIPE_4 = Recipe(
+    name="copy4",
+    description="copy four digits: the default task made harder, for the staleness ablation",
+    defaults={"rollout": {"rollout_max_response_len": 7, "num_rollout": 300}, "optimizer": {"lr": 5e-4}},
+    make_task=functools.partial(make_task, digits=4),
 )
