@@ -153,11 +153,15 @@ def plot(results: list[dict], out: Path, mode: str) -> None:
     for r in results:
         if r.get("evals"):
             groups.setdefault(r["name"].rsplit("-", 1)[0], []).append(r)
-    for label, rs in sorted(groups.items()):
+    colors = {}  # one colour per max_staleness, one line style per variant
+    styles = {"none": "-", "tis": "--", "staleness": ":", "over0": "-"}
+    for label, rs in sorted(groups.items(), key=lambda kv: (int(kv[0].split("-")[0][1:]), kv[0])):
+        stale, variant = label.split("-")
+        color = colors.setdefault(stale, f"C{len(colors)}")
         n = min(len(r["evals"]) for r in rs)
         t = [statistics.mean(r["evals"][i][0] for r in rs) for i in range(n)]
         y = [statistics.mean(r["evals"][i][2] for r in rs) for i in range(n)]
-        ax.plot(t, y, marker=".", label=f"{label} (n={len(rs)})")
+        ax.plot(t, y, marker=".", color=color, linestyle=styles.get(variant, "-."), label=f"{label} (n={len(rs)})")
     ax.set_xlabel("wall time (s)")
     ax.set_ylabel("eval reward (mean over seeds)")
     ax.set_title(f"eval reward against wall time ({mode})")
