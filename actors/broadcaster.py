@@ -17,6 +17,7 @@ disk until a newer one is served: a restarted engine loads them before it serves
 from __future__ import annotations
 
 import asyncio
+import collections
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ import msgspec
 
 from buffers.buffer import StalenessBuffer
 from runtime import trace
+
+RECENT_SYNCS = 1000  # records kept (a long run keeps flat memory; totals cover every sync)
 
 
 class SyncRecord(msgspec.Struct):
@@ -54,7 +57,8 @@ class WeightBroadcaster:
         self.buffer = buffer
         self.timeout_s = timeout_s
         self.served_version = served_version
-        self.records: list[SyncRecord] = []
+        self.records: collections.deque[SyncRecord] = collections.deque(maxlen=RECENT_SYNCS)  # the latest
+        self.synced, self.total_s, self.paused_s = 0, 0.0, 0.0  # over the whole run
         self._published: tuple[int, Path] | None = None
         self._served_path: Path | None = None  # kept for refits until superseded
         self._changed = asyncio.Condition()
@@ -90,6 +94,7 @@ class WeightBroadcaster:
             raise WeightSyncError(f"weight sync to version {version} took over {self.timeout_s}s") from None
         end = time.monotonic()
         self.records.append(SyncRecord(version=version, total_s=end - start, paused_s=paused_s))
+        self.synced, self.total_s, self.paused_s = self.synced + 1, self.total_s + end - start, self.paused_s + paused_s
         with trace.lane("broadcaster", since=start) as lane:  # the sync, and the pause that ends it
             lane.record("weight sync", start, end, version=version)
             lane.record("paused", end - paused_s, end, version=version)

@@ -45,9 +45,10 @@ def sample(root: psutil.Process) -> dict[str, float]:
     return out
 
 
-def quarters(values: list[float]) -> tuple[float, float]:
+def quarters(values: list[float]) -> tuple[float, float, float]:
+    """Means of the first, second and last quarter (the first holds start-up: imports, model load)."""
     q = max(1, len(values) // 4)
-    return statistics.mean(values[:q]), statistics.mean(values[-q:])
+    return statistics.mean(values[:q]), statistics.mean(values[q:2 * q] or values[:q]), statistics.mean(values[-q:])
 
 
 def main() -> None:
@@ -86,15 +87,16 @@ def main() -> None:
         print(f"restarts {len(rec)}: recovery (fault -> serving) mean {statistics.mean(rec):.1f}s, "
               f"median {statistics.median(rec):.1f}s, max {max(rec):.1f}s; first request older than current: "
               f"{len(stale_first)}")
-    print("\n| process | RSS MiB, first quarter | last quarter | change |\n|---|---|---|---|")
+    (args.out / "rss.jsonl").write_text("".join(json.dumps({"t": t, **r}) + "\n" for t, r in rss))
+    print("\n| process | RSS MiB, first quarter | second quarter | last quarter | last vs second |\n"
+          "|---|---|---|---|---|")
     for name in sorted({k for _, s in rss for k in s}):
-        values = [s[name] for _, s in rss if name in s]
-        a, b = quarters(values)
-        print(f"| {name} | {a:.0f} | {b:.0f} | {100 * (b - a) / a:+.1f}% |")
-    print("\n| queue | first quarter | last quarter |\n|---|---|---|")
+        a, b, c = quarters([s[name] for _, s in rss if name in s])
+        print(f"| {name} | {a:.0f} | {b:.0f} | {c:.0f} | {100 * (c - b) / b:+.1f}% |")
+    print("\n| queue | first quarter | second quarter | last quarter |\n|---|---|---|---|")
     for key in ("buffer/groups", "buffer/pending", "ledger/in_flight"):
-        a, b = quarters([x[key] for x in lines if x.get(key) is not None])
-        print(f"| {key} | {a:.1f} | {b:.1f} |")
+        a, b, c = quarters([x[key] for x in lines if x.get(key) is not None])
+        print(f"| {key} | {a:.1f} | {b:.1f} | {c:.1f} |")
 
 
 if __name__ == "__main__":

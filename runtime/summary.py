@@ -15,7 +15,7 @@ def summarize(s: Scheduler, *, status: str, error: str = "") -> dict[str, Any]:
     a = s.a
     ledger = a.ledger.counts()
     evals = sorted(s.evals, key=lambda e: e.version)
-    syncs = a.broadcaster.records
+    syncs = a.broadcaster
     counters = a.rollout_counters() | dict(s.counters) | dict(a.generator.expired)
     return {
         "status": status,
@@ -37,8 +37,8 @@ def summarize(s: Scheduler, *, status: str, error: str = "") -> dict[str, Any]:
             for r in a.engines.restart_records
         ],
         "weight_sync": {
-            "count": len(syncs),
-            "mean_s": sum(r.total_s for r in syncs) / len(syncs) if syncs else None,
-            "mean_paused_s": sum(r.paused_s for r in syncs) / len(syncs) if syncs else None,
+            "count": syncs.synced,
+            "mean_s": syncs.total_s / syncs.synced if syncs.synced else None,
+            "mean_paused_s": syncs.paused_s / syncs.synced if syncs.synced else None,
         },
     }
