@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import msgspec
+import psutil
 
 from buffers.buffer import StalenessBuffer
 from buffers.types import Group
@@ -102,10 +103,30 @@ def training_alone(argv: list[str], run_dir: Path, batches: list[list[Group]], w
     return per_step(times, warmup)
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this process and each child, by role."""
+    me = psutil.Process()
+    out = {"driver": sum(me.cpu_times()[:2])}
+    for child in me.children(recursive=True):
+        cmd = " ".join(child.cmdline())
+        role = "engine" if "policies.engine.server" in cmd else "trainer" if "trainer_process" in cmd else "other"
+        out[role] = out.get(role, 0.0) + sum(child.cpu_times()[:2])
+    return out
+
+
 async def whole_loop(argv: list[str], run_dir: Path, warmup: int) -> tuple[float, dict[str, float]]:
     cfg = cli.resolve(argv + ["--run-dir", str(run_dir)])
     weights = Path(tempfile.mkdtemp())
     sched = build(cfg, prepare_run_dir(cfg), weights, Progress(total_steps=1, mode="off"))
+    marks: list[dict[str, float]] = []  # CPU at the end of warm-up and at the last step
+    on_step = sched.a.learner.on_step
+
+    def count_cpu(rec):  # noqa: ANN001, ANN202
+        on_step(rec)
+        if rec.step in (warmup + 1, sched.a.learner.num_steps):
+            marks.append(cpu_seconds())
+
+    sched.a.learner.on_step = count_cpu
     try:
         await sched.run()
     finally:
@@ -113,6 +134,8 @@ async def whole_loop(argv: list[str], run_dir: Path, warmup: int) -> tuple[float
     lines = read_metrics(run_dir / "metrics.jsonl")[warmup:]
     waits = {k: sum(line[k] for line in lines) / len(lines) for k in ("learner/wait_frac", "generator/wait_frac")}
     waits["staleness/mean"] = sum(line["staleness/mean"] for line in lines) / len(lines)
+    steps = sched.a.learner.num_steps - warmup - 1
+    waits |= {f"cpu/{k}": (marks[1][k] - marks[0].get(k, 0.0)) / steps for k in marks[1]}
     return per_step([line["time_s"] for line in read_metrics(run_dir / "metrics.jsonl")], warmup), waits
 
 
@@ -143,8 +166,12 @@ def main() -> None:
     print(f"| async loop (max_staleness {args.max_staleness}) | {asy:.4f} | {asy / bound:.2f} x max(G,T), "
           f"{asy / sync:.2f} x sync |")
     for name, w in (("sync", sync_w), ("async", asy_w)):
+        cpu = {k[4:]: v for k, v in w.items() if k.startswith("cpu/")}
         print(f"{name}: learner wait {w['learner/wait_frac']:.0%}, generator idle {w['generator/wait_frac']:.0%}, "
-              f"mean staleness {w['staleness/mean']:.2f}")
+              f"mean staleness {w['staleness/mean']:.2f}; CPU s/step "
+              + ", ".join(f"{k} {v:.4f}" for k, v in sorted(cpu.items()))
+              + f"; total {sum(cpu.values()):.4f}, so {os.cpu_count()} cores need >= "
+              f"{sum(cpu.values()) / os.cpu_count():.4f} s/step")
     print(f"targets: async <= 1.15 x max(G,T): {'met' if asy <= 1.15 * bound else 'NOT met'}; "
           f"async <= 0.65 x sync: {'met' if asy <= 0.65 * sync else 'NOT met'}")
 
