@@ -27,6 +27,9 @@ class EvalResult(msgspec.Struct):
     wall_s: float
 
 
+EVAL_BATCH = 16
+
+
 class Evaluator:
     def __init__(self, *, prompts: list[Prompt], runner: SampleRunner, scorer: RewardScorer, n_samples: int = 1):
         self.prompts, self.runner, self.scorer, self.n_samples = prompts, runner, scorer, n_samples
@@ -37,7 +40,10 @@ class Evaluator:
         pairs = [(p, Sample(group_id=-1 - p.index, index=i, prompt_ids=p.input_ids))
                  for p in self.prompts for i in range(self.n_samples)]
         with trace.span("evaluator", "eval", version=version):
-            await asyncio.gather(*(self.runner.run(s) for _, s in pairs))
+            # batched requests (one HTTP call per EVAL_BATCH samples), like the generator's groups
+            samples = [s for _, s in pairs]
+            await asyncio.gather(*(self.runner.run_group(samples[i:i + EVAL_BATCH])
+                                   for i in range(0, len(samples), EVAL_BATCH)))
             await asyncio.gather(*(self.scorer.score(p, s) for p, s in pairs if s.trainable))
         samples = [s for _, s in pairs]
         versions = [v for s in samples for v in s.token_versions] or [version]

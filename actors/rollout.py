@@ -57,7 +57,7 @@ class SampleRunner:
         await self.run_group([sample])
 
     async def run_group(self, samples: list[Sample]) -> None:
-        """Drive ``samples`` (one group's, same prompt) to completion, one batched /generate per round.
+        """Drive ``samples`` (a group's, or any few) to completion, one batched /generate per round.
 
         Each round sends every still-pending sample as one member of a batch request (SGLang's
         batch form: one HTTP call for the group, not one per sample); members that come back
