@@ -25,13 +25,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def test_engines_killed_and_hung_mid_run_are_restarted_and_nothing_is_lost(tmp_path):
     run_dir = tmp_path / "chaos"
-    done = launch(run_dir, "--num-rollout", "60", "--rollout-num-engines", "2", "--chaos-kill-interval", "4",
-                  "--chaos-hang-at", "6", "--health-check-timeout", "3", "--max-engine-restarts", "50",
+    done = launch(run_dir, "--num-rollout", "120", "--rollout-num-engines", "2", "--chaos-kill-interval", "7",
+                  "--chaos-hang-at", "2", "--health-check-timeout", "2", "--max-engine-restarts", "50",
                   timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     ledger, counters = summary["ledger"], summary["counters"]
-    assert summary["steps"] == 60
+    assert summary["steps"] == 120
     assert ledger["duplicates"] == 0 and ledger["dropped"] == {}
     assert ledger["admitted"] == ledger["trained"] + ledger["in_flight"]
     assert counters["chaos_kills"] >= 2 and counters["chaos_hangs"] == 1
