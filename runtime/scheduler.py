@@ -237,6 +237,7 @@ class Scheduler:
             if idle > self.stall_timeout_s:
                 path = self.run_dir / "stall_dump.txt"
                 path.write_text(self.dump())
+                self.counters["watchdog_trips"] += 1  # in summary.json's counters
                 raise RunFailed(f"no learner step for {idle:.0f}s (--stall-timeout); what each actor "
                                 f"was waiting on is in {path}")
 

@@ -146,4 +146,5 @@ def test_a_hung_engine_trips_the_watchdog_with_a_dump_instead_of_hanging(tmp_pat
     assert time.monotonic() - started < 60
     dump = (run_dir / "stall_dump.txt").read_text()
     assert "learner: version" in dump and "waiting on buffer.get_batch" in dump
+    assert scheduler.counters["watchdog_trips"] == 1
     assert all(not p.alive for p in scheduler.a.engines.processes)
