@@ -115,9 +115,13 @@ class StalenessBuffer:
         return self._in_bound() or self._oversample()
 
     def _in_bound(self) -> bool:
+        return self.free_slots() > 0
+
+    def free_slots(self) -> int:
+        """Groups the admission rule (over-sampling aside) would admit right now."""
         live = self.admitted - self.dropped
         bound = (self.served_version + self.max_staleness + 1) * self.groups_per_step
-        return live < bound and self.untrained < self.capacity
+        return max(0, min(bound - live, self.capacity - self.untrained))
 
     def _oversample(self) -> bool:
         if not self.extra:
@@ -142,11 +146,31 @@ class StalenessBuffer:
             if self._closed:
                 raise Closed("buffer")
             self.oversampled += not self._in_bound()
-            group_id = admit()
-            ticket = Ticket(group_id, self.served_version, self.served_version + self.max_staleness)
-            self.admitted += 1
-            self._pending[group_id] = ticket.deadline_version
-            return ticket
+            return self._take(admit)
+
+    async def reserve_many(self, admit: Callable[[], int], count: int, *, clock: WaitClock | None = None
+                           ) -> list[Ticket]:
+        """``count`` slots at once, or none (no over-sampling): for a producer whose unit of work is
+        several groups (a multi-agent episode). Taking them one by one could leave it holding some
+        while it waits for the rest, and the learner waiting on those: a deadlock. All at once, it
+        holds none while it waits, so the learner can always be fed when ``count - 1 <=
+        capacity - groups_per_step`` (the caller's rule to check)."""
+        if not 1 <= count <= self.capacity:
+            raise ValueError(f"count {count} outside 1..capacity {self.capacity}")
+        async with self._changed:
+            if self.free_slots() < count and not self._closed:
+                with waiting(clock, "buffer.reserve"):
+                    await self._changed.wait_for(lambda: self.free_slots() >= count or self._closed)
+            if self._closed:
+                raise Closed("buffer")
+            return [self._take(admit) for _ in range(count)]
+
+    def _take(self, admit: Callable[[], int]) -> Ticket:
+        group_id = admit()
+        ticket = Ticket(group_id, self.served_version, self.served_version + self.max_staleness)
+        self.admitted += 1
+        self._pending[group_id] = ticket.deadline_version
+        return ticket
 
     async def put(self, group: Group) -> None:
         """A reserved group is scored and ready. Never blocks: its slot was reserved."""

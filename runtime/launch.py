@@ -181,6 +181,10 @@ async def train(cfg: Config, run_dir: Path, hosts: Hosts | None = None) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
+    from runtime import multi_launch  # several agents: [agents.NAME] tables or a multi-agent recipe
+
+    if multi_launch.requested(sys.argv[1:] if argv is None else argv):
+        return multi_launch.main(argv)
     cfg = cli.resolve(argv, prog="python -m runtime.launch")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import transformers

@@ -15,12 +15,15 @@ class Recipe:
     description: str
     defaults: dict[str, dict[str, Any]]  # config overrides, by section
     make_task: Callable[..., Any]  # (seed=int, eval_num_prompts=int) -> Task
+    # a multi-agent recipe (runtime/agents.py): its [agents.NAME] tables and its [episodes] table
+    agents: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    episodes: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def _registry() -> dict[str, Recipe]:
-    from launchers.recipes import copy_digits, copy_long
+    from launchers.recipes import coevolve, copy_digits, copy_long
 
-    return {r.name: r for r in (copy_digits.RECIPE, copy_digits.RECIPE_4, copy_long.RECIPE)}
+    return {r.name: r for r in (copy_digits.RECIPE, copy_digits.RECIPE_4, copy_long.RECIPE, coevolve.RECIPE)}
 
 
 def get_recipe(name: str) -> Recipe:

@@ -70,9 +70,11 @@ def test_reward_that_raises_or_hangs_is_counted_and_run_completes(tmp_path):
 
 def test_ctrl_c_stops_cleanly_without_orphans(tmp_path):
     run_dir = tmp_path / "int"
+    # SIGINT as a terminal delivers it, even if this test runs in a background job (which ignores it)
     proc = subprocess.Popen([sys.executable, "-m", "runtime.launch", "--run-dir", str(run_dir),
                              "--num-rollout", "100000", "--progress", "off"], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     try:
         metrics = run_dir / "metrics.jsonl"
         deadline = time.monotonic() + 120
