@@ -21,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -160,11 +161,20 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
 
 async def train(cfg: Config, run_dir: Path, hosts: Hosts | None = None) -> dict[str, Any]:
     progress = Progress(total_steps=cfg.rollout.num_steps, mode=cfg.run.progress)
+    return await run_and_record(
+        run_dir, lambda weights: build(cfg, run_dir, weights, progress, hosts),
+        lambda scheduler, status, error: summarize(scheduler, status=status, error=error))
+
+
+async def run_and_record(run_dir: Path, make: Callable[[Path], Any],
+                         summarize_run: Callable[[Any, str, str], dict[str, Any]]) -> dict[str, Any]:
+    """Build a scheduler on a fresh weights directory (``make``), run it, and write ``summary.json``
+    however it ends (completed, interrupted, failed); shared by the one- and multi-agent launchers."""
     weights = weights_dir()
-    scheduler: Scheduler | None = None
+    scheduler = None
     status, error = "failed", ""
     try:
-        scheduler = build(cfg, run_dir, weights, progress, hosts)
+        scheduler = make(weights)
         await scheduler.run()
         status = "completed"
     except asyncio.CancelledError:
@@ -175,7 +185,7 @@ async def train(cfg: Config, run_dir: Path, hosts: Hosts | None = None) -> dict[
         raise
     finally:
         shutil.rmtree(weights, ignore_errors=True)
-        summary = summarize(scheduler, status=status, error=error) if scheduler else {"status": status}
+        summary = summarize_run(scheduler, status, error) if scheduler else {"status": status}
         write_json(run_dir / "summary.json", summary)
     return summary
 

@@ -19,10 +19,8 @@ no checkpoints (``--save``/``--load``) yet.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import os
-import shutil
 import sys
 import time
 import tomllib
@@ -41,7 +39,7 @@ from runtime import config as C
 from runtime.agents import Agent, AgentConfig, EpisodesConfig, agent_configs
 from runtime.engines import EngineSet
 from runtime.errors import RunFailed
-from runtime.metrics import MetricsLog, write_json
+from runtime.metrics import MetricsLog
 from runtime.multi import MultiScheduler
 from runtime.plugins import load_function
 from runtime.progress import Progress
@@ -195,24 +193,9 @@ async def train(mc: MultiConfig, run_dir: Path) -> dict[str, Any]:
     mode = "off" if mc.base.run.progress == "off" else "lines"  # the dashboard shows one agent
     total = sum(ac.num_steps for ac in mc.agents.values() if not ac.frozen)
     progress = Progress(total_steps=total, mode=mode)
-    weights = launch.weights_dir()
-    scheduler: MultiScheduler | None = None
-    status, error = "failed", ""
-    try:
-        scheduler = build(mc, run_dir, weights, progress)
-        await scheduler.run()
-        status = "completed"
-    except asyncio.CancelledError:
-        status, error = "interrupted", "interrupted (Ctrl-C)"
-        raise
-    except RunFailed as e:
-        error = str(e)
-        raise
-    finally:
-        shutil.rmtree(weights, ignore_errors=True)
-        summary = scheduler.summary(status=status, error=error) if scheduler else {"status": status}
-        write_json(run_dir / "summary.json", summary)
-    return summary
+    return await launch.run_and_record(
+        run_dir, lambda weights: build(mc, run_dir, weights, progress),
+        lambda scheduler, status, error: scheduler.summary(status=status, error=error))
 
 
 def prepare_run_dir(mc: MultiConfig) -> Path:
