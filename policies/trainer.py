@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from buffers.types import Group, Sample
+from policies import weight_sync
 from policies.advantages import grpo_advantages
 from policies.correction import bucket_stats, importance_weight
 from policies.loss import kl_penalty, masked_mean, ppo_clip
@@ -56,6 +57,11 @@ class TokenBatch:
     staleness: torch.Tensor  # (B, L-1) long: learner version - token version; 0 off the response
     advantages: torch.Tensor  # (B, 1) float
 
+    def to(self, device: torch.device) -> TokenBatch:
+        if device.type == "cpu":
+            return self
+        return TokenBatch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
 
 def collate(samples: list[Sample], advantages: list[float], pad_id: int, *, version: int) -> TokenBatch:
     """Pad ``samples`` into one batch trained at policy ``version`` (which dates each token)."""
@@ -81,12 +87,22 @@ def collate(samples: list[Sample], advantages: list[float], pad_id: int, *, vers
 
 
 class PolicyTrainer:
+    """``device``: "cpu" or "cuda" (the process's first visible GPU, which placement assigns). On a
+    GPU the fp32 master weights train under bf16 autocast (the engines serve bf16).
+    ``version``: the policy version of the loaded weights; each step advances it, so a weight
+    broadcast knows which version it sends."""
+
     def __init__(self, model_path: str | Path, *, grpo: GrpoConfig, optim: OptimizerConfig,
-                 temperature: float, pad_id: int, threads: int = 1):
+                 temperature: float, pad_id: int, threads: int = 1, device: str = "cpu", version: int = 0):
         torch.set_num_threads(threads)
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device.index or 0)
         self.grpo, self.temperature, self.pad_id = grpo, max(temperature, 1e-6), pad_id
-        self.model = load_causal_lm(model_path).train()
-        self.ref = load_causal_lm(model_path).eval() if grpo.use_kl_loss else None
+        self.version = version
+        self.model = load_causal_lm(model_path).to(self.device).train()
+        self.ref = load_causal_lm(model_path).to(self.device).eval() if grpo.use_kl_loss else None
+        self._sender: weight_sync.Sender | None = None  # the weight-update group, once joined
         self.clip_grad = optim.clip_grad
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
@@ -94,7 +110,9 @@ class PolicyTrainer:
         )
 
     def _token_logp(self, model: torch.nn.Module, tb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(input_ids=tb.input_ids, attention_mask=tb.attention_mask).logits[:, :-1].float()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            out = model(input_ids=tb.input_ids, attention_mask=tb.attention_mask)
+        logits = out.logits[:, :-1].float()
         logp_all = torch.log_softmax(logits / self.temperature, dim=-1)
         logp = logp_all.gather(-1, tb.input_ids[:, 1:, None]).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -109,7 +127,7 @@ class PolicyTrainer:
                                 normalize_std=self.grpo.normalize_advantage_std)
             samples += g.samples
             advs += a
-        tb = collate(samples, advs, self.pad_id, version=version)
+        tb = collate(samples, advs, self.pad_id, version=version).to(self.device)
         logp, entropy = self._token_logp(self.model, tb)
         old_logp = logp.detach()  # one step per batch: proximal policy == current (module doc)
         eps_high = self.grpo.eps_clip_high if self.grpo.eps_clip_high is not None else self.grpo.eps_clip
@@ -130,6 +148,7 @@ class PolicyTrainer:
         max_norm = self.clip_grad if self.clip_grad > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()
+        self.version = version + 1
         return StepStats(
             loss=loss.item(), pg_clipfrac=float(masked_mean(clipped, tb.mask)),
             tis_mean=float(masked_mean(w, tb.mask)), tis_clipfrac=float(masked_mean(bounded.float(), tb.mask)),
@@ -143,15 +162,48 @@ class PolicyTrainer:
         return importance_weight(prox_logp, tb.behavior_logp, tb.mask, tb.staleness, level=g.tis_level,
                                  mode=g.tis_mode, low=g.tis_clip_low, high=g.tis_clip, caps=g.tis_clip_by_staleness)
 
+    # -- the collective weight transport (policies/weight_sync.py): rank 0 of the update group --
+    def weight_group_endpoint(self, host: str = "127.0.0.1") -> tuple[str, int]:
+        """Where this trainer will host the group's rendezvous: its address and a free port."""
+        return host, weight_sync.free_port(host)
+
+    def init_weight_group(self, master_address: str, master_port: int, world_size: int, backend: str,
+                          group_name: str, timeout_s: float, dtype: str, bucket_bytes: int) -> list[bytes]:
+        """Join as rank 0 (blocks until the engines have joined); returns the bucket plan,
+        msgpack-encoded ``BucketMeta``s, that the engines are told bucket by bucket."""
+        self.destroy_weight_group()
+        self._sender = weight_sync.Sender(
+            weight_sync.new_group(backend=backend, master_address=master_address, master_port=master_port, rank=0,
+                                  world_size=world_size, group_name=group_name, timeout_s=timeout_s),
+            self._served_tensors(), dtype=weight_sync.dtype_of(dtype), bucket_bytes=bucket_bytes)
+        return [msgspec.msgpack.encode(m) for m in self._sender.plan]
+
+    def broadcast_weights(self) -> int:
+        """Send every bucket to the group; returns the version sent."""
+        if self._sender is None:
+            raise RuntimeError("broadcast_weights before init_weight_group")
+        self._sender.send()
+        return self.version
+
+    def destroy_weight_group(self) -> None:
+        if self._sender is not None:
+            self._sender.close()
+            self._sender = None
+
+    def _served_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        """What engines load: the state dict, a tied output head once (as HF checkpoints save it)."""
+        state = self.model.state_dict()
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)
+        return list(state.items())
+
     def close(self) -> None:
         """Nothing to release in-process (``TrainerProcess`` has a process to stop)."""
 
     def save_weights(self, out_dir: Path) -> Path:
         """Write the current weights as one safetensors file engines can load in place."""
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous() for k, v in self.model.state_dict().items()}
-        if getattr(self.model.config, "tie_word_embeddings", False):
-            state.pop("lm_head.weight", None)  # tied: saved once, as HF checkpoints do
+        state = {k: v.detach().contiguous().cpu() for k, v in self._served_tensors()}
         save_file(state, str(out_dir / "model.safetensors"))
         return out_dir
 

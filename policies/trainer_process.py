@@ -29,6 +29,8 @@ from buffers.types import Group
 from policies.engine.process import PROJECT_ROOT, die_with_parent_preexec
 from policies.trainer import StepStats
 
+PASSTHROUGH = frozenset({"weight_group_endpoint", "init_weight_group", "broadcast_weights", "destroy_weight_group"})
+
 
 class TrainerDied(RuntimeError):
     pass
@@ -62,6 +64,19 @@ class TrainerProcess:
 
     def load_checkpoint(self, ckpt_dir: str | Path) -> None:
         self._call("load_checkpoint", str(ckpt_dir))
+
+    # the collective weight transport (PolicyTrainer's methods of the same names)
+    def weight_group_endpoint(self, host: str = "127.0.0.1") -> tuple[str, int]:
+        return tuple(self._call("call", ("weight_group_endpoint", (host,))))
+
+    def init_weight_group(self, *args: Any) -> list[bytes]:
+        return self._call("call", ("init_weight_group", args))
+
+    def broadcast_weights(self) -> int:
+        return self._call("call", ("broadcast_weights", ()))
+
+    def destroy_weight_group(self) -> None:
+        self._call("call", ("destroy_weight_group", ()))
 
     @property
     def pid(self) -> int:
@@ -113,6 +128,9 @@ def _serve(conn: Connection) -> None:
                 result = trainer.save_checkpoint(Path(arg))
             elif method == "load_checkpoint":
                 result = trainer.load_checkpoint(Path(arg))
+            elif method == "call" and arg[0] in PASSTHROUGH:
+                name, args = arg
+                result = getattr(trainer, name)(*args)
             else:
                 raise ValueError(f"unknown method {method!r}")
             conn.send((True, result))

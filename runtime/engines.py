@@ -40,6 +40,7 @@ from policies.engine.process import EngineProcess, EngineStartError
 from runtime import trace
 from runtime.config import FaultConfig
 from runtime.errors import RunFailed
+from runtime.weight_transport import CollectiveWeights
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ class EngineSet:
         self.fault = fault or FaultConfig()
         self.initial_version = weight_version
         # what a replacement must load before it serves: (version, weights dir)
-        self.current: tuple[int, str] = (weight_version, self.model_path)
+        self.current: tuple[int, str | None] = (weight_version, self.model_path)  # None: broadcast
+        self.collective: CollectiveWeights | None = None  # the trainer's broadcast, when it is the transport
         self.slots = [Slot(i, self._new_process(i)) for i in range(n)]
         self.generated_tokens = 0
         self.counters: collections.Counter[str] = collections.Counter()
@@ -223,18 +225,22 @@ class EngineSet:
         return outs
 
     # -- weight syncs ----------------------------------------------------------------------------
-    async def sync_weights(self, path: str | Path, version: int, pause_mode: str) -> float:
-        """Pause -> load ``path`` as ``version`` -> continue, on every serving engine; returns the
-        seconds generation was paused. An engine failing here is failed and restarted (it will
-        refit to this version); the sync goes on with the others."""
+    async def sync_weights(self, path: str | Path | None, version: int, pause_mode: str) -> float:
+        """Pause -> load ``version`` -> continue, on every serving engine; returns the seconds
+        generation was paused. ``path``: the weights' files (shared memory); None: the trainer
+        broadcasts them (``self.collective``). An engine failing here is failed and restarted (it
+        will refit to this version); the sync goes on with the others."""
         async with self._control:
             self._syncing, self._sync_epoch = True, self._sync_epoch + 1
             try:
                 await self._on_each("pause", lambda c: c.pause(pause_mode))
                 paused = time.monotonic()
-                await self._on_each("weight update", lambda c: c.update_weights_from_disk(
-                    str(path), weight_version=str(version)))
-                self.current = (version, str(path))
+                if path is None:
+                    await self._broadcast(version)
+                else:
+                    await self._on_each("weight update", lambda c: c.update_weights_from_disk(
+                        str(path), weight_version=str(version)))
+                self.current = (version, None if path is None else str(path))
                 await self._on_each("continue", lambda c: c.resume())
                 return time.monotonic() - paused
             finally:
@@ -242,6 +248,25 @@ class EngineSet:
                 now = time.monotonic()
                 for s in self.serving():
                     s.last_progress = max(s.last_progress, now)  # a pause is not a stall
+
+    async def _broadcast(self, version: int) -> None:
+        """One collective sync over the serving engines. An engine failing in it breaks the group
+        for everyone: it is failed, and the sync is retried once over the others (new group)."""
+        assert self.collective is not None, "a sync without files needs the collective transport"
+        for attempt in (1, 2):
+            targets = [((s.index, s.incarnation), s) for s in self.serving()]
+            if not targets:
+                return  # replacements refit when they start
+            try:
+                await self.collective.send([(key, s.client) for key, s in targets], version)
+                return
+            except Exception as e:  # noqa: BLE001 - whoever broke it is found below, else re-raised
+                broken = [s for _, s in targets if not s.process.alive
+                          or (isinstance(e, EngineError) and s.client is not None and s.client.base_url == e.url)]
+                if not broken or attempt == 2:
+                    raise
+                for s in broken:
+                    self._fail(s, f"weight broadcast failed: {e}")
 
     async def _on_each(self, what: str, call) -> None:  # noqa: ANN001 - call: EngineClient -> awaitable
         async def one(slot: Slot) -> None:
@@ -354,7 +379,10 @@ class EngineSet:
                 client = EngineClient(url, timeout_s=self.timeout_s)
                 async with self._control:
                     version, path = self.current
-                    if version != self.initial_version:
+                    if path is None and version != self.initial_version:  # refit alone by broadcast
+                        assert self.collective is not None
+                        version = await self.collective.send([((slot.index, slot.incarnation), client)], None)
+                    elif version != self.initial_version:
                         await client.update_weights_from_disk(path, weight_version=str(version))
                     reported = await client.get_weight_version()
                     if reported != str(version):

@@ -284,6 +284,40 @@ class EngineClient:
         body = {"new_version": new_version, "abort_all_requests": abort_all_requests}
         await self._call("POST", "/update_weight_version", body)
 
+    async def init_weights_update_group(self, *, master_address: str, master_port: int, rank_offset: int,
+                                        world_size: int, group_name: str, backend: str,
+                                        timeout_s: float | None = None) -> None:
+        """Join the learner's weight-update group (returns once every rank has joined)."""
+        body = {"master_address": master_address, "master_port": master_port, "rank_offset": rank_offset,
+                "world_size": world_size, "group_name": group_name, "backend": backend}
+        await self._weights_call("/init_weights_update_group", body, timeout_s)
+
+    async def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]],
+                                              group_name: str, weight_version: str | None,
+                                              load_format: str | None = "flattened_bucket",
+                                              timeout_s: float | None = None) -> None:
+        """Receive one bucket the learner broadcasts in the group; returns once it is loaded."""
+        body: dict[str, Any] = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
+                                "flush_cache": False, "abort_all_requests": False, "load_format": load_format}
+        if weight_version is not None:
+            body["weight_version"] = weight_version
+        await self._weights_call("/update_weights_from_distributed", body, timeout_s)
+
+    async def destroy_weights_update_group(self, group_name: str) -> None:
+        await self._weights_call("/destroy_weights_update_group", {"group_name": group_name}, None)
+
+    async def _weights_call(self, route: str, body: dict[str, Any], timeout_s: float | None) -> None:
+        """SGLang answers these with {"success", "message"}; a refusal is an EngineError."""
+        try:
+            raw = await self._call("POST", route, body, timeout_s)
+        except EngineError as exc:
+            if exc.status == 400:  # refused: SGLang's message is in the body
+                raise EngineError(self.base_url, route, f"refused: {exc.reason}", status=400) from None
+            raise
+        result = self._decode(route, raw, WeightUpdateResult)
+        if not result.success:
+            raise EngineError(self.base_url, route, f"refused: {result.message}")
+
     # ---- transport ----------------------------------------------------------------------
 
     async def _call(self, method: str, route: str, body: Any, timeout_s: float | None = None) -> bytes:

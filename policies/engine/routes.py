@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from policies.engine import distributed
 from policies.engine.request import Completion
 from policies.engine.scheduler import ENGINE_ERROR, Scheduler
 from policies.engine.wire import (
@@ -75,6 +76,7 @@ def build_app(engine: Engine) -> web.Application:
             web.route("*", "/flush_cache", flush_cache),
         ]
     )
+    distributed.add_routes(app, engine.scheduler.runner.device)
     return app
 
 

@@ -207,6 +207,20 @@ class ModelRunner:
             pairs.append((live[name], tensor))
         return pairs
 
+    def pair_with_live(self, named: list[tuple[str, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Pair received tensors (part of the model: one bucket) with their live parameters.
+        Strict per name: an unknown name or a shape mismatch raises WeightLoadError."""
+        live = self.model.state_dict(keep_vars=True)
+        pairs = []
+        for name, tensor in named:
+            if name not in live:
+                raise WeightLoadError(f"unknown parameter {name!r} in the update")
+            if tuple(tensor.shape) != tuple(live[name].shape):
+                got, want = tuple(tensor.shape), tuple(live[name].shape)
+                raise WeightLoadError(f"shape mismatch for {name}: update {got} vs model {want}")
+            pairs.append((live[name], tensor))
+        return pairs
+
     @torch.no_grad()
     def apply_weights(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Copy checked tensors into the live parameters. Call only between steps."""

@@ -1,0 +1,137 @@
+"""The collective weight transport on CPUs (gloo): a real trainer process broadcasting to real
+engine processes over SGLang's /init_weights_update_group + /update_weights_from_distributed.
+The NCCL path is the same code with another backend; it runs on a lent GPU (benchmarks/gpu_sync.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import torch
+
+from policies import weight_sync
+from policies.engine.client import EngineClient, EngineError
+from policies.model import qwen3_config, write_random_checkpoint
+from policies.trainer_process import TrainerProcess
+from runtime.config import FaultConfig, GrpoConfig, OptimizerConfig
+from runtime.engines import EngineSet
+from runtime.weight_transport import CollectiveWeights, choose
+from tests.conftest import run
+
+GREEDY = {"temperature": 0.0, "max_new_tokens": 6, "ignore_eos": True}
+
+
+def test_buckets_round_trip_every_tensor_in_plan_order():
+    named = [("a", torch.randn(3, 4)), ("b", torch.randn(7)), ("c", torch.randn(2, 2, 2))]
+    plan = weight_sync.plan_buckets(named, dtype=torch.bfloat16, bucket_bytes=30)
+    assert [m.names for m in plan] == [["a"], ["b", "c"]]  # a (24 B) fills a bucket; b + c fit one
+    assert plan[1].nbytes == (7 + 8) * 2
+    got = {}
+    for meta in plan:
+        flat = weight_sync.flatten([t for n, t in named if n in meta.names], torch.bfloat16)
+        got.update(weight_sync.unflatten(flat, meta))
+    for name, tensor in named:
+        assert torch.equal(got[name], tensor.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="plan says"):
+        weight_sync.unflatten(torch.zeros(3, dtype=torch.uint8), plan[0])
+
+
+def test_auto_picks_nccl_only_for_gpus_of_their_own():
+    assert choose("auto", learner_gpus=1, engine_gpus=1, colocate=False) == "nccl"
+    assert choose("auto", learner_gpus=1, engine_gpus=1, colocate=True) == "shm"
+    assert choose("auto", learner_gpus=0, engine_gpus=0, colocate=False) == "shm"
+    assert choose("gloo", learner_gpus=0, engine_gpus=0, colocate=False) == "gloo"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(copy_task, tmp_path_factory):
+    tok = copy_task.tokenizer
+    cfg = qwen3_config(vocab_size=len(tok), num_layers=2, hidden_size=32, num_attention_heads=2, num_query_groups=1,
+                       ffn_hidden_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    root = tmp_path_factory.mktemp("ckpts")
+    return [write_random_checkpoint(root / f"v{i}", cfg, tok, seed=i) for i in range(2)], tok.pad_token_id
+
+
+def test_broadcast_brings_engines_to_the_trainers_weights_and_refits_a_replacement(checkpoints, tmp_path):
+    (v0, v1), pad_id = checkpoints
+    prompt = [1, 5, 6, 7]
+
+    async def scenario():
+        fault = FaultConfig(health_check_interval=0.2, health_check_timeout=5.0)
+        engines = EngineSet(model_path=v0, n=2, log_dir=tmp_path / "set", timeout_s=30, start_timeout_s=90,
+                            fault=fault)
+        reference = EngineSet(model_path=v1, n=1, log_dir=tmp_path / "ref", timeout_s=30, start_timeout_s=90)
+        # the trainer holds v1's weights at version 1; the engines serve v0 until the broadcast
+        trainer = TrainerProcess(v1, grpo=GrpoConfig(), optim=OptimizerConfig(), temperature=1.0, pad_id=pad_id,
+                                 version=1)
+        engines.collective = CollectiveWeights(trainer, backend="gloo", dtype="float32", bucket_bytes=8192,
+                                               timeout_s=60)
+        await asyncio.gather(engines.start(), reference.start())
+        monitor = asyncio.create_task(engines.monitor(), name="monitor")
+        try:
+            want = await reference.slots[0].client.generate(prompt, GREEDY)
+            before = await engines.slots[0].client.generate(prompt, GREEDY)
+            assert before.logprobs != want.logprobs  # v0 and v1 differ
+
+            await engines.sync_weights(None, 1, "in_place")
+            assert len(engines.collective.plan) > 1  # several buckets crossed
+            for slot in engines.slots:
+                got = await slot.client.generate(prompt, GREEDY)
+                assert (got.output_ids, got.logprobs, got.weight_version) == (want.output_ids, want.logprobs, "1")
+            assert engines.current == (1, None)
+
+            os.kill(engines.slots[0].process.pid, signal.SIGKILL)  # the replacement starts on v0's files
+            await engines.wait_until(lambda: engines.counters["engine_restarts"] == 1 or engines.fatal is not None)
+            assert engines.fatal is None
+            assert engines.restart_records[0].refit_version == 1
+            got = await engines.slots[0].client.generate(prompt, GREEDY)
+            assert (got.logprobs, got.weight_version) == (want.logprobs, "1")
+            assert engines.collective.members == ((0, 1),)  # refit alone in a group of two
+
+            await engines.sync_weights(None, 1, "in_place")  # the next sync regroups every engine
+            assert engines.collective.members == ((0, 1), (1, 0)) and engines.collective.regroups == 3
+            with pytest.raises(RuntimeError, match="sent version 1 for version 2"):
+                await engines.collective.send([((1, 0), engines.slots[1].client)], 2)
+        finally:
+            monitor.cancel()
+            trainer.close()
+            engines.collective.close()
+            await asyncio.gather(engines.stop(), reference.stop())
+
+    run(scenario(), timeout=240)
+
+
+def test_an_engine_refuses_a_bucket_that_does_not_match_its_model_after_receiving_it(checkpoints, tmp_path):
+    """The sender's collective must complete even when the receiver refuses what it got."""
+    (v0, _), _ = checkpoints
+
+    async def scenario():
+        engines = EngineSet(model_path=v0, n=1, log_dir=tmp_path, timeout_s=30, start_timeout_s=90)
+        await engines.start()
+        client: EngineClient = engines.slots[0].client
+        port = weight_sync.free_port()
+        loop = asyncio.get_running_loop()
+        try:
+            join = loop.run_in_executor(None, lambda: weight_sync.new_group(
+                backend="gloo", master_address="127.0.0.1", master_port=port, rank=0, world_size=2, group_name="g",
+                timeout_s=30))
+            _, pg = await asyncio.gather(client.init_weights_update_group(
+                master_address="127.0.0.1", master_port=port, rank_offset=1, world_size=2, group_name="g",
+                backend="gloo"), join)
+            meta = weight_sync.BucketMeta(["model.no_such.weight"], ["float32"], [[4]])
+            sent = loop.run_in_executor(None, weight_sync.broadcast, torch.ones(4).view(torch.uint8), pg)
+            with pytest.raises(EngineError, match="unknown parameter"):
+                await asyncio.gather(client.update_weights_from_distributed(
+                    names=meta.names, dtypes=meta.dtypes, shapes=meta.shapes, group_name="g", weight_version="9"),
+                    sent)
+            assert await client.get_weight_version() == "0"
+            with pytest.raises(EngineError, match="needs a CUDA engine"):
+                await client.init_weights_update_group(master_address="127.0.0.1", master_port=port, rank_offset=1,
+                                                       world_size=2, group_name="h", backend="nccl")
+        finally:
+            await engines.stop()
+
+    run(scenario(), timeout=120)
