@@ -38,7 +38,7 @@ class SyncRecord(msgspec.Struct):
 
 
 class ControlledEngines(Protocol):
-    async def sync_weights(self, path: str | Path, version: int, pause_mode: str) -> float:
+    async def sync_weights(self, path: str | Path | None, version: int, pause_mode: str) -> float:
         """Pause, load, continue on every engine; returns the seconds generation was paused."""
         ...
 
@@ -49,9 +49,12 @@ class WeightSyncError(RuntimeError):
 
 class WeightBroadcaster:
     def __init__(self, *, engines: ControlledEngines, buffer: StalenessBuffer, timeout_s: float,
-                 served_version: int = 0, pause_mode: str = "abort"):
+                 served_version: int = 0, pause_mode: str = "abort", collective: bool = False):
         if pause_mode not in ("abort", "in_place"):
             raise ValueError(f"pause_mode must be abort or in_place, got {pause_mode!r}")
+        # collective: the engines receive the weights from the trainer (runtime.weight_transport),
+        # so there are no files, and publish syncs at once: the trainer must not step mid-broadcast
+        self.wants_files = not collective
         self.pause_mode = pause_mode
         self.engines = engines
         self.buffer = buffer
@@ -63,8 +66,12 @@ class WeightBroadcaster:
         self._served_path: Path | None = None  # kept for refits until superseded
         self._changed = asyncio.Condition()
 
-    async def publish(self, version: int, path: Path) -> None:
-        """The learner's weights at ``version`` are in ``path``; returns at once."""
+    async def publish(self, version: int, path: Path | None) -> None:
+        """The learner's weights at ``version`` are in ``path``; returns at once. Without files
+        (collective), syncs now and returns once the engines serve ``version``."""
+        if not self.wants_files:
+            await self.sync(version, None)
+            return
         async with self._changed:
             stale = self._published
             self._published = (version, path)
@@ -85,7 +92,7 @@ class WeightBroadcaster:
                 self._published = None
             await self.sync(version, path)
 
-    async def sync(self, version: int, path: Path) -> None:
+    async def sync(self, version: int, path: Path | None) -> None:
         start = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -100,7 +107,7 @@ class WeightBroadcaster:
             lane.record("paused", end - paused_s, end, version=version)
         if self._served_path is not None:
             shutil.rmtree(self._served_path, ignore_errors=True)
-        self._served_path = path
+        self._served_path = path  # (None when collective: a refit is broadcast too)
         async with self._changed:
             self.served_version = version
             self._changed.notify_all()

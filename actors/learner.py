@@ -37,7 +37,10 @@ class Trainer(Protocol):
 
 
 class Publisher(Protocol):
-    async def publish(self, version: int, path: Path) -> None: ...
+    async def publish(self, version: int, path: Path | None) -> None:
+        """``path``: the weights' files, or None when the publisher reads them from the trainer
+        itself (a collective broadcast: then it returns once they are sent)."""
+        ...
 
 
 class StepRecord(msgspec.Struct):
@@ -92,10 +95,12 @@ class Learner:
                 self.version += 1
                 for g in batch:
                     self.ledger.trained(g.group_id)
-                with trace.span("learner", "save weights"):
-                    path = await loop.run_in_executor(
-                        self._pool, self.trainer.save_weights, self.weights_dir / f"v{self.version}"
-                    )
+                path = None
+                if getattr(self.publisher, "wants_files", True):  # else it broadcasts from the trainer
+                    with trace.span("learner", "save weights"):
+                        path = await loop.run_in_executor(
+                            self._pool, self.trainer.save_weights, self.weights_dir / f"v{self.version}"
+                        )
                 await self.publisher.publish(self.version, path)
                 self.on_step(_record(self.version, batch, stats, lags, train_s))
                 if self.after_step is not None:

@@ -40,9 +40,12 @@ class TrainerProcess:
     """``python -m policies.trainer_process`` over a socket pair: a plain subprocess rather than
     multiprocessing's spawn, which would re-import the caller's ``__main__`` (a user's script)."""
 
-    def __init__(self, model_path: str | Path, *, threads: int = 1, **trainer_kwargs: Any):
+    def __init__(self, model_path: str | Path, *, threads: int = 1, gpus: str | None = None, **trainer_kwargs: Any):
+        """``gpus``: CUDA_VISIBLE_DEVICES for the child (its ``cuda`` device is the first of them)."""
         ours, theirs = socket.socketpair()
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        if gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpus
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "policies.trainer_process", str(theirs.fileno())],

@@ -119,6 +119,11 @@ class PlacementConfig(Section):
     rollout_num_gpus: NonNeg = 0  # GPUs for all engines: --rollout-num-engines x per engine; 0: CPU
     rollout_num_gpus_per_engine: Pos = 1  # GPUs per engine (its tensor-parallel size)
     colocate: bool = False  # engines share the learner's GPUs (time-sliced) instead of their own
+    # how weights reach the engines (runtime/weight_transport.py): shm = a file in shared memory;
+    # nccl / gloo = a broadcast from the trainer's GPU / CPU memory; auto = nccl when the learner
+    # and the engines have GPUs of their own, else shm
+    weight_transport: Literal["auto", "shm", "nccl", "gloo"] = "auto"
+    weight_bucket_mb: Pos = 512  # largest broadcast bucket (the engine holds one beside its weights)
 
 
 class PerfConfig(Section):
@@ -126,6 +131,7 @@ class PerfConfig(Section):
 
     learner_threads: Pos = 1
     engine_threads: Pos = 1
+    engine_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on a GPU, float32 on CPUs
     engine_max_running_requests: Pos = 512
 
 
@@ -361,9 +367,9 @@ def _check_placement(cfg: Config) -> None:
     if p.colocate and p.rollout_num_gpus not in (0, learner_gpus):
         raise ConfigError("--colocate", f"colocated engines use the learner's {learner_gpus} GPU(s); "
                           f"--rollout-num-gpus must be 0 or {learner_gpus}, got {p.rollout_num_gpus}")
-    if cfg.run.backend == "local" and (learner_gpus or p.rollout_num_gpus):
-        raise ConfigError("--backend", "GPU placement (--actor-num-gpus-per-node, --rollout-num-gpus) "
-                          "needs --backend ray")
+    if p.weight_transport == "nccl" and not (learner_gpus and (p.rollout_num_gpus or p.colocate)):
+        raise ConfigError("--weight-transport", "nccl needs the learner and the engines on GPUs "
+                          "(--actor-num-gpus-per-node 1 --rollout-num-gpus N)")
 
 
 def to_toml_dict(cfg: Config) -> dict[str, Any]:

@@ -88,7 +88,7 @@ class Slot:
 class EngineSet:
     def __init__(self, *, model_path: str | Path, n: int, log_dir: Path, threads: int = 1,
                  max_running_requests: int = 512, timeout_s: float = 120.0, start_timeout_s: float = 180.0,
-                 fault: FaultConfig | None = None, weight_version: int = 0,
+                 fault: FaultConfig | None = None, weight_version: int = 0, dtype: str = "float32",
                  process_factory: Callable[..., EngineProcess] | None = None):
         self.model_path = str(model_path)
         # (index, model_path, **EngineProcess's keywords) -> engine ``index``'s process, for another
@@ -96,7 +96,7 @@ class EngineSet:
         # None: an EngineProcess, a subprocess of this process
         self.process_factory = process_factory
         self.log_dir = log_dir
-        self.threads = threads
+        self.threads, self.dtype = threads, dtype
         self.max_running_requests = max_running_requests
         self.timeout_s = timeout_s
         self.start_timeout_s = start_timeout_s
@@ -119,7 +119,8 @@ class EngineSet:
 
     def _new_process(self, i: int) -> EngineProcess:
         kwargs = dict(log_path=self.log_dir / f"engine{i}.log", torch_threads=self.threads,
-                      max_running_requests=self.max_running_requests, weight_version=str(self.initial_version))
+                      max_running_requests=self.max_running_requests, weight_version=str(self.initial_version),
+                      dtype=self.dtype)
         if self.process_factory is None:
             return EngineProcess(self.model_path, **kwargs)
         return self.process_factory(i, self.model_path, **kwargs)

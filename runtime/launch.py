@@ -37,11 +37,12 @@ from launchers.recipes.task import Task
 from policies.engine.process import EngineProcess
 from policies.model import qwen3_config, write_random_checkpoint
 from policies.trainer_process import TrainerProcess
-from runtime import checkpoint, cli, trace
+from runtime import checkpoint, cli, placement, trace, weight_transport
 from runtime.chaos import Chaos
 from runtime.config import Config, ConfigError, to_toml_dict
 from runtime.engines import EngineSet
 from runtime.ledger import Ledger
+from runtime.local_hosts import LocalHosts, gpus_asked
 from runtime.metrics import MetricsLog, write_json
 from runtime.plugins import load_function
 from runtime.progress import Progress
@@ -105,10 +106,16 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
         return task.tokenizer.decode(ids, skip_special_tokens=False)  # the reward sees <eos>
 
 
+    p = cfg.placement
+    learner_gpus, engine_gpus = gpus_asked(p)
+    if hosts is None and (learner_gpus or engine_gpus):  # GPUs of this host
+        hosts = LocalHosts(placement.plan(p, num_engines=r.rollout_num_engines, learner_threads=1, engine_threads=1), p)
+    engine_dtype = cfg.perf.engine_dtype if cfg.perf.engine_dtype != "auto" else (
+        "bfloat16" if engine_gpus else "float32")
     engines = EngineSet(model_path=model_path, n=r.rollout_num_engines, log_dir=run_dir / "logs",
                         threads=cfg.perf.engine_threads, max_running_requests=cfg.perf.engine_max_running_requests,
                         timeout_s=a.engine_timeout, start_timeout_s=a.engine_start_timeout, fault=cfg.fault,
-                        weight_version=version, process_factory=hosts.engine if hosts else None)
+                        weight_version=version, dtype=engine_dtype, process_factory=hosts.engine if hosts else None)
     buffer = StalenessBuffer(groups_per_step=r.groups_per_step, max_staleness=a.max_staleness,
                              capacity=a.capacity(r.groups_per_step),
                              extra=(a.over_sampling_batch_size or r.rollout_batch_size) - r.rollout_batch_size)
@@ -130,11 +137,18 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
                           redo=resume.state.redo if resume else (), expiry=a.partial_expiry)
     new_trainer = hosts.trainer if hosts else TrainerProcess
     trainer = new_trainer(model_path, grpo=cfg.grpo, optim=cfg.optimizer, temperature=r.rollout_temperature,
-                          pad_id=task.tokenizer.pad_token_id, threads=cfg.perf.learner_threads)
+                          pad_id=task.tokenizer.pad_token_id, threads=cfg.perf.learner_threads, version=version)
     if resume:
         trainer.load_checkpoint(resume.path)
+    transport = weight_transport.choose(p.weight_transport, learner_gpus=learner_gpus, engine_gpus=engine_gpus,
+                                        colocate=p.colocate)
+    if transport in ("nccl", "gloo"):
+        engines.collective = weight_transport.CollectiveWeights(
+            trainer, backend=transport, dtype=engine_dtype, bucket_bytes=p.weight_bucket_mb << 20,
+            timeout_s=a.weight_sync_timeout)
     broadcaster = WeightBroadcaster(engines=engines, buffer=buffer, timeout_s=a.weight_sync_timeout,
-                                    pause_mode=a.pause_mode, served_version=version)
+                                    pause_mode=a.pause_mode, served_version=version,
+                                    collective=engines.collective is not None)
     learner = Learner(trainer=trainer, buffer=buffer, ledger=ledger, publisher=broadcaster,
                       num_steps=r.num_steps, max_staleness=a.max_staleness, weights_dir=weights, version=version)
     if cfg.ckpt.save:

@@ -207,6 +207,19 @@ class TrainerActor:
     def load_checkpoint(self, ckpt_dir: str) -> None:
         self.trainer.load_checkpoint(Path(ckpt_dir))
 
+    # the collective weight transport: this actor is rank 0, reachable at its node's address
+    def weight_group_endpoint(self, host: str) -> tuple[str, int]:
+        return self.trainer.weight_group_endpoint(ray.util.get_node_ip_address())
+
+    def init_weight_group(self, *args: Any) -> list[bytes]:
+        return self.trainer.init_weight_group(*args)
+
+    def broadcast_weights(self) -> int:
+        return self.trainer.broadcast_weights()
+
+    def destroy_weight_group(self) -> None:
+        self.trainer.destroy_weight_group()
+
 
 class RayTrainer:
     """TrainerProcess's interface over a TrainerActor; every call is bounded by ``timeout_s``."""
@@ -231,6 +244,18 @@ class RayTrainer:
 
     def load_checkpoint(self, ckpt_dir: str | Path) -> None:
         self._call("load_checkpoint", str(ckpt_dir))
+
+    def weight_group_endpoint(self, host: str = "127.0.0.1") -> tuple[str, int]:
+        return tuple(self._call("weight_group_endpoint", host))
+
+    def init_weight_group(self, *args: Any) -> list[bytes]:
+        return self._call("init_weight_group", *args)
+
+    def broadcast_weights(self) -> int:
+        return self._call("broadcast_weights")
+
+    def destroy_weight_group(self) -> None:
+        self._call("destroy_weight_group")
 
     def close(self) -> None:
         ray.kill(self._actor, no_restart=True)
@@ -268,6 +293,8 @@ class RayHosts:
         return RayEngineProcess(model_path, actor_options=self._options(seat, f"engine{index}.{k}"), **kwargs)
 
     def trainer(self, model_path: str | Path, **kwargs: Any) -> RayTrainer:
+        if self.layout.learner.num_gpus:
+            kwargs["device"] = "cuda"  # the actor sees the GPUs of its seat (CUDA_VISIBLE_DEVICES)
         return RayTrainer(model_path, actor_options=self._options(self.layout.learner, "trainer"),
                           timeout_s=self.trainer_timeout_s, **kwargs)
 

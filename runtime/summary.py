@@ -40,5 +40,7 @@ def summarize(s: Scheduler, *, status: str, error: str = "") -> dict[str, Any]:
             "count": syncs.synced,
             "mean_s": syncs.total_s / syncs.synced if syncs.synced else None,
             "mean_paused_s": syncs.paused_s / syncs.synced if syncs.synced else None,
+            "transport": a.engines.collective.backend if a.engines.collective else "shm",
+            "regroups": a.engines.collective.regroups if a.engines.collective else 0,
         },
     }

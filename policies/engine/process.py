@@ -46,13 +46,16 @@ class EngineProcess:
         dtype: str = "float32",
         max_running_requests: int = 256,
         weight_version: str = "0",
+        gpus: str | None = None,
     ) -> None:
+        """``gpus``: CUDA_VISIBLE_DEVICES for the server (its ``cuda`` device is the first of them)."""
         if torch_threads < 1:
             raise ValueError(f"torch_threads must be >= 1, got {torch_threads}")
         self.model_path = str(model_path)
         self.log_path = Path(log_path)
         self.host = host
         self._torch_threads = torch_threads
+        self._gpus = gpus
         self._options = {
             "--host": host,
             "--port": port,
@@ -117,6 +120,8 @@ class EngineProcess:
         env = dict(os.environ)
         threads = str(self._torch_threads)
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
+        if self._gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self._gpus
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
         return env
 

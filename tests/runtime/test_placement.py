@@ -55,7 +55,7 @@ def test_a_bundle_larger_than_any_node_does_not_fit_even_when_the_totals_do():
     (["--backend", "ray", "--rollout-num-gpus", "2"], "--rollout-num-gpus"),  # 2 engines, but 1 asked for
     (["--backend", "ray", "--actor-num-gpus-per-node", "1", "--colocate", "--rollout-num-gpus", "2",
       "--rollout-num-engines", "2"], "--colocate"),
-    (["--rollout-num-gpus", "1"], "--backend"),  # GPUs are placed by the Ray backend
+    (["--weight-transport", "nccl"], "--weight-transport"),  # NCCL needs GPUs on both sides
     (["--backend", "slurm"], "--backend"),
 ])
 def test_bad_placement_exits_2_with_one_line_naming_the_flag(argv, flag, capsys):
@@ -71,3 +71,19 @@ def test_miles_placement_flags_parse():
                        "--rollout-num-gpus", "2", "--rollout-num-engines", "2", "--rollout-num-gpus-per-engine", "1"])
     assert cfg.run.backend == "ray" and cfg.run.ray_address == "10.0.0.1:6379"
     assert cfg.placement == PlacementConfig(actor_num_gpus_per_node=1, rollout_num_gpus=2)
+
+
+def test_the_local_backend_numbers_this_hosts_gpus_and_refuses_a_layout_it_cannot_hold():
+    from runtime.config import ConfigError
+    from runtime.local_hosts import LocalHosts
+
+    def hosts(have, **flags):
+        p = PlacementConfig(**flags)
+        return LocalHosts(plan(p, num_engines=2, learner_threads=1, engine_threads=1), p, have=have)
+
+    apart = hosts(5, actor_num_gpus_per_node=1, rollout_num_gpus=4, rollout_num_gpus_per_engine=2)
+    assert (apart.learner_gpus, apart.engine_gpus) == ([0], [[1, 2], [3, 4]])
+    shared = hosts(1, actor_num_gpus_per_node=1, colocate=True)
+    assert (shared.learner_gpus, shared.engine_gpus) == ([0], [[0], [0]])
+    with pytest.raises(ConfigError, match="needs 3 GPU\\(s\\) on this host; it has 2"):
+        hosts(2, actor_num_gpus_per_node=1, rollout_num_gpus=2)

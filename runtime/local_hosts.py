@@ -1,0 +1,62 @@
+"""GPU placement on the local backend: the learner and engines as subprocesses on this host's GPUs.
+
+The same flags and layouts as on Ray (``runtime.placement``), numbered on one node:
+
+    disaggregated    learner: GPUs 0..L-1        engine i: the next --rollout-num-gpus-per-engine
+    colocated        learner and every engine: GPUs 0..L-1 (time-sliced)
+
+Each process sees only its GPUs (CUDA_VISIBLE_DEVICES), so inside it the first one is ``cuda``.
+A layout asking for more GPUs than the host has fails at start with one line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from policies.engine.process import EngineProcess
+from policies.trainer_process import TrainerProcess
+from runtime.config import ConfigError, PlacementConfig
+from runtime.placement import Layout
+
+
+def gpus_asked(p: PlacementConfig) -> tuple[int, int]:
+    """(the learner's GPUs, the GPUs engines run on: their own, or the learner's when colocated)."""
+    learner = p.actor_num_nodes * p.actor_num_gpus_per_node
+    return learner, learner if p.colocate else p.rollout_num_gpus
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+class LocalHosts:
+    """``runtime.launch.Hosts`` for one machine's GPUs (built only when the placement asks for GPUs)."""
+
+    def __init__(self, layout: Layout, p: PlacementConfig, *, have: int | None = None):
+        learner = p.actor_num_nodes * p.actor_num_gpus_per_node
+        per_engine = p.rollout_num_gpus_per_engine if p.rollout_num_gpus else 0
+        if p.colocate:
+            self.learner_gpus = list(range(learner))
+            self.engine_gpus = [self.learner_gpus] * len(layout.engines)
+        else:
+            self.learner_gpus = list(range(learner))
+            self.engine_gpus = [list(range(learner + i * per_engine, learner + (i + 1) * per_engine))
+                                for i in range(len(layout.engines))]
+        needed = 1 + max([*self.learner_gpus, *(g for gs in self.engine_gpus for g in gs)], default=-1)
+        have = visible_gpus() if have is None else have
+        if needed > have:
+            raise ConfigError("--rollout-num-gpus", f"the {layout.name} layout ({layout.describe()}) needs {needed} "
+                              f"GPU(s) on this host; it has {have}")
+
+    def engine(self, index: int, model_path: str, **kwargs: Any) -> EngineProcess:
+        gpus = self.engine_gpus[index]
+        if gpus:
+            kwargs.update(device="cuda", gpus=",".join(map(str, gpus)))
+        return EngineProcess(model_path, **kwargs)
+
+    def trainer(self, model_path: str, **kwargs: Any) -> TrainerProcess:
+        if self.learner_gpus:
+            kwargs.update(device="cuda", gpus=",".join(map(str, self.learner_gpus)))
+        return TrainerProcess(model_path, **kwargs)
