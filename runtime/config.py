@@ -56,6 +56,7 @@ class ModelConfig(Section):
     num_query_groups: Pos = 2  # key/value heads
     ffn_hidden_size: Pos = 128
     max_position_embeddings: Pos = 64
+    vocab_size: NonNeg = 0  # 0: the tokenizer's; larger pads the embedding (e.g. 151936, Qwen3's)
 
 
 class CkptConfig(Section):

@@ -71,8 +71,10 @@ def initial_checkpoint(cfg: Config, task: Task, run_dir: Path) -> str:
     if cfg.ckpt.hf_checkpoint:
         return cfg.ckpt.hf_checkpoint
     m, tok = cfg.model, task.tokenizer
+    if m.vocab_size and m.vocab_size < len(tok):
+        raise ConfigError("--vocab-size", f"{m.vocab_size} is below the tokenizer's {len(tok)} tokens")
     config = qwen3_config(
-        vocab_size=len(tok), num_layers=m.num_layers, hidden_size=m.hidden_size,
+        vocab_size=m.vocab_size or len(tok), num_layers=m.num_layers, hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
         ffn_hidden_size=m.ffn_hidden_size, max_position_embeddings=m.max_position_embeddings,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

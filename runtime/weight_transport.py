@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import time
 from collections.abc import Hashable
 from typing import Any, Protocol
 
@@ -68,6 +69,7 @@ class CollectiveWeights:
         self.members: tuple[Hashable, ...] = ()  # the engines in the current group, in rank order
         self.plan: list[BucketMeta] = []
         self.regroups = 0
+        self.sends, self.send_s = 0, 0.0  # broadcasts and their seconds (bytes moved and loaded; no regroup)
         self._names = (f"asyncrl-weights-{i}" for i in itertools.count())
         self._group = ""
         self._clients: list[EngineClient] = []  # of the current members
@@ -79,6 +81,7 @@ class CollectiveWeights:
         if tuple(key for key, _ in targets) != self.members:
             await self._regroup(targets)
         last = len(self.plan) - 1
+        start = time.monotonic()
 
         async def receive(client: EngineClient) -> None:
             for i, meta in enumerate(self.plan):  # in plan order: the trainer broadcasts in this order
@@ -93,6 +96,7 @@ class CollectiveWeights:
         except BaseException:
             self.members = ()  # a collective that failed half-way leaves the group unusable
             raise
+        self.sends, self.send_s = self.sends + 1, self.send_s + time.monotonic() - start
         if version is None:
             await asyncio.gather(*(c.update_weight_version(str(sent)) for _, c in targets))
         elif sent != version:

@@ -68,7 +68,7 @@ class Groups:
     def on_device(self, fn: Any, *args: Any) -> Any:
         """Run ``fn`` on this thread with the engine's CUDA device current (NCCL binds to it)."""
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(self.device.index or 0)
         return fn(*args)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from policies import weight_sync
 from policies.engine.client import EngineClient, EngineError
+from policies.engine.process import EngineProcess
 from policies.model import qwen3_config, write_random_checkpoint
 from policies.trainer_process import TrainerProcess
 from runtime.config import FaultConfig, GrpoConfig, OptimizerConfig
@@ -55,19 +56,38 @@ def checkpoints(copy_task, tmp_path_factory):
     return [write_random_checkpoint(root / f"v{i}", cfg, tok, seed=i) for i in range(2)], tok.pad_token_id
 
 
-def test_broadcast_brings_engines_to_the_trainers_weights_and_refits_a_replacement(checkpoints, tmp_path):
+def gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.parametrize("backend", [
+    "gloo",
+    pytest.param("nccl", marks=pytest.mark.skipif(gpus() < 2, reason="NCCL needs 2 GPUs: learner 0, engines 1+")),
+])
+def test_broadcast_brings_engines_to_the_trainers_weights_and_refits_a_replacement(checkpoints, tmp_path, backend):
     (v0, v1), pad_id = checkpoints
     prompt = [1, 5, 6, 7]
+    gpu = backend == "nccl"  # learner on GPU 0, engines on the others, bf16 on the wire and in the engines
+    dtype = "bfloat16" if gpu else "float32"
+
+    def engine(i, path, **kwargs):
+        if gpu:
+            kwargs |= dict(device="cuda", gpus=str(1 + i))
+        return EngineProcess(path, **kwargs)
+
+    # NCCL allows one rank per GPU in a group: as many engines as GPUs beside the learner's (up to 2)
+    n = min(2, gpus() - 1) if gpu else 2
 
     async def scenario():
         fault = FaultConfig(health_check_interval=0.2, health_check_timeout=5.0)
-        engines = EngineSet(model_path=v0, n=2, log_dir=tmp_path / "set", timeout_s=30, start_timeout_s=90,
-                            fault=fault)
-        reference = EngineSet(model_path=v1, n=1, log_dir=tmp_path / "ref", timeout_s=30, start_timeout_s=90)
+        engines = EngineSet(model_path=v0, n=n, log_dir=tmp_path / "set", timeout_s=30, start_timeout_s=90,
+                            fault=fault, dtype=dtype, process_factory=engine)
+        reference = EngineSet(model_path=v1, n=1, log_dir=tmp_path / "ref", timeout_s=30, start_timeout_s=90,
+                              dtype=dtype, process_factory=engine)
         # the trainer holds v1's weights at version 1; the engines serve v0 until the broadcast
         trainer = TrainerProcess(v1, grpo=GrpoConfig(), optim=OptimizerConfig(), temperature=1.0, pad_id=pad_id,
-                                 version=1)
-        engines.collective = CollectiveWeights(trainer, backend="gloo", dtype="float32", bucket_bytes=8192,
+                                 version=1, **(dict(device="cuda", gpus="0") if gpu else {}))
+        engines.collective = CollectiveWeights(trainer, backend=backend, dtype=dtype, bucket_bytes=8192,
                                                timeout_s=60)
         await asyncio.gather(engines.start(), reference.start())
         monitor = asyncio.create_task(engines.monitor(), name="monitor")
@@ -92,9 +112,10 @@ def test_broadcast_brings_engines_to_the_trainers_weights_and_refits_a_replaceme
             assert engines.collective.members == ((0, 1),)  # refit alone in a group of two
 
             await engines.sync_weights(None, 1, "in_place")  # the next sync regroups every engine
-            assert engines.collective.members == ((0, 1), (1, 0)) and engines.collective.regroups == 3
+            members = ((0, 1), (1, 0))[:n]
+            assert engines.collective.members == members and engines.collective.regroups == (3 if n > 1 else 2)
             with pytest.raises(RuntimeError, match="sent version 1 for version 2"):
-                await engines.collective.send([((1, 0), engines.slots[1].client)], 2)
+                await engines.collective.send([(members[-1], engines.slots[n - 1].client)], 2)
         finally:
             monitor.cancel()
             trainer.close()

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Everything one lent GPU machine call does (nvidia-h200-x2: learner on GPU 0, engine on GPU 1):
+# install the wheels the image lacks (.whl/, built by ../shared/device/wheels.sh plus pytest), run
+# the GPU tests, then the two-GPU benchmark; prints the test summary and the benchmark's table.
+#   run(kind="nvidia-h200-x2", carry=[".whl"], command="bash benchmarks/gpu_session.sh [benchmark flags]")
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/runtime/test_weight_transport.py 2>&1 | tail -15
+python3 benchmarks/gpu_sync.py --out "${OUT:-/tmp}/bench-gpu-sync" "$@" 2>&1 | grep -v -e "Loading weights" -e "Writing model"
+cp -r /tmp/bench-gpu-sync/*.md "${OUT:-/tmp}/" 2>/dev/null || true

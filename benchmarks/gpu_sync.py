@@ -1,0 +1,223 @@
+"""Two GPUs: the learner on GPU 0, one embedded engine on GPU 1, a Qwen3-0.6B-shaped random model.
+
+    python benchmarks/gpu_sync.py [--steps 40] [--warmup 5] [--bucket-mb 512] [extra launch flags...]
+
+Measured side by side in one run, on the default recipe at that model shape:
+  (a) weight sync per version: the NCCL broadcast of every bucket and the engine's load of it
+      (``weight_sync.mean_transfer_s``), next to a raw NCCL broadcast of the same bytes between
+      the same two GPUs (two bare processes, nothing else running) — target: within 3x;
+  (b) generation paused per sync (pause -> weights loaded -> continue);
+  (c) seconds per step of generation alone (G), training alone (T), the synchronous loop
+      (``--max-staleness 0``) and the async loop — target: async <= 1.1 x max(G, T);
+  (d) the learner's and the generator's wait fractions in both loops.
+Writes the table to stdout and ``--out``/table.md. Later flags override the defaults above, so
+the script can be tried on CPUs with a small model (``--actor-num-gpus-per-node 0 --rollout-num-gpus 0
+--weight-transport gloo --num-layers 2 ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+
+from buffers.buffer import StalenessBuffer
+from buffers.types import Group
+from policies.trainer import StepStats
+from runtime import cli
+from runtime.launch import build, initial_checkpoint, prepare_run_dir, run_event_loop, train
+from runtime.metrics import read_metrics
+from runtime.progress import Progress
+
+QWEN3_06B = ["--num-layers", "28", "--hidden-size", "1024", "--num-attention-heads", "16", "--num-query-groups", "8",
+             "--ffn-hidden-size", "3072", "--vocab-size", "151936", "--max-position-embeddings", "512"]
+TWO_GPUS = ["--actor-num-gpus-per-node", "1", "--rollout-num-gpus", "1", "--weight-transport", "nccl"]
+
+
+class _NoTraining:
+    """G's learner: keeps each batch (T trains on them), trains nothing."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Group]] = []
+
+    def step(self, batch: list[Group], version: int) -> StepStats:
+        self.batches.append(batch)
+        return StepStats(loss=0, pg_clipfrac=0, tis_mean=1, tis_clipfrac=0, kl=0, entropy=0, grad_norm=0,
+                         n_tokens=0, n_samples=0)
+
+    def save_weights(self, out_dir: Path) -> Path:
+        return out_dir
+
+    def close(self) -> None:
+        pass
+
+
+class _ServeAtOnce:
+    """G's publisher: every version is served the moment it exists (no sync, no wait)."""
+
+    def __init__(self, buffer: StalenessBuffer):
+        self.buffer = buffer
+
+    async def publish(self, version: int, path: Path | None) -> None:
+        await self.buffer.set_served_version(version)
+
+
+def per_step(times: list[float], warmup: int) -> float:
+    return (times[-1] - times[warmup]) / (len(times) - 1 - warmup)
+
+
+async def generation_alone(argv: list[str], run_dir: Path, warmup: int) -> tuple[float, list[list[Group]]]:
+    cfg = cli.resolve(argv + ["--run-dir", str(run_dir)])
+    a = build(cfg, prepare_run_dir(cfg), Path(tempfile.mkdtemp()), Progress(total_steps=1, mode="off")).a
+    a.learner.close()  # its trainer: G trains nothing
+    a.learner.trainer, a.learner.publisher = _NoTraining(), _ServeAtOnce(a.buffer)
+    a.learner.max_staleness = 10**9  # the engine keeps version 0 weights; nothing is trained
+    times: list[float] = []
+    a.learner.on_step = lambda rec: times.append(time.monotonic())
+    await a.engines.start()
+    gen = asyncio.create_task(a.generator.run(), name="generator")
+    try:
+        await a.learner.run()
+    finally:
+        gen.cancel()
+        await asyncio.gather(gen, return_exceptions=True)
+        await a.buffer.close()
+        await a.engines.stop()
+    return per_step(times, warmup), a.learner.trainer.batches
+
+
+def training_alone(argv: list[str], run_dir: Path, batches: list[list[Group]], warmup: int) -> float:
+    """The trainer's steps on G's batches, nothing else (no engine, no sync)."""
+    cfg = cli.resolve(argv + ["--run-dir", str(run_dir)])
+    sched = build(cfg, prepare_run_dir(cfg), Path(tempfile.mkdtemp()), Progress(total_steps=1, mode="off"))
+    trainer = sched.a.learner.trainer
+    times = [time.monotonic()]
+    for i, batch in enumerate(batches):
+        trainer.step(msgspec.convert(msgspec.to_builtins(batch), list[Group]), i)  # batch i: version i
+        times.append(time.monotonic())
+    trainer.close()
+    return per_step(times, warmup)
+
+
+async def whole_loop(argv: list[str], run_dir: Path, warmup: int) -> dict[str, float]:
+    cfg = cli.resolve(argv + ["--run-dir", str(run_dir)])
+    summary = await train(cfg, prepare_run_dir(cfg))
+    lines = read_metrics(run_dir / "metrics.jsonl")
+    steady = lines[warmup:]
+    out = {k: statistics.fmean(line[k] for line in steady)
+           for k in ("learner/wait_frac", "generator/wait_frac", "staleness/mean")}
+    out["s_per_step"] = per_step([line["time_s"] for line in lines], warmup)
+    out |= {f"sync/{k}": v for k, v in summary["weight_sync"].items() if isinstance(v, (int, float))}
+    return out
+
+
+RAW = r"""
+import os, sys, time, torch
+from policies import weight_sync
+rank, port, nbytes, reps = map(int, sys.argv[1:5])
+gpu = torch.cuda.is_available()  # (no GPU: gloo, to try the script on a CPU machine)
+if gpu:
+    torch.cuda.set_device(0)  # CUDA_VISIBLE_DEVICES names this rank's GPU
+pg = weight_sync.new_group(backend="nccl" if gpu else "gloo", master_address="127.0.0.1", master_port=port,
+                           rank=rank, world_size=2, group_name="raw", timeout_s=120)
+buf = torch.empty(nbytes, dtype=torch.uint8, device="cuda" if gpu else "cpu")
+times = []
+for _ in range(reps):
+    if gpu:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    weight_sync.broadcast(buf, pg)
+    times.append(time.perf_counter() - t0)
+if rank == 0:
+    times.sort()
+    print(times[len(times) // 2], flush=True)
+os._exit(0)  # skip teardown: gloo can abort destroying a group whose peer has gone
+"""
+
+
+def raw_broadcast(nbytes: int, reps: int = 20) -> float:
+    """Median seconds for a bare NCCL broadcast of ``nbytes`` from GPU 0 to GPU 1 (two processes)."""
+    from policies.weight_sync import free_port
+
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, "-c", RAW, str(rank), str(port), str(nbytes), str(reps)],
+                              env=dict(env, CUDA_VISIBLE_DEVICES=str(rank)), stdout=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    out = [p.communicate(timeout=300)[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError(f"raw broadcast failed: {[p.returncode for p in procs]}")
+    return float(out[0].strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--max-staleness", type=int, default=1, help="for the async loop")
+    p.add_argument("--out", default="runs/bench-gpu-sync")
+    args, extra = p.parse_known_args()
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+    base = ["--num-rollout", str(args.steps), "--eval-interval", "0", "--progress", "off", *QWEN3_06B, *TWO_GPUS,
+            *extra]
+    # one random checkpoint for every measurement (building a 0.6B model takes a while)
+    cfg = cli.resolve(base + ["--run-dir", str(out / "init")])
+    from launchers.recipes import get_recipe
+
+    task = get_recipe(cfg.run.recipe).make_task(seed=cfg.rollout.rollout_seed, eval_num_prompts=1)
+    base += ["--hf-checkpoint", initial_checkpoint(cfg, task, prepare_run_dir(cfg))]
+
+    t0 = time.monotonic()
+    g, batches = run_event_loop(generation_alone(base, out / "gen", args.warmup))
+    t = training_alone(base, out / "train", batches, args.warmup)
+    sync = run_event_loop(whole_loop(base + ["--max-staleness", "0"], out / "sync", args.warmup))
+    asy = run_event_loop(whole_loop(base + ["--max-staleness", str(args.max_staleness)], out / "async", args.warmup))
+    raw = raw_broadcast(int(asy["sync/bytes"]))
+    bound = max(g, t)
+    import torch
+
+    gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "no GPU"
+    rows = [
+        f"machine: {platform.node()}, {gpu}; {time.strftime('%Y-%m-%d')}; {time.monotonic() - t0:.0f}s; "
+        f"flags: {' '.join(extra) or '(defaults)'}",
+        "",
+        "| measure | value | note |",
+        "|---|---|---|",
+        f"| weight bytes per sync | {asy['sync/bytes'] / 2**30:.3f} GiB | in the engine's dtype, tied embedding "
+        f"once |",
+        f"| raw NCCL broadcast, same bytes | {raw * 1e3:.1f} ms | GPU 0 -> GPU 1, bare processes |",
+        f"| (a) weight sync (broadcast + load), async loop | {asy['sync/mean_transfer_s'] * 1e3:.1f} ms | "
+        f"{asy['sync/mean_transfer_s'] / raw:.2f} x raw (target <= 3) |",
+        f"| (a) weight sync, sync loop | {sync['sync/mean_transfer_s'] * 1e3:.1f} ms | "
+        f"{sync['sync/mean_transfer_s'] / raw:.2f} x raw |",
+        f"| (b) generation paused per sync, async loop | {asy['sync/mean_paused_s'] * 1e3:.1f} ms | "
+        f"whole sync incl. pause wait: {asy['sync/mean_s'] * 1e3:.1f} ms |",
+        f"| (c) G: generation alone | {g:.4f} s/step | |",
+        f"| (c) T: training alone | {t:.4f} s/step | |",
+        f"| (c) sync loop (max_staleness 0) | {sync['s_per_step']:.4f} s/step | {sync['s_per_step'] / bound:.2f} x "
+        f"max(G,T) |",
+        f"| (c) async loop (max_staleness {args.max_staleness}) | {asy['s_per_step']:.4f} s/step | "
+        f"{asy['s_per_step'] / bound:.2f} x max(G,T) (target <= 1.1), {asy['s_per_step'] / sync['s_per_step']:.2f} "
+        f"x sync |",
+        *(f"| (d) {name} loop waits | learner {w['learner/wait_frac']:.0%}, generator {w['generator/wait_frac']:.0%} "
+          f"| mean staleness {w['staleness/mean']:.2f} |" for name, w in (("sync", sync), ("async", asy))),
+    ]
+    text = "\n".join(rows)
+    print(text)
+    (out / "table.md").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
