@@ -55,11 +55,11 @@ def upper_bound(staleness: torch.Tensor, mask: torch.Tensor, level: Level, *, ca
     one number per sequence, so it is bounded by the cap of the sequence's stalest trained token.
     """
     if not caps:
-        return torch.full(staleness.shape, default, dtype=torch.float64)
+        return torch.full(staleness.shape, default, dtype=torch.float64, device=staleness.device)
     s = staleness * (mask > 0)
     if level != "token":
         s = s.amax(-1, keepdim=True).expand_as(s)
-    return torch.tensor(list(caps), dtype=torch.float64)[s.clamp(0, len(caps) - 1)]
+    return torch.tensor(list(caps), dtype=torch.float64, device=s.device)[s.clamp(0, len(caps) - 1)]
 
 
 def outside(w: torch.Tensor, low: float, high: torch.Tensor) -> torch.Tensor:
