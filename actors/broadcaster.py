@@ -38,7 +38,8 @@ class SyncRecord(msgspec.Struct):
 
 
 class ControlledEngines(Protocol):
-    async def sync_weights(self, path: str | Path | None, version: int, pause_mode: str) -> float:
+    async def sync_weights(self, path: str | Path | None, version: int, pause_mode: str,
+                           sent: asyncio.Event | None = None) -> float:
         """Pause, load, continue on every engine; returns the seconds generation was paused."""
         ...
 
@@ -52,8 +53,8 @@ class WeightBroadcaster:
                  served_version: int = 0, pause_mode: str = "abort", collective: bool = False):
         if pause_mode not in ("abort", "in_place"):
             raise ValueError(f"pause_mode must be abort or in_place, got {pause_mode!r}")
-        # collective: the engines receive the weights from the trainer (runtime.weight_transport),
-        # so there are no files, and publish syncs at once: the trainer must not step mid-broadcast
+        # collective: the engines receive the weights from the trainer (runtime.weight_transport):
+        # no files, and publish holds the learner until the trainer has sent them
         self.wants_files = not collective
         self.pause_mode = pause_mode
         self.engines = engines
@@ -62,22 +63,25 @@ class WeightBroadcaster:
         self.served_version = served_version
         self.records: collections.deque[SyncRecord] = collections.deque(maxlen=RECENT_SYNCS)  # the latest
         self.synced, self.total_s, self.paused_s = 0, 0.0, 0.0  # over the whole run
-        self._published: tuple[int, Path] | None = None
+        self._published: tuple[int, Path | None, asyncio.Event | None] | None = None
         self._served_path: Path | None = None  # kept for refits until superseded
         self._changed = asyncio.Condition()
 
     async def publish(self, version: int, path: Path | None) -> None:
         """The learner's weights at ``version`` are in ``path``; returns at once. Without files
-        (collective), syncs now and returns once the engines serve ``version``."""
-        if not self.wants_files:
-            await self.sync(version, None)
-            return
+        (collective), returns once the trainer has sent them: the run loop syncs them meanwhile."""
+        sent = asyncio.Event() if path is None else None
         async with self._changed:
             stale = self._published
-            self._published = (version, path)
+            self._published = (version, path, sent)
             self._changed.notify_all()
-        if stale is not None:  # never synced: superseded
-            shutil.rmtree(stale[1], ignore_errors=True)
+        if stale is not None:  # never synced: superseded (its publisher, if waiting, goes on)
+            if stale[1] is not None:
+                shutil.rmtree(stale[1], ignore_errors=True)
+            if stale[2] is not None:
+                stale[2].set()
+        if sent is not None:
+            await sent.wait()  # set by the sync even when it fails (the run loop reports that)
 
     async def wait_served(self, version: int) -> None:
         async with self._changed:
@@ -88,15 +92,15 @@ class WeightBroadcaster:
             async with self._changed:
                 await self._changed.wait_for(lambda: self._published is not None)
                 assert self._published is not None
-                version, path = self._published
+                version, path, sent = self._published
                 self._published = None
-            await self.sync(version, path)
+            await self.sync(version, path, sent)
 
-    async def sync(self, version: int, path: Path | None) -> None:
+    async def sync(self, version: int, path: Path | None, sent: asyncio.Event | None = None) -> None:
         start = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout_s):
-                paused_s = await self.engines.sync_weights(path, version, self.pause_mode)
+                paused_s = await self.engines.sync_weights(path, version, self.pause_mode, sent)
         except TimeoutError:
             raise WeightSyncError(f"weight sync to version {version} took over {self.timeout_s}s") from None
         end = time.monotonic()

@@ -226,41 +226,57 @@ class EngineSet:
         return outs
 
     # -- weight syncs ----------------------------------------------------------------------------
-    async def sync_weights(self, path: str | Path | None, version: int, pause_mode: str) -> float:
+    async def sync_weights(self, path: str | Path | None, version: int, pause_mode: str,
+                           sent: asyncio.Event | None = None) -> float:
         """Pause -> load ``version`` -> continue, on every serving engine; returns the seconds
         generation was paused. ``path``: the weights' files (shared memory); None: the trainer
-        broadcasts them (``self.collective``). An engine failing here is failed and restarted (it
-        will refit to this version); the sync goes on with the others."""
+        broadcasts them (``self.collective``), and ``sent`` is set once the trainer's part is done.
+        An engine failing here is failed and restarted (it will refit to this version); the sync
+        goes on with the others."""
         async with self._control:
             self._syncing, self._sync_epoch = True, self._sync_epoch + 1
             try:
+                if path is None:
+                    return await self._broadcast(version, pause_mode, sent)
                 await self._on_each("pause", lambda c: c.pause(pause_mode))
                 paused = time.monotonic()
-                if path is None:
-                    await self._broadcast(version)
-                else:
-                    await self._on_each("weight update", lambda c: c.update_weights_from_disk(
-                        str(path), weight_version=str(version)))
-                self.current = (version, None if path is None else str(path))
+                await self._on_each("weight update", lambda c: c.update_weights_from_disk(
+                    str(path), weight_version=str(version)))
+                self.current = (version, str(path))
                 await self._on_each("continue", lambda c: c.resume())
                 return time.monotonic() - paused
             finally:
+                if sent is not None:
+                    sent.set()  # also when no engine took part, or it failed: the learner goes on
                 self._syncing = False
                 now = time.monotonic()
                 for s in self.serving():
                     s.last_progress = max(s.last_progress, now)  # a pause is not a stall
 
-    async def _broadcast(self, version: int) -> None:
-        """One collective sync over the serving engines. An engine failing in it breaks the group
-        for everyone: it is failed, and the sync is retried once over the others (new group)."""
+    async def _broadcast(self, version: int, pause_mode: str, sent: asyncio.Event | None) -> float:
+        """One collective sync over the serving engines, paused unless they can swap the weights
+        in between decode steps (``CollectiveWeights.pauseless``); returns the seconds generation
+        stopped. An engine failing in it breaks the group for everyone: it is failed, and the sync
+        is retried once over the others (new group)."""
         assert self.collective is not None, "a sync without files needs the collective transport"
         for attempt in (1, 2):
             targets = [((s.index, s.incarnation), s) for s in self.serving()]
             if not targets:
-                return  # replacements refit when they start
+                self.current = (version, None)  # replacements refit to it when they start
+                return 0.0
             try:
-                await self.collective.send([(key, s.client) for key, s in targets], version)
-                return
+                clients = [(key, s.client) for key, s in targets]
+                await self.collective.join(clients)
+                pauseless = self.collective.pauseless(pause_mode)
+                if not pauseless:
+                    await self._on_each("pause", lambda c: c.pause(pause_mode))
+                paused = time.monotonic()
+                _, held = await self.collective.send(clients, version, sent)
+                self.current = (version, None)
+                if pauseless:
+                    return held
+                await self._on_each("continue", lambda c: c.resume())
+                return time.monotonic() - paused
             except Exception as e:  # noqa: BLE001 - whoever broke it is found below, else re-raised
                 broken = [s for _, s in targets if not s.process.alive
                           or (isinstance(e, EngineError) and s.client is not None and s.client.base_url == e.url)]
@@ -268,6 +284,9 @@ class EngineSet:
                     raise
                 for s in broken:
                     self._fail(s, f"weight broadcast failed: {e}")
+                if not self.collective.pauseless(pause_mode):
+                    await self._on_each("continue", lambda c: c.resume())  # the others, paused above
+        raise AssertionError("unreachable")
 
     async def _on_each(self, what: str, call) -> None:  # noqa: ANN001 - call: EngineClient -> awaitable
         async def one(slot: Slot) -> None:
@@ -382,7 +401,7 @@ class EngineSet:
                     version, path = self.current
                     if path is None and version != self.initial_version:  # refit alone by broadcast
                         assert self.collective is not None
-                        version = await self.collective.send([((slot.index, slot.incarnation), client)], None)
+                        version, _ = await self.collective.send([((slot.index, slot.incarnation), client)], None)
                     elif version != self.initial_version:
                         await client.update_weights_from_disk(path, weight_version=str(version))
                     reported = await client.get_weight_version()

@@ -11,11 +11,13 @@
 shared memory otherwise (CPU runs; colocated runs, whose engines read the file straight into the
 GPU they share with the learner).
 
-The collective sync holds the learner: the trainer must not step while its weights are on the
-wire, and a broadcast of a 0.6B model takes milliseconds, so the learner waits for it rather than
-snapshotting a second copy of the weights. The group is rebuilt whenever its membership changes
-(an engine restarted): a replacement is refit alone in a group of two, and the next sync regroups
-every serving engine.
+The collective sync holds the learner only until the trainer has sent its weights (they are
+flattened into send buffers first, so the next step may change them once the sends are done); the
+engines' loads finish while the learner steps on. With ``in_place`` semantics and the model in one
+bucket the engines are not paused at all: each swaps the new weights in between two decode steps.
+
+The group is rebuilt whenever its membership changes (an engine restarted): a replacement is refit
+alone in a group of two, and the next sync regroups every serving engine.
 """
 
 from __future__ import annotations
@@ -75,33 +77,54 @@ class CollectiveWeights:
         self._clients: list[EngineClient] = []  # of the current members
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weight-broadcast")
 
-    async def send(self, targets: list[tuple[Hashable, EngineClient]], version: int | None) -> int:
-        """Broadcast the trainer's weights to ``targets`` (engines paused), labelled ``version`` on
-        the engines (None: the trainer's own version, set after); returns the version sent."""
+    async def join(self, targets: list[tuple[Hashable, EngineClient]]) -> None:
+        """Make ``targets`` the group (a new one when its membership changed)."""
         if tuple(key for key, _ in targets) != self.members:
             await self._regroup(targets)
+
+    def pauseless(self, pause_mode: str) -> bool:
+        """Can a sync skip the pause? With ``in_place`` semantics and the whole model in one
+        bucket, an engine swaps it in between two decode steps (see policies/engine/distributed.py);
+        with several buckets, tokens between two of them would mix versions: pause."""
+        return pause_mode == "in_place" and len(self.plan) == 1
+
+    async def send(self, targets: list[tuple[Hashable, EngineClient]], version: int | None,
+                   sent: asyncio.Event | None = None) -> tuple[int, float]:
+        """Broadcast the trainer's weights to ``targets``, labelled ``version`` on the engines (None:
+        the trainer's own version, set after). ``sent`` is set as soon as the trainer's part is done
+        (its weights may change from then on). Returns the version sent and the longest pause-less
+        swap any engine reported (0 when they were paused)."""
+        await self.join(targets)
         last = len(self.plan) - 1
         start = time.monotonic()
 
-        async def receive(client: EngineClient) -> None:
+        async def broadcast() -> int:
+            v = await self._on_trainer(self.trainer.broadcast_weights)
+            if sent is not None:
+                sent.set()
+            return v
+
+        async def receive(client: EngineClient) -> float:
+            held = 0.0
             for i, meta in enumerate(self.plan):  # in plan order: the trainer broadcasts in this order
-                await client.update_weights_from_distributed(
+                held += await client.update_weights_from_distributed(
                     names=meta.names, dtypes=meta.dtypes, shapes=meta.shapes, group_name=self._group,
                     weight_version=str(version) if version is not None and i == last else None,
-                    timeout_s=self.timeout_s)
+                    timeout_s=self.timeout_s) or 0.0
+            return held
 
         try:
-            sent, *_ = await asyncio.gather(self._on_trainer(self.trainer.broadcast_weights),
-                                            *(receive(c) for _, c in targets))
+            sent_version, *held = await asyncio.gather(broadcast(), *(receive(c) for _, c in targets))
         except BaseException:
             self.members = ()  # a collective that failed half-way leaves the group unusable
             raise
         self.sends, self.send_s = self.sends + 1, self.send_s + time.monotonic() - start
         if version is None:
-            await asyncio.gather(*(c.update_weight_version(str(sent)) for _, c in targets))
-        elif sent != version:
-            raise RuntimeError(f"the trainer sent version {sent} for version {version}: it stepped during a sync")
-        return sent
+            await asyncio.gather(*(c.update_weight_version(str(sent_version)) for _, c in targets))
+        elif sent_version != version:
+            raise RuntimeError(f"the trainer sent version {sent_version} for version {version}: "
+                               "it stepped during a sync")
+        return sent_version, max(held, default=0.0)
 
     async def _regroup(self, targets: list[tuple[Hashable, EngineClient]]) -> None:
         """A new group of the trainer (rank 0) and ``targets`` (ranks 1..n); the old one is dropped."""

@@ -64,6 +64,12 @@ class WeightUpdateResult(msgspec.Struct, frozen=True):
 # ---- response shapes (SGLang's; unknown fields ignored) -----------------------------------
 
 
+class _CollectiveResult(msgspec.Struct):
+    success: bool
+    message: str = ""
+    paused_s: float | None = None  # the embedded engine's pause-less swap
+
+
 class _FinishReason(msgspec.Struct):
     type: str
 
@@ -295,18 +301,20 @@ class EngineClient:
     async def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str], shapes: list[list[int]],
                                               group_name: str, weight_version: str | None,
                                               load_format: str | None = "flattened_bucket",
-                                              timeout_s: float | None = None) -> None:
-        """Receive one bucket the learner broadcasts in the group; returns once it is loaded."""
+                                              timeout_s: float | None = None) -> float | None:
+        """Receive one bucket the learner broadcasts in the group; returns once it is loaded, with
+        the seconds the engine stopped decoding for it when it swapped without a pause (the
+        embedded engine says; SGLang does not: None)."""
         body: dict[str, Any] = {"names": names, "dtypes": dtypes, "shapes": shapes, "group_name": group_name,
                                 "flush_cache": False, "abort_all_requests": False, "load_format": load_format}
         if weight_version is not None:
             body["weight_version"] = weight_version
-        await self._weights_call("/update_weights_from_distributed", body, timeout_s)
+        return (await self._weights_call("/update_weights_from_distributed", body, timeout_s)).paused_s
 
     async def destroy_weights_update_group(self, group_name: str) -> None:
         await self._weights_call("/destroy_weights_update_group", {"group_name": group_name}, None)
 
-    async def _weights_call(self, route: str, body: dict[str, Any], timeout_s: float | None) -> None:
+    async def _weights_call(self, route: str, body: dict[str, Any], timeout_s: float | None) -> _CollectiveResult:
         """SGLang answers these with {"success", "message"}; a refusal is an EngineError."""
         try:
             raw = await self._call("POST", route, body, timeout_s)
@@ -314,9 +322,10 @@ class EngineClient:
             if exc.status == 400:  # refused: SGLang's message is in the body
                 raise EngineError(self.base_url, route, f"refused: {exc.reason}", status=400) from None
             raise
-        result = self._decode(route, raw, WeightUpdateResult)
+        result = self._decode(route, raw, _CollectiveResult)
         if not result.success:
             raise EngineError(self.base_url, route, f"refused: {result.message}")
+        return result
 
     # ---- transport ----------------------------------------------------------------------
 

@@ -6,15 +6,21 @@
     POST /destroy_weights_update_group   leave it
 
 Bodies and answers are SGLang's (``{"success": ..., "message": ...}``, 400 when refused). The
-receive runs on a worker thread while the engine is paused (the broadcaster pauses before it
-sends); the copy into the model goes through the scheduler's update path, like a load from disk,
-so decode never sees a half-updated model. A bucket that does not match the model is still
-received in full before it is refused: the sender's collective must complete, or it would hang.
+receive runs on a thread and CUDA stream of its own. Paused (an ``abort`` or ``retract`` sync),
+the copy into the model is a plain update. Not paused, decoding goes on while the bytes arrive and
+the copy happens between two decode steps (``Scheduler.swap_weights``): running requests continue
+under the new weights with every token dated, as after an ``in_place`` pause, but generation
+stops only for the copy, whose seconds the answer reports (``paused_s``, our addition). A bucket
+therefore must hold the whole model for a pause-less sync (``--weight-bucket-mb``), or tokens
+between two buckets would come from a mix of versions: the driver pauses when it has several.
+A bucket that does not match the model is still received in full before it is refused: the
+sender's collective must complete, or it would hang.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -140,11 +146,19 @@ async def update_from_distributed(request: web.Request) -> web.Response:
         pairs = engine.scheduler.runner.pair_with_live(named)
     except ValueError as exc:  # received in full, refused: the sender's collective has completed
         return _answer(False, str(exc))
-    frozen = await engine.scheduler.update_weights(pairs, version=req.weight_version, abort_all=req.abort_all_requests)
+    scheduler = engine.scheduler
+    if scheduler.paused or req.abort_all_requests:
+        frozen = await scheduler.update_weights(pairs, version=req.weight_version, abort_all=req.abort_all_requests)
+        held = None
+    else:  # not paused: swap between two decode steps; requests go on under the new weights
+        frozen, held = 0, await scheduler.swap_weights(
+            pairs, version=req.weight_version)
     if req.weight_version is not None:
         log.info("weights updated from group %r (version %s)", req.group_name, req.weight_version)
-    return web.Response(body=msgspec.json.encode({"success": True, "message": "Succeeded to update model weights.",
-                                                  "num_paused_requests": frozen}), content_type="application/json")
+    body = {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": frozen}
+    if held is not None:
+        body["paused_s"] = held  # ours, not SGLang's: how long decoding stopped for the swap
+    return web.Response(body=msgspec.json.encode(body), content_type="application/json")
 
 
 async def destroy_group(request: web.Request) -> web.Response:
@@ -173,11 +187,15 @@ def _plan(req: UpdateWeightsFromDistributedReq) -> list[weight_sync.BucketMeta]:
 
 def _receive(metas: list[weight_sync.BucketMeta], pg: torch.distributed.ProcessGroup,
              device: torch.device) -> list[tuple[str, torch.Tensor]]:
+    """Into fresh buffers, on a stream of its own: decoding (on the default stream) goes on while
+    the bytes arrive; the copy into the model waits for a step boundary."""
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     named = []
-    for meta in metas:
-        flat = weight_sync.empty_bucket(meta, device)
-        weight_sync.broadcast(flat, pg)
-        named += weight_sync.unflatten(flat, meta)
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        for meta in metas:
+            flat = weight_sync.empty_bucket(meta, device)
+            weight_sync.broadcast(flat, pg)
+            named += weight_sync.unflatten(flat, meta)
     return named
 
 

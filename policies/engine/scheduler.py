@@ -79,6 +79,7 @@ class Scheduler:
         self._running: dict[str, Request] = {}
         self._paused = False
         self._updating = 0
+        self._swap_pending = False  # a weight swap waits for the step in flight; no new one starts
         self._stepping = False
         self._closed = False
         self._watchers: list[asyncio.Future[None]] = []
@@ -189,6 +190,23 @@ class Scheduler:
                 self._updating -= 1
                 self._notify()
 
+    async def swap_weights(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], *, version: str | None) -> float:
+        """Copy checked tensors into the model between two decode steps, without a pause: running
+        requests continue under the new weights (in_place semantics; each later token is dated
+        ``version``). Returns the seconds decoding was held for the copy."""
+        async with self._update_lock:
+            self._swap_pending = True  # the decode loop holds before its next step
+            try:
+                await self._wait_for(lambda: not self._stepping)
+                held = time.monotonic()
+                await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.apply_weights, pairs)
+                if version is not None:
+                    self.weight_version = version
+                return time.monotonic() - held
+            finally:
+                self._swap_pending = False
+                self._notify()
+
     def set_version(self, version: str, *, abort_all: bool) -> None:
         if abort_all:
             self.abort_all("aborted for a weight version update")
@@ -206,7 +224,7 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         while not self._closed:
             self._admit()
-            batch = [] if self._paused else list(self._running.values())
+            batch = [] if self._paused or self._swap_pending else list(self._running.values())
             if not batch:
                 if not self._running and self.runner.cached_rows:  # idle: free the finished rows' KV
                     await loop.run_in_executor(self._executor, self.runner.drop_cache)

@@ -93,7 +93,7 @@ class FakeEngines:
     async def resume(self) -> None:
         self._running.set()
 
-    async def sync_weights(self, path: str | Path, version: int, pause_mode: str) -> float:
+    async def sync_weights(self, path: str | Path, version: int, pause_mode: str, sent=None) -> float:  # noqa: ANN001
         await self.pause(pause_mode)
         t0 = time.monotonic()
         await self.update_weights_from_disk(path, version)

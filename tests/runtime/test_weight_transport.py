@@ -156,3 +156,41 @@ def test_an_engine_refuses_a_bucket_that_does_not_match_its_model_after_receivin
             await engines.stop()
 
     run(scenario(), timeout=120)
+
+
+def test_one_bucket_in_place_swaps_between_decode_steps_without_a_pause(checkpoints, tmp_path):
+    """A request generating across the sync goes on: tokens before the swap are dated 0, after it 1."""
+    (v0, v1), pad_id = checkpoints
+    long = {"temperature": 1.0, "max_new_tokens": 56, "ignore_eos": True}
+
+    async def scenario():
+        engines = EngineSet(model_path=v0, n=1, log_dir=tmp_path, timeout_s=30, start_timeout_s=90)
+        trainer = TrainerProcess(v1, grpo=GrpoConfig(), optim=OptimizerConfig(), temperature=1.0, pad_id=pad_id,
+                                 version=1)
+        engines.collective = CollectiveWeights(trainer, backend="gloo", dtype="float32", bucket_bytes=1 << 30,
+                                               timeout_s=60)
+        await engines.start()
+        try:
+            slot = engines.slots[0]
+            await engines.collective.join([((0, 0), slot.client)])  # the group exists: the sync is only the swap
+            assert engines.collective.pauseless("in_place") and not engines.collective.pauseless("abort")
+            spans = set()
+            for _ in range(5):  # a request usually spans the swap; the test needs one that does
+                request = asyncio.create_task(slot.client.generate([1, 5, 6, 7], long))
+                sent = asyncio.Event()
+                held = await engines.sync_weights(None, 1, "in_place", sent)
+                out = await request
+                assert sent.is_set() and out.finish_reason == "length" and 0 < held < 5
+                versions = out.token_versions
+                assert versions == sorted(versions) and set(versions) <= {"0", "1"}
+                spans.add(tuple(sorted(set(versions))))
+                if ("0", "1") in spans:
+                    break
+                await slot.client.update_weight_version("0")  # (same weights: v1's) and try again
+            assert ("0", "1") in spans
+        finally:
+            trainer.close()
+            engines.collective.close()
+            await engines.stop()
+
+    run(scenario(), timeout=180)
