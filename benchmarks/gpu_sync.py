@@ -198,12 +198,13 @@ def main() -> None:
         f"| weight bytes per sync | {asy['sync/bytes'] / 2**30:.3f} GiB | in the engine's dtype, tied embedding "
         f"once |",
         f"| raw NCCL broadcast, same bytes | {raw * 1e3:.1f} ms | GPU 0 -> GPU 1, bare processes |",
-        f"| (a) weight sync (broadcast + load), async loop | {asy['sync/mean_transfer_s'] * 1e3:.1f} ms | "
-        f"{asy['sync/mean_transfer_s'] / raw:.2f} x raw (target <= 3) |",
-        f"| (a) weight sync, sync loop | {sync['sync/mean_transfer_s'] * 1e3:.1f} ms | "
-        f"{sync['sync/mean_transfer_s'] / raw:.2f} x raw |",
-        f"| (b) generation paused per sync, async loop | {asy['sync/mean_paused_s'] * 1e3:.1f} ms | "
-        f"whole sync incl. pause wait: {asy['sync/mean_s'] * 1e3:.1f} ms |",
+        *(f"| (a) weight sync, {name} loop: trainer's broadcast (flatten + send) | "
+          f"{w['sync/mean_broadcast_s'] * 1e3:.1f} ms | {w['sync/mean_broadcast_s'] / raw:.2f} x raw (target <= 3); "
+          f"until loaded on the engine: {w['sync/mean_transfer_s'] * 1e3:.1f} ms |"
+          for name, w in (("async", asy), ("sync", sync))),
+        *(f"| (b) generation paused per sync, {name} loop | {w['sync/mean_paused_s'] * 1e3:.1f} ms | "
+          f"whole sync (publish to served): {w['sync/mean_s'] * 1e3:.1f} ms |" for name, w in (("async", asy),
+                                                                                              ("sync", sync))),
         f"| (c) G: generation alone | {g:.4f} s/step | |",
         f"| (c) T: training alone | {t:.4f} s/step | |",
         f"| (c) sync loop (max_staleness 0) | {sync['s_per_step']:.4f} s/step | {sync['s_per_step'] / bound:.2f} x "

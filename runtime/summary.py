@@ -42,7 +42,10 @@ def summarize(s: Scheduler, *, status: str, error: str = "") -> dict[str, Any]:
             "mean_paused_s": syncs.paused_s / syncs.synced if syncs.synced else None,
             "transport": a.engines.collective.backend if a.engines.collective else "shm",
             "regroups": a.engines.collective.regroups if a.engines.collective else 0,
-            # the broadcast alone: trainer to every engine's loaded weights (no pause, no regroup)
+            # the collective's parts (no pause, no regroup): the trainer's sends, and until every
+            # engine has loaded them (a pause-less swap waits for a decode step to end, generating)
+            "mean_broadcast_s": (a.engines.collective.broadcast_s / a.engines.collective.sends
+                                 if a.engines.collective and a.engines.collective.sends else None),
             "mean_transfer_s": (a.engines.collective.send_s / a.engines.collective.sends
                                 if a.engines.collective and a.engines.collective.sends else None),
             "bytes": sum(m.nbytes for m in a.engines.collective.plan) if a.engines.collective else None,

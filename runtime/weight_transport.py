@@ -71,7 +71,9 @@ class CollectiveWeights:
         self.members: tuple[Hashable, ...] = ()  # the engines in the current group, in rank order
         self.plan: list[BucketMeta] = []
         self.regroups = 0
-        self.sends, self.send_s = 0, 0.0  # broadcasts and their seconds (bytes moved and loaded; no regroup)
+        # syncs, and their seconds: until the trainer's sends are done (the bytes are on the wire:
+        # flatten + broadcast), and until every engine has them loaded (no regroup in either)
+        self.sends, self.broadcast_s, self.send_s = 0, 0.0, 0.0
         self._names = (f"asyncrl-weights-{i}" for i in itertools.count())
         self._group = ""
         self._clients: list[EngineClient] = []  # of the current members
@@ -100,6 +102,7 @@ class CollectiveWeights:
 
         async def broadcast() -> int:
             v = await self._on_trainer(self.trainer.broadcast_weights)
+            self.broadcast_s += time.monotonic() - start
             if sent is not None:
                 sent.set()
             return v
