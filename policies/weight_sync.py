@@ -161,11 +161,17 @@ class Sender:
         self.plan = plan_buckets(tensors, dtype=dtype, bucket_bytes=bucket_bytes)
         by_name = dict(tensors)
         self._buckets = [[by_name[n] for n in meta.names] for meta in self.plan]
+        # one send buffer per bucket, kept: each send is a single cast-and-copy pass into it (no
+        # allocation, no concatenation), then the collective
+        device = tensors[0][1].device if tensors else torch.device("cpu")
+        self._flat = [empty_bucket(meta, device) for meta in self.plan]
+        self._views = [[t for _, t in unflatten(flat, meta)] for flat, meta in zip(self._flat, self.plan)]
 
     @torch.no_grad()
     def send(self) -> None:
-        for tensors in self._buckets:
-            broadcast(flatten(tensors, self.dtype), self.pg)
+        for tensors, flat, views in zip(self._buckets, self._flat, self._views):
+            torch._foreach_copy_(views, [t.detach() for t in tensors])
+            broadcast(flat, self.pg)
 
     def close(self) -> None:
         destroy_group(self.pg)
