@@ -180,14 +180,20 @@ def main() -> None:
     base += ["--hf-checkpoint", initial_checkpoint(cfg, task, prepare_run_dir(cfg))]
 
     t0 = time.monotonic()
-    g, batches = run_event_loop(generation_alone(base, out / "gen", args.warmup))
+    ks = [int(k) for k in args.max_staleness.split(",")]
+    # G for each queue depth: generation alone with the buffer the async loop at max_staleness k
+    # has ((k + 1) batches outstanding), so each ratio compares like with like
+    gens = {k: run_event_loop(generation_alone(base + ["--max-staleness", str(k)], out / f"gen{k}", args.warmup))
+            for k in ks}
+    batches = gens[ks[0]][1]
     t = training_alone(base, out / "train", batches, args.warmup)
     sync = run_event_loop(whole_loop(base + ["--max-staleness", "0"], out / "sync", args.warmup))
-    loops = {int(k): run_event_loop(whole_loop(base + ["--max-staleness", k], out / f"async{k}", args.warmup))
-             for k in args.max_staleness.split(",")}
-    asy = loops[min(loops)]
+    loops = {k: run_event_loop(whole_loop(base + ["--max-staleness", str(k)], out / f"async{k}", args.warmup))
+             for k in ks}
+    asy = loops[ks[0]]
     raw = raw_broadcast(int(asy["sync/bytes"]))
-    bound = max(g, t)
+    g = {k: gens[k][0] for k in ks}
+    bound = {k: max(g[k], t) for k in ks}
     import torch
 
     gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "no GPU"
@@ -207,11 +213,11 @@ def main() -> None:
         *(f"| (b) generation paused per sync, {name} loop | {w['sync/mean_paused_s'] * 1e3:.1f} ms | "
           f"whole sync (publish to served): {w['sync/mean_s'] * 1e3:.1f} ms |" for name, w in (("async", asy),
                                                                                               ("sync", sync))),
-        f"| (c) G: generation alone | {g:.4f} s/step | |",
+        *(f"| (c) G: generation alone, queue of {k + 1} batches | {g[k]:.4f} s/step | |" for k in ks),
         f"| (c) T: training alone | {t:.4f} s/step | |",
-        f"| (c) sync loop (max_staleness 0) | {sync['s_per_step']:.4f} s/step | {sync['s_per_step'] / bound:.2f} x "
-        f"max(G,T) |",
-        *(f"| (c) async loop (max_staleness {k}) | {w['s_per_step']:.4f} s/step | {w['s_per_step'] / bound:.2f} x "
+        f"| (c) sync loop (max_staleness 0) | {sync['s_per_step']:.4f} s/step | {sync['s_per_step'] / bound[ks[0]]:.2f}"
+        f" x max(G,T) with G of {ks[0] + 1} batches |",
+        *(f"| (c) async loop (max_staleness {k}) | {w['s_per_step']:.4f} s/step | {w['s_per_step'] / bound[k]:.2f} x "
           f"max(G,T) (target <= 1.1), {w['s_per_step'] / sync['s_per_step']:.2f} x sync |" for k, w in loops.items()),
         *(f"| (d) {name} loop waits | learner {w['learner/wait_frac']:.0%}, generator {w['generator/wait_frac']:.0%} "
           f"| mean staleness {w['staleness/mean']:.2f} |"

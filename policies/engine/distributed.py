@@ -70,6 +70,9 @@ class Groups:
         self.device = device
         self.groups: dict[str, torch.distributed.ProcessGroup] = {}
         self.lock = asyncio.Lock()
+        # one receive stream for the engine's life: the caching allocator keeps a freed bucket for
+        # its stream, so the next sync reuses it instead of a cudaMalloc (which stalls decoding)
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def on_device(self, fn: Any, *args: Any) -> Any:
         """Run ``fn`` on this thread with the engine's CUDA device current (NCCL binds to it)."""
@@ -138,7 +141,7 @@ async def update_from_distributed(request: web.Request) -> web.Response:
         if pg is None:
             return _answer(False, f"group {req.group_name!r} not initialized; call /init_weights_update_group first")
         try:
-            named = await _in_thread(groups.on_device, _receive, metas, pg, groups.device)
+            named = await _in_thread(groups.on_device, _receive, metas, pg, groups.device, groups.stream)
         except Exception as exc:  # noqa: BLE001 - the group is broken (a peer died, a timeout)
             groups.groups.pop(req.group_name, None)
             return _answer(False, f"receiving from {req.group_name!r} failed: {type(exc).__name__}: {exc}")
@@ -185,11 +188,10 @@ def _plan(req: UpdateWeightsFromDistributedReq) -> list[weight_sync.BucketMeta]:
     return [weight_sync.BucketMeta([n], [d], [s]) for n, d, s in zip(req.names, req.dtypes, req.shapes)]
 
 
-def _receive(metas: list[weight_sync.BucketMeta], pg: torch.distributed.ProcessGroup,
-             device: torch.device) -> list[tuple[str, torch.Tensor]]:
+def _receive(metas: list[weight_sync.BucketMeta], pg: torch.distributed.ProcessGroup, device: torch.device,
+             stream: torch.cuda.Stream | None) -> list[tuple[str, torch.Tensor]]:
     """Into fresh buffers, on a stream of its own: decoding (on the default stream) goes on while
     the bytes arrive; the copy into the model waits for a step boundary."""
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     named = []
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         for meta in metas:
