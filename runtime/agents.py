@@ -45,6 +45,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     num_query_groups: Pos = 2
     ffn_hidden_size: Pos = 128
     max_position_embeddings: Pos = 64
+    vocab_size: NonNeg = 0  # 0: the tokenizer's
     lr: PosF = 1e-3
     entropy_coef: NonNegF = 0.0  # [grpo]'s, for this agent
     max_staleness: NonNeg = 1  # in this agent's own versions

@@ -18,6 +18,7 @@ from typing import Any, Literal, NoReturn
 
 import msgspec
 
+from policies.engine.sglang_launch import parse_sglang_passthrough
 from runtime import config as C
 
 
@@ -102,7 +103,8 @@ def build_parser(prog: str = "launch") -> argparse.ArgumentParser:
         group = p.add_argument_group(C.GROUP_TITLES[section], struct.__doc__)
         comments = _field_comments(struct)
         for field in msgspec.structs.fields(struct):
-            _add_field(group, section, field, comments.get(field.name, ""))
+            if typing.get_origin(_base_type(field.type)) is not dict:  # a table: TOML, or --sglang-X for sglang_args
+                _add_field(group, section, field, comments.get(field.name, ""))
     return p
 
 
@@ -129,10 +131,17 @@ def resolve(argv: list[str] | None = None, prog: str = "launch") -> C.Config:
     from launchers.recipes import get_recipe  # recipes live outside the runtime core
 
     parser = build_parser(prog)
+    try:  # --sglang-X [VALUE]: SGLang's own flags, passed through (EngineConfig.sglang_args)
+        sglang_args, argv = parse_sglang_passthrough(sys.argv[1:] if argv is None else list(argv))
+    except ValueError as e:
+        parser.exit(2, f"{prog}: error: {e}\n")
     ns = parser.parse_args(argv)
     try:
         cli = _cli_overrides(ns)
         file = _read_toml(ns.config) if ns.config else {}
+        if sglang_args:  # added to the file's table, not replacing it
+            table = file.get("engine", {}).get("sglang_args", {}) if isinstance(file.get("engine"), dict) else {}
+            cli.setdefault("engine", {})["sglang_args"] = {**(table if isinstance(table, dict) else {}), **sglang_args}
         name = cli.get("run", {}).get("recipe") or file.get("run", {}).get("recipe") or "default"
         recipe = get_recipe(name)
         data = C.merge(C.merge(C.merge({}, recipe.defaults), file), cli)
@@ -159,6 +168,8 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):  # an inline table (EngineConfig.sglang_args)
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(x)}" for k, x in v.items()) + "}"
     return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 

@@ -136,6 +136,60 @@ class PerfConfig(Section):
     engine_max_running_requests: Pos = 512
 
 
+class EngineConfig(Section):
+    """ENGINE: which inference server runs each engine. --sglang-X [VALUE]: any SGLang server flag,
+    passed to it as --X (--sglang-mem-fraction-static 0.8, --sglang-enable-metrics); in TOML,
+    [engine] sglang_args = {mem-fraction-static = 0.8}."""
+
+    engine: Literal["embedded", "sglang"] = "embedded"  # embedded: policies.engine.server; sglang: real SGLang
+    engine_host: str = "127.0.0.1"  # address the engine servers bind (they have no authentication)
+    sglang_args: dict[str, str | bool | int | float] = {}  # the --sglang-X flags, without the prefix
+
+
+def engine_defaults(data: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Defaults that depend on ``--engine`` (values given explicitly are kept, and checked in
+    ``_check_engine``). SGLang: --partial-rollout-mode recompute (its pause mode ``abort``), and
+    weights as shared-memory files for --weight-transport auto."""
+    if not isinstance(data.get("engine"), dict) or data["engine"].get("engine") != "sglang":
+        return data
+    out = {section: dict(values) for section, values in data.items()}
+    out.setdefault("async", {}).setdefault("partial_rollout_mode", "recompute")
+    if out.setdefault("placement", {}).get("weight_transport", "auto") == "auto":
+        out["placement"]["weight_transport"] = "shm"
+    return out
+
+
+def _check_engine(cfg: Config) -> None:
+    """What --engine allows: SGLang flags only with SGLang, and none the runtime sets itself."""
+    from policies.engine.sglang_launch import PASSTHROUGH_PREFIX, sglang_command
+
+    e = cfg.engine
+    if not e.engine_host:
+        raise ConfigError("--engine-host", "must be non-empty")
+    if e.engine != "sglang":
+        if e.sglang_args:
+            raise ConfigError(PASSTHROUGH_PREFIX + next(iter(e.sglang_args)), "SGLang flags need --engine sglang")
+        return
+    if cfg.async_.partial_rollout_mode == "keep":
+        # SGLang 0.5.23 does date tokens (meta_info.weight_versions), but its weight load flushes
+        # the prefix cache (flush_cache defaults to true) and a flush is refused while requests are
+        # held by an in_place pause, so the load fails
+        raise ConfigError("--partial-rollout-mode", "keep holds requests in place across a weight load, which "
+                          "SGLang refuses (the load's cache flush fails under held requests); use recompute with "
+                          "--engine sglang")
+    if cfg.placement.weight_transport in ("nccl", "gloo"):
+        raise ConfigError("--weight-transport", f"{cfg.placement.weight_transport} with --engine sglang: SGLang "
+                          "0.5.23 loads broadcast weights only inside a /begin_weight_update session, which the "
+                          "runtime does not open yet; use shm")
+    passthrough: dict[str, Any] = {}
+    for key, value in e.sglang_args.items():  # refused here, not when an engine starts
+        passthrough[key] = value
+        try:
+            sglang_command(model_path="m", port=1, passthrough=passthrough)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(PASSTHROUGH_PREFIX + key, str(err)) from None
+
+
 class GrpoConfig(Section):
     """GRPO: the RL objective."""
 
@@ -233,6 +287,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     rollout: RolloutConfig = msgspec.field(default_factory=RolloutConfig)
     eval: EvalConfig = msgspec.field(default_factory=EvalConfig)
     perf: PerfConfig = msgspec.field(default_factory=PerfConfig)
+    engine: EngineConfig = msgspec.field(default_factory=EngineConfig)
     placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
     grpo: GrpoConfig = msgspec.field(default_factory=GrpoConfig)
     optimizer: OptimizerConfig = msgspec.field(default_factory=OptimizerConfig)
@@ -247,7 +302,7 @@ SECTIONS: dict[str, type[Section]] = {
 GROUP_TITLES = {
     "run": "RUN", "model": "MODEL", "ckpt": "CKPT", "rollout": "ROLLOUT", "eval": "EVAL",
     "perf": "PERF", "placement": "PLACEMENT", "grpo": "GRPO", "optimizer": "OPTIMIZER", "async": "ASYNC",
-    "fault": "FAULT", "log": "LOGGING",
+    "fault": "FAULT", "log": "LOGGING", "engine": "ENGINE",
 }
 
 
@@ -270,7 +325,7 @@ def merge(base: dict[str, dict[str, Any]], over: dict[str, dict[str, Any]]) -> d
 def build(data: dict[str, dict[str, Any]]) -> Config:
     """Validate plain values into a ``Config``; the first problem raises ``ConfigError``."""
     try:
-        cfg = msgspec.convert(data, Config, strict=False)
+        cfg = msgspec.convert(engine_defaults(data), Config, strict=False)
     except msgspec.ValidationError as e:
         raise _as_config_error(e) from None
     check(cfg)
@@ -340,6 +395,7 @@ def check(cfg: Config) -> None:
     if any(b > a for a, b in zip(caps, caps[1:])):
         raise ConfigError("--tis-clip-by-staleness", f"must not increase with staleness, got {caps}")
     _check_placement(cfg)
+    _check_engine(cfg)
     lg = cfg.log
     for wanted, package, name in ((lg.use_tensorboard, "tensorboard", "--use-tensorboard"),
                                   (lg.use_wandb, "wandb", "--use-wandb"),

@@ -35,6 +35,7 @@ from buffers.buffer import StalenessBuffer
 from launchers.recipes import get_recipe
 from launchers.recipes.task import Task
 from policies.engine.process import EngineProcess
+from policies.engine.sglang_process import with_engine
 from policies.model import qwen3_config, write_random_checkpoint
 from policies.trainer_process import TrainerProcess
 from runtime import checkpoint, cli, placement, trace, weight_transport
@@ -117,7 +118,9 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
     engines = EngineSet(model_path=model_path, n=r.rollout_num_engines, log_dir=run_dir / "logs",
                         threads=cfg.perf.engine_threads, max_running_requests=cfg.perf.engine_max_running_requests,
                         timeout_s=a.engine_timeout, start_timeout_s=a.engine_start_timeout, fault=cfg.fault,
-                        weight_version=version, dtype=engine_dtype, process_factory=hosts.engine if hosts else None)
+                        weight_version=version, dtype=engine_dtype, process_factory=with_engine(
+        hosts.engine if hosts else None, engine=cfg.engine.engine, host=cfg.engine.engine_host,
+        passthrough=cfg.engine.sglang_args))
     buffer = StalenessBuffer(groups_per_step=r.groups_per_step, max_staleness=a.max_staleness,
                              capacity=a.capacity(r.groups_per_step),
                              extra=(a.over_sampling_batch_size or r.rollout_batch_size) - r.rollout_batch_size)

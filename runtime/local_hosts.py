@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from policies.engine.process import EngineProcess
+from policies.engine.sglang_process import engine_process
 from policies.trainer_process import TrainerProcess
 from runtime.config import ConfigError, PlacementConfig
 from runtime.placement import Layout
@@ -54,7 +55,7 @@ class LocalHosts:
         gpus = self.engine_gpus[index]
         if gpus:
             kwargs.update(device="cuda", gpus=",".join(map(str, gpus)))
-        return EngineProcess(model_path, **kwargs)
+        return engine_process(model_path, **kwargs)  # kwargs["engine"]: embedded or sglang
 
     def trainer(self, model_path: str, **kwargs: Any) -> TrainerProcess:
         if self.learner_gpus:

@@ -1,8 +1,9 @@
 """The Ray actors that host engines and the trainer, and the handles that make them look local.
 
-    EngineHost (async actor)  owns one engine server subprocess: an EngineProcess, the same command
-                              as on the local backend, forked on the actor's event-loop thread with
-                              PR_SET_PDEATHSIG, so the server dies with the actor however it dies.
+    EngineHost (async actor)  owns one engine server subprocess: an EngineProcess (SGLangProcess with
+                              --engine sglang), the same command as on the local backend, forked on
+                              the actor's event-loop thread with PR_SET_PDEATHSIG, so the server
+                              dies with the actor however it dies.
     RayEngineProcess          the engine set's handle on one host, with EngineProcess's interface.
                               The engine is still driven over HTTP (the SGLang protocol); the actor
                               only starts, watches and stops it. The host's death (``ray.kill``, a
@@ -34,7 +35,8 @@ from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from buffers.types import Group
-from policies.engine.process import EngineProcess, EngineStartError
+from policies.engine.process import EngineStartError
+from policies.engine.sglang_process import engine_process
 from runtime.errors import RunFailed
 from runtime.placement import Layout, Seat
 
@@ -49,7 +51,7 @@ class EngineHost:
     """One engine server subprocess; its lifetime is this actor's."""
 
     def __init__(self, model_path: str, kwargs: dict[str, Any]):
-        self.process = EngineProcess(model_path, **kwargs)
+        self.process = engine_process(model_path, **kwargs)  # kwargs["engine"]: embedded or sglang
         self.started = asyncio.Event()
 
     async def start(self) -> int:

@@ -6,8 +6,9 @@ same HTTP subset (see shared/PROTOCOL.md). Both functions are pure: they build a
 lists and start nothing, so they can be tested anywhere.
 
 The runtime owns the flags that decide where and how it talks to the server (model path, bind
-address, port, tensor-parallel size, API key): it needs their values itself to build the URL and
-the client, so a user passing them again through `--sglang-...` would create two sources of truth
+address, port, tensor-parallel size, API key) and those its own options already set (device,
+dtype, request capacity, the initial weight version, which must match the version the learner
+resumes at): a user passing them again through `--sglang-...` would create two sources of truth
 that silently disagree. Those keys are refused. Every other SGLang server flag goes through
 unchanged; `tests/policies/test_sglang_contract.py` checks the flag names against the source of
 the newest sglang release.
@@ -23,7 +24,8 @@ PASSTHROUGH_PREFIX = "--sglang-"
 # for them (`--model` for `--model-path`, `--tensor-parallel-size` for `--tp-size`) and the
 # short `tp` some launchers use.
 RUNTIME_OWNED_FLAGS = frozenset(
-    {"model-path", "model", "host", "port", "tp-size", "tp", "tensor-parallel-size", "api-key"}
+    {"model-path", "model", "host", "port", "tp-size", "tp", "tensor-parallel-size", "api-key",
+     "device", "dtype", "max-running-requests", "weight-version"}
 )
 
 
@@ -35,6 +37,10 @@ def sglang_command(
     tp_size: int = 1,
     passthrough: dict[str, str | bool] | None = None,
     api_key: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    max_running_requests: int | None = None,
+    weight_version: str | None = None,
     python: str = sys.executable,
 ) -> list[str]:
     """argv that starts `sglang.launch_server` for `model_path` on host:port with `tp_size` GPUs.
@@ -50,13 +56,18 @@ def sglang_command(
     The host defaults to 127.0.0.1: the server has no authentication unless `api_key` is set, so
     it is bound to loopback unless the caller decides otherwise. `api_key` (if given) becomes
     `--api-key`; the client then sends it as a Bearer token. Note that a value on the command line
-    is visible to other local users through the process list.
+    is visible to other local users through the process list. `device`, `dtype`,
+    `max_running_requests` and `weight_version` become their flags when given (None: SGLang's
+    default).
     """
     _check_launch_args(model_path=model_path, port=port, tp_size=tp_size, host=host, api_key=api_key)
     cmd = [python, "-m", "sglang.launch_server", "--model-path", str(model_path), "--host", host]
     cmd += ["--port", str(port), "--tp-size", str(tp_size)]
     if api_key is not None:
         cmd += ["--api-key", api_key]
+    owned = {"--device": device, "--dtype": dtype, "--max-running-requests": max_running_requests,
+             "--weight-version": weight_version}
+    cmd += [part for flag, value in owned.items() if value is not None for part in (flag, str(value))]
     return cmd + _passthrough_args(passthrough or {})
 
 

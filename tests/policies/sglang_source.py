@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import types
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,9 @@ DETOKENIZER_MANAGER = "sglang/srt/managers/detokenizer_manager.py"
 SCHEDULE_BATCH = "sglang/srt/managers/schedule_batch.py"  # BaseFinishReason.to_json
 ARG_FIELDS_DIR = "sglang/srt/arg_groups/fields/"  # newer releases declare server flags here
 API_CONTRACT = "sglang/api/v1/api_types.py"  # newer releases gate /generate bodies with it
+WEIGHT_UPDATER = "sglang/srt/managers/scheduler_components/weight_updater.py"  # 0.5.23: sessions
+# what the generated contract codec may import: it is the only sglang code these tests execute
+API_CONTRACT_IMPORTS = {"__future__", "typing", "msgspec"}
 
 
 class SglangUnavailable(RuntimeError):
@@ -236,6 +240,17 @@ def handler_dict_keys(src: SglangSource, route: Route, path: str = HTTP_SERVER) 
     return keys
 
 
+def deprecated_routes(src: SglangSource, path: str = HTTP_SERVER) -> dict[str, str]:
+    """{route: its handler's docstring} for handlers whose docstring says they are deprecated."""
+    found = {}
+    for route_path, declared in routes(src, path).items():
+        for r in declared:
+            doc = ast.get_docstring(r.handler) or ""
+            if "deprecated" in doc.lower():
+                found[route_path] = doc.strip().splitlines()[0]
+    return found
+
+
 # ---- classes and their fields ------------------------------------------------------------
 
 
@@ -292,6 +307,42 @@ def literal_values(src: SglangSource, path: str, class_name: str, field_name: st
                 n.value for n in ast.walk(node.annotation) if isinstance(n, ast.Constant) and isinstance(n.value, str)
             }
     return set()
+
+
+def field_default(src: SglangSource, path: str, class_name: str, field_name: str) -> object:
+    """The literal default of a class-level field (`flush_cache: bool = True` -> True); LookupError
+    when the field is not there or its default is not a literal."""
+    for node in find_class(src, path, class_name).body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == field_name:
+            if node.value is not None:
+                try:
+                    return ast.literal_eval(node.value)
+                except ValueError:
+                    break
+    raise LookupError(f"{class_name}.{field_name} in {path} has no literal default")
+
+
+def load_api_contract(src: SglangSource) -> types.ModuleType | None:
+    """SGLang's generated JSON contract codec (`API_CONTRACT`), loaded from the wheel as a module,
+    or None when this release has none. It is the code SGLang runs on every /generate body (HTTP 400
+    on a violation) and the schema of the answers; it is executed here only after checking that it
+    imports nothing but `API_CONTRACT_IMPORTS` (plain msgspec structs and codec functions)."""
+    if not src.has(API_CONTRACT):
+        return None
+    imported = set()
+    for node in ast.walk(src.tree(API_CONTRACT)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or ".").split(".")[0] if node.level == 0 else ".")
+    if not imported <= API_CONTRACT_IMPORTS:
+        raise RuntimeError(f"{API_CONTRACT} now imports {sorted(imported - API_CONTRACT_IMPORTS)}: not loading it")
+    name = f"_sglang_{re.sub(r'[^0-9a-zA-Z]', '_', src.version)}_api_types"
+    if name not in sys.modules:
+        module = types.ModuleType(name, f"{API_CONTRACT} from {src.wheel.name}")
+        sys.modules[name] = module  # msgspec resolves the structs' annotations through it
+        exec(compile(src.read(API_CONTRACT), f"{src.wheel.name}/{API_CONTRACT}", "exec"), module.__dict__)
+    return sys.modules[name]
 
 
 # ---- dict keys SGLang writes into the /generate response --------------------------------

@@ -10,8 +10,14 @@ parsed with `ast`; see sglang_source.py): routes and methods in http_server.py, 
 the request model each route's handler declares (io_struct.py), `sampling_params` keys in
 SamplingParams (and in the generated JSON contract gate of newer releases, which rejects
 unknown keys with HTTP 400), and every response field the client decodes (its msgspec structs)
-in the dict keys SGLang writes. The mutation tests show that the same checks fail on a one-letter
-drift. The second half tests the SGLang launch command builder and its flags.
+in the dict keys SGLang writes. Where the release ships its generated JSON contract codec
+(sglang/api/v1/api_types.py, which SGLang runs on every /generate body), the client's bodies are
+run through it and the canned answer is decoded and re-encoded by it; that pure-msgspec module is
+the only sglang code executed. Routes SGLang marks deprecated must not be used (or be listed with a
+reason), and what `--engine sglang` refuses (keep mode, collective weight transport) is tied to the
+source facts that force it, so lifting a limit on either side fails a test until both agree. The
+mutation tests show that the same checks fail on a one-letter drift. The second half tests the
+SGLang launch command builder and its flags.
 
 Without network and without a cached wheel the sglang-dependent tests skip, naming the pip
 command that failed; with a cached wheel (~/.cache/asyncrl/sglang/) they always run.
@@ -80,7 +86,15 @@ ANSWERS: dict[str, Any] = {  # SGLang-shaped answers (http_server.py handlers); 
     "/abort_request": None,
     "/health": None,
     "/health_generate": None,
+    "/init_weights_update_group": {"success": True, "message": "Succeeded to initialize custom process group."},
+    "/update_weights_from_distributed": {"success": True, "message": "Succeeded to update parameter online."},
+    "/destroy_weights_update_group": {"success": True, "message": "Succeeded to destroy custom process group."},
 }
+# Routes SGLang marks deprecated that the client still calls, each with why it is kept: a new one
+# fails test_no_deprecated_routes.
+DEPRECATED_IN_USE = {"/get_server_info": "debugging only (tests); the embedded engine also serves /server_info"}
+# Response fields of the embedded engine's own that SGLang never sends, read as optional.
+COLLECTIVE_EXTENSIONS = {"paused_s"}
 
 
 # ---- what the client sends: recorded from a fake server ---------------------------------
@@ -118,6 +132,15 @@ async def _exercise_update_weights_from_disk(c: EngineClient) -> None:
     await c.update_weights_from_disk("/dev/shm/w", weight_version=None)
 
 
+async def _exercise_collective(c: EngineClient) -> None:
+    await c.init_weights_update_group(master_address="127.0.0.1", master_port=29500, rank_offset=1, world_size=2,
+                                      group_name="g", backend="nccl")
+    await c.update_weights_from_distributed(names=["w"], dtypes=["bfloat16"], shapes=[[2, 2]], group_name="g",
+                                            weight_version="3")
+    await c.update_weights_from_distributed(names=["w"], dtypes=["bfloat16"], shapes=[[2, 2]], group_name="g",
+                                            weight_version=None, load_format=None)
+
+
 async def _assert_true(result: Awaitable[bool]) -> None:
     assert await result, "probe answered False: the fake server did not know the route"
 
@@ -137,6 +160,9 @@ EXERCISES: dict[str, Callable[[EngineClient], Awaitable[Any]]] = {
     "flush_cache": lambda c: c.flush_cache(),
     "update_weights_from_disk": _exercise_update_weights_from_disk,
     "update_weight_version": lambda c: c.update_weight_version("3"),
+    "init_weights_update_group": _exercise_collective,  # and update_weights_from_distributed
+    "update_weights_from_distributed": _exercise_collective,
+    "destroy_weights_update_group": lambda c: c.destroy_weights_update_group("g"),
 }
 NOT_EXERCISED = {"close"}  # closes the session; sends nothing
 
@@ -411,6 +437,143 @@ def test_sometimes_sent_fields_are_optional_in_the_client():
         assert not fields[name].required and fields[name].default is None, f"{name} must default to None"
 
 
+def test_deprecated_routes_are_not_used(src, sent):
+    """A route SGLang deprecates (its handler's docstring says so) will be removed: the client must
+    move off it, or it is listed in DEPRECATED_IN_USE with the reason it stays."""
+    deprecated = sgl.deprecated_routes(src)
+    used = {s.path for s in sent} & set(deprecated)
+    assert used == set(DEPRECATED_IN_USE), "\n".join(f"{r}: {deprecated[r]}" for r in sorted(used))
+
+
+def test_collective_responses_are_produced(src):
+    """The {"success", "message"} answers of the collective routes (decoded through a variable
+    route in `_weights_call`, so client_decodes() does not see them)."""
+    routes = sgl.routes(src)
+    problems = []
+    for route in ("/init_weights_update_group", "/update_weights_from_distributed", "/destroy_weights_update_group"):
+        produced = {k: v for r in routes[route] for k, v in sgl.handler_dict_keys(src, r).items()}
+        problems += response_problems(f"response of {route}", client_module._CollectiveResult, produced,
+                                      source=f"the {route} handler's answer", allowed=COLLECTIVE_EXTENSIONS)
+    assert not problems, f"sglang {src.version}:\n" + "\n".join(problems)
+    fields = {f.encode_name: f for f in msgspec.structs.fields(client_module._CollectiveResult)}
+    assert all(not fields[name].required for name in COLLECTIVE_EXTENSIONS)
+
+
+def test_version_spans_match_what_sglang_writes(src):
+    """meta_info.weight_versions entries (per-token versions, SGLang >= 0.5.23) as its
+    tokenizer-side helper writes them."""
+    path = "sglang/srt/utils/weight_versions.py"
+    if not src.has(path):
+        pytest.skip(f"sglang {src.version} reports no per-token weight versions")
+    written: dict[str, str] = {}
+    for node in ast.walk(src.tree(path)):
+        if isinstance(node, ast.FunctionDef) and node.name == "add_weight_versions_to_meta_info":
+            for inner in ast.walk(node):
+                if isinstance(inner, ast.Dict):
+                    sgl._add_dict_keys(written, inner, path)
+    problems = response_problems("meta_info.weight_versions[]", client_module._VersionSpan, written,
+                                 source=f"add_weight_versions_to_meta_info ({path})")
+    assert written and not problems, f"sglang {src.version}:\n" + "\n".join(problems)
+
+
+# ---- SGLang's own JSON contract codec (newer releases): the bodies and answers, run through it --
+
+
+@pytest.fixture(scope="module")
+def contract(src):
+    module = sgl.load_api_contract(src)
+    if module is None:
+        pytest.skip(f"sglang {src.version} has no {sgl.API_CONTRACT}")
+    return module
+
+
+def gate_problems(contract, bodies: list[dict]) -> list[str]:
+    """What SGLang's /generate contract gate (HTTP 400) says about each body."""
+    problems = []
+    for body in bodies:
+        try:
+            contract.GenerateRequest.from_json_value(body)
+        except contract.JsonContractError as exc:
+            problems.append(f"/generate body {body} is refused by SGLang's contract gate: {exc}")
+    return problems
+
+
+def test_generate_bodies_pass_sglangs_gate(contract, sent):
+    bodies = [s.body for s in sent if s.path == "/generate"]
+    assert any(isinstance(b["input_ids"][0], list) for b in bodies), "no batched /generate exercised"
+    problems = gate_problems(contract, bodies)
+    assert not problems, "\n".join(problems)
+
+
+def test_generate_answer_is_sglang_shaped_and_read_as_encoded(contract):
+    """The canned answer is what SGLang's schema describes, the client's response structs name
+    only schema fields, and the client reads the answer as SGLang's encoder writes it."""
+    schema = {"response": contract.GenerateResponse, "meta_info": contract.GenerateMetaInfo,
+              "span": contract.WeightVersionSpan}
+    client_side = {"response": client_module._GenerateResponse, "meta_info": client_module._MetaInfo,
+                   "span": client_module._VersionSpan}
+    problems = [
+        p for key in schema for p in response_problems(
+            f"{key}", client_side[key], dict.fromkeys(schema[key].__struct_fields__, sgl.API_CONTRACT),
+            source=f"{schema[key].__name__} ({sgl.API_CONTRACT})")
+    ]
+    assert not problems, "\n".join(problems)
+    encoded = contract.GenerateResponse.from_json_value(GENERATE_ANSWER).to_json_value()
+    out = EngineClient("http://sglang")._to_output(msgspec.convert(encoded, client_module._GenerateResponse), True)
+    assert (out.output_ids, out.logprobs, out.finish_reason, out.weight_version, out.token_versions) == (
+        [5, 6], [-0.5, -1.5], "stop", "3", ["2", "3"])
+
+
+def test_mutation_gate_catches_drift(contract, sent):
+    body = _generate_body(sent)
+    assert not gate_problems(contract, [body])
+    drifted = {**body, "sampling_params": {**body["sampling_params"], "max_new_token": 8}}
+    assert gate_problems(contract, [drifted])
+    assert gate_problems(contract, [{**body, "input_ids": "1 2 3"}])
+
+
+# ---- what --engine sglang refuses, tied to the SGLang source that makes it necessary ----------
+
+
+def _config_error(**sections: dict) -> str | None:
+    """The ConfigError a config of these sections (plus --engine sglang) raises, or None."""
+    from runtime.config import ConfigError, build
+
+    try:
+        build({"engine": {"engine": "sglang"}, **sections})
+    except ConfigError as exc:
+        return str(exc)
+    return None
+
+
+def test_keep_mode_is_refused_while_sglang_flushes_under_held_requests(src):
+    """An in_place pause holds requests; SGLang's weight load then flushes the prefix cache by
+    default, which it refuses while requests are held, so the load fails. Until the client sends
+    flush_cache false, --partial-rollout-mode keep must be refused on SGLang (and recompute,
+    pause mode abort, is its default)."""
+    flushes = sgl.field_default(src, sgl.IO_STRUCT, "UpdateWeightFromDiskReqInput", "flush_cache") is True
+    sent_flag = "flush_cache" in inspect.getsource(EngineClient.update_weights_from_disk)
+    refused = _config_error(**{"async": {"partial_rollout_mode": "keep"}})
+    assert (refused is not None) == (flushes and not sent_flag), (
+        f"flush_cache default {flushes}, client sends it: {sent_flag}, config says: {refused}")
+    assert refused is None or refused.startswith("--partial-rollout-mode: ")
+    assert _config_error() is None
+
+
+def test_collective_transport_is_refused_while_sglang_needs_a_session(src):
+    """SGLang 0.5.23 loads /update_weights_from_distributed buckets only between
+    /begin_weight_update and /end_weight_update; the client opens no session, so --engine sglang
+    refuses nccl and gloo (and auto means shm)."""
+    needs_session = src.has(sgl.WEIGHT_UPDATER) and "begin_weight_update()" in src.read(sgl.WEIGHT_UPDATER)
+    opens_session = hasattr(EngineClient, "begin_weight_update")
+    gpus = {"actor_num_gpus_per_node": 1, "rollout_num_gpus": 1}  # what nccl needs besides
+    for transport in ("nccl", "gloo"):
+        refused = _config_error(placement={**gpus, "weight_transport": transport})
+        assert (refused is not None) == (needs_session and not opens_session), refused
+        assert refused is None or refused.startswith("--weight-transport: ")
+    assert _config_error(placement={**gpus, "weight_transport": "auto"}) is None  # auto: shm
+
+
 # ---- mutation checks: the same functions catch a drifted name -----------------------------
 
 
@@ -587,7 +750,11 @@ def test_emitted_flags_are_sglang_server_flags(src):
         model_path="/m",
         port=30000,
         api_key="k",
-        passthrough={"mem-fraction-static": "0.7", "skip-server-warmup": True, "weight-version": "0"},
+        device="cuda",
+        dtype="bfloat16",
+        max_running_requests=512,
+        weight_version="0",
+        passthrough={"mem-fraction-static": "0.7", "skip-server-warmup": True, "enable-metrics": True},
         python="py",
     )
     flags = sgl.server_flags(src)
@@ -597,7 +764,7 @@ def test_emitted_flags_are_sglang_server_flags(src):
     ]
     assert {a for a, _ in emitted} == {
         "--model-path", "--host", "--port", "--tp-size", "--api-key", "--mem-fraction-static", "--skip-server-warmup",
-        "--weight-version",
+        "--weight-version", "--device", "--dtype", "--max-running-requests", "--enable-metrics",
     }  # fmt: skip
     problems = []
     for flag, has_value in emitted:
@@ -610,4 +777,5 @@ def test_emitted_flags_are_sglang_server_flags(src):
     # the runtime-owned names that SGLang knows are refused; the rest are defensive spellings
     assert {f"--{n}" for n in RUNTIME_OWNED_FLAGS} & set(flags) >= {
         "--model-path", "--model", "--host", "--port", "--tp-size", "--tensor-parallel-size", "--api-key",
+        "--device", "--dtype", "--max-running-requests", "--weight-version",
     }  # fmt: skip

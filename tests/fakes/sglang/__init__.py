@@ -1,0 +1,3 @@
+"""FAKE sglang package for tests (tests/fakes/README.md): NOT SGLang. Only `launch_server` exists."""
+
+FAKE = True
