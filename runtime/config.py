@@ -148,14 +148,11 @@ class EngineConfig(Section):
 
 def engine_defaults(data: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Defaults that depend on ``--engine`` (values given explicitly are kept, and checked in
-    ``_check_engine``). SGLang: --partial-rollout-mode recompute (its pause mode ``abort``), and
-    weights as shared-memory files for --weight-transport auto."""
+    ``_check_engine``). SGLang: --partial-rollout-mode recompute (its pause mode ``abort``)."""
     if not isinstance(data.get("engine"), dict) or data["engine"].get("engine") != "sglang":
         return data
     out = {section: dict(values) for section, values in data.items()}
     out.setdefault("async", {}).setdefault("partial_rollout_mode", "recompute")
-    if out.setdefault("placement", {}).get("weight_transport", "auto") == "auto":
-        out["placement"]["weight_transport"] = "shm"
     return out
 
 
@@ -177,10 +174,6 @@ def _check_engine(cfg: Config) -> None:
         raise ConfigError("--partial-rollout-mode", "keep holds requests in place across a weight load, which "
                           "SGLang refuses (the load's cache flush fails under held requests); use recompute with "
                           "--engine sglang")
-    if cfg.placement.weight_transport in ("nccl", "gloo"):
-        raise ConfigError("--weight-transport", f"{cfg.placement.weight_transport} with --engine sglang: SGLang "
-                          "0.5.23 loads broadcast weights only inside a /begin_weight_update session, which the "
-                          "runtime does not open yet; use shm")
     passthrough: dict[str, Any] = {}
     for key, value in e.sglang_args.items():  # refused here, not when an engine starts
         passthrough[key] = value

@@ -98,6 +98,7 @@ class CollectiveWeights:
         swap any engine reported (0 when they were paused)."""
         await self.join(targets)
         last = len(self.plan) - 1
+        await asyncio.gather(*(c.begin_weight_update() for _, c in targets))  # SGLang's session
         start = time.monotonic()
 
         async def broadcast() -> int:
@@ -114,6 +115,7 @@ class CollectiveWeights:
                     names=meta.names, dtypes=meta.dtypes, shapes=meta.shapes, group_name=self._group,
                     weight_version=str(version) if version is not None and i == last else None,
                     timeout_s=self.timeout_s) or 0.0
+            await client.end_weight_update()
             return held
 
         try:

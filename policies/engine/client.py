@@ -311,6 +311,21 @@ class EngineClient:
             body["weight_version"] = weight_version
         return (await self._weights_call("/update_weights_from_distributed", body, timeout_s)).paused_s
 
+    async def begin_weight_update(self) -> None:
+        """Open SGLang's weight-update session (0.5.23 loads broadcast buckets only inside one);
+        an engine without the route (older SGLang) needs none."""
+        await self._session_call("/begin_weight_update")
+
+    async def end_weight_update(self) -> None:
+        await self._session_call("/end_weight_update")
+
+    async def _session_call(self, route: str) -> None:
+        try:
+            await self._weights_call(route, {}, None)
+        except EngineError as exc:
+            if exc.status != 404:
+                raise
+
     async def destroy_weights_update_group(self, group_name: str) -> None:
         await self._weights_call("/destroy_weights_update_group", {"group_name": group_name}, None)
 

@@ -4,6 +4,7 @@
     POST /update_weights_from_distributed receive one bucket (or one tensor per name), then copy it
                                           into the live weights between decode steps
     POST /destroy_weights_update_group   leave it
+    POST /begin_weight_update, /end_weight_update   SGLang's session around a load (no-ops here)
 
 Bodies and answers are SGLang's (``{"success": ..., "message": ...}``, 400 when refused). The
 receive runs on a thread and CUDA stream of its own. Paused (an ``abort`` or ``retract`` sync),
@@ -90,6 +91,10 @@ def add_routes(app: web.Application, device: torch.device) -> None:
         web.post("/init_weights_update_group", init_group),
         web.post("/update_weights_from_distributed", update_from_distributed),
         web.post("/destroy_weights_update_group", destroy_group),
+        # SGLang's session around a collective load (it unpacks in-place-quantized weights); the
+        # embedded engine loads plain tensors, so both ends are accepted and do nothing
+        web.post("/begin_weight_update", _session),
+        web.post("/end_weight_update", _session),
     ])
 
 
@@ -98,6 +103,10 @@ def _answer(success: bool, message: str) -> web.Response:
         log.warning("weight update group: %s", message)
     body = msgspec.json.encode({"success": success, "message": message})
     return web.Response(body=body, status=200 if success else 400, content_type="application/json")
+
+
+async def _session(request: web.Request) -> web.Response:
+    return _answer(True, "Succeeded.")
 
 
 async def init_group(request: web.Request) -> web.Response:

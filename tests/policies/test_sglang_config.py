@@ -34,7 +34,7 @@ def test_passthrough_flags_and_sglang_defaults():
     assert cfg.optimizer.lr == 5e-4  # the runtime's own flags around them still parse
     # SGLang dates whole answers per pause: requests end at a sync and are resumed (pause mode abort)
     assert cfg.async_.partial_rollout_mode == "recompute" and cfg.async_.pause_mode == "abort"
-    assert cfg.placement.weight_transport == "shm"
+    assert cfg.placement.weight_transport == "auto"  # NCCL on GPUs, inside SGLang's update session
     embedded = resolve()
     assert embedded.engine.engine == "embedded" and embedded.async_.pause_mode == "in_place"
     assert embedded.placement.weight_transport == "auto"
@@ -55,7 +55,6 @@ def test_toml_table_and_flags_merge_and_round_trip(tmp_path):
 
 @pytest.mark.parametrize(("argv", "line"), [
     (["--engine", "sglang", "--partial-rollout-mode", "keep"], "--partial-rollout-mode: keep holds requests"),
-    (["--engine", "sglang", "--weight-transport", "gloo"], "--weight-transport: gloo with --engine sglang"),
     (["--sglang-mem-fraction-static", "0.8"], "--sglang-mem-fraction-static: SGLang flags need --engine sglang"),
     (["--engine", "sglang", "--sglang-port", "30000"], "--sglang-port: SGLang flag --port"),
     (["--engine", "sglang", "--sglang-tp-size", "2"], "--sglang-tp-size: SGLang flag --tp-size"),

@@ -89,6 +89,8 @@ ANSWERS: dict[str, Any] = {  # SGLang-shaped answers (http_server.py handlers); 
     "/init_weights_update_group": {"success": True, "message": "Succeeded to initialize custom process group."},
     "/update_weights_from_distributed": {"success": True, "message": "Succeeded to update parameter online."},
     "/destroy_weights_update_group": {"success": True, "message": "Succeeded to destroy custom process group."},
+    "/begin_weight_update": {"success": True, "message": "ok"},
+    "/end_weight_update": {"success": True, "message": "ok"},
 }
 # Routes SGLang marks deprecated that the client still calls, each with why it is kept: a new one
 # fails test_no_deprecated_routes.
@@ -163,6 +165,8 @@ EXERCISES: dict[str, Callable[[EngineClient], Awaitable[Any]]] = {
     "init_weights_update_group": _exercise_collective,  # and update_weights_from_distributed
     "update_weights_from_distributed": _exercise_collective,
     "destroy_weights_update_group": lambda c: c.destroy_weights_update_group("g"),
+    "begin_weight_update": lambda c: c.begin_weight_update(),
+    "end_weight_update": lambda c: c.end_weight_update(),
 }
 NOT_EXERCISED = {"close"}  # closes the session; sends nothing
 
@@ -450,7 +454,8 @@ def test_collective_responses_are_produced(src):
     route in `_weights_call`, so client_decodes() does not see them)."""
     routes = sgl.routes(src)
     problems = []
-    for route in ("/init_weights_update_group", "/update_weights_from_distributed", "/destroy_weights_update_group"):
+    for route in ("/init_weights_update_group", "/update_weights_from_distributed", "/destroy_weights_update_group",
+                  "/begin_weight_update", "/end_weight_update"):
         produced = {k: v for r in routes[route] for k, v in sgl.handler_dict_keys(src, r).items()}
         problems += response_problems(f"response of {route}", client_module._CollectiveResult, produced,
                                       source=f"the {route} handler's answer", allowed=COLLECTIVE_EXTENSIONS)
@@ -562,8 +567,8 @@ def test_keep_mode_is_refused_while_sglang_flushes_under_held_requests(src):
 
 def test_collective_transport_is_refused_while_sglang_needs_a_session(src):
     """SGLang 0.5.23 loads /update_weights_from_distributed buckets only between
-    /begin_weight_update and /end_weight_update; the client opens no session, so --engine sglang
-    refuses nccl and gloo (and auto means shm)."""
+    /begin_weight_update and /end_weight_update: --engine sglang refuses nccl and gloo unless the
+    client opens that session (it does: runtime.weight_transport calls it around every load)."""
     needs_session = src.has(sgl.WEIGHT_UPDATER) and "begin_weight_update()" in src.read(sgl.WEIGHT_UPDATER)
     opens_session = hasattr(EngineClient, "begin_weight_update")
     gpus = {"actor_num_gpus_per_node": 1, "rollout_num_gpus": 1}  # what nccl needs besides
