@@ -8,7 +8,8 @@ Lifecycle of one group (each a named task owned by the generator's task set):
 Over-provisioned runs (``buffer.extra`` > 0): a group the buffer expires (its deadline passed
 untrained) has its task cancelled (its engine requests end with the connection) and is, by
 ``expiry``, regenerated from its prompt under the same id through admission ("recompute", before
-any new prompt) or dropped ("drop"); both are counted in ``expired``.
+any new prompt) or dropped ("drop"); both are counted in ``expired``. A regenerated group samples
+with new seeds (its attempt number): the old ones would replay the answers it expired on.
 The generator only ever waits on admission: rollout runs ahead of training by up to
 ``max_staleness`` versions. Its ``clock`` counts the time rollout is *idle*: admission is closed
 and no admitted group is still generating (a closed admission while groups generate is not
@@ -78,6 +79,8 @@ class Generator:
         self.expiry = expiry
         self.expired: collections.Counter[str] = collections.Counter()
         self._redo: collections.deque[RedoGroup] = collections.deque(redo)
+        # group id -> its expiries so far (a checkpoint's redo groups expired at least once)
+        self._attempts: collections.Counter[int] = collections.Counter(g.group_id for g in redo)
         self._tasks: dict[int, asyncio.Task[None]] = {}
         buffer.on_expire = self._expire
 
@@ -124,6 +127,7 @@ class Generator:
             assert live is not None, f"expired group {gid} is neither ready nor generating"
             prompt = live.prompt
         self.expired[f"expired_{self.expiry}"] += 1
+        self._attempts[gid] += 1
         if self.expiry == "recompute":
             self._redo.append(RedoGroup(gid, prompt))
         else:
@@ -172,7 +176,7 @@ class Generator:
         self.ledger.advance(gid, State.GENERATING)
         with trace.lane("groups") as lane:  # one row per group: its generation, then its scoring
             with lane.span("generate", group=gid, admitted_version=ticket.admitted_version):
-                await self.runner.run_group(samples)
+                await self.runner.run_group(samples, attempt=self._attempts[gid])
             with lane.span("score", group=gid):
                 await asyncio.gather(*(self.scorer.score(prompt, s) for s in samples if s.status != Status.FAILED))
         self.ledger.advance(gid, State.SCORED)

@@ -56,13 +56,15 @@ class SampleRunner:
     async def run(self, sample: Sample) -> None:
         await self.run_group([sample])
 
-    async def run_group(self, samples: list[Sample]) -> None:
+    async def run_group(self, samples: list[Sample], *, attempt: int = 0) -> None:
         """Drive ``samples`` (a group's, or any few) to completion, one batched /generate per round.
 
         Each round sends every still-pending sample as one member of a batch request (SGLang's
         batch form: one HTTP call for the group, not one per sample); members that come back
         aborted are resumed in the next round. Errors and failovers are per round, for the round's
-        members, with the counts and limits of the class docstring.
+        members, with the counts and limits of the class docstring. Sampling seeds are a function
+        of (seed, group, sample, segment) and, for a group generated again from its prompt, of
+        ``attempt``: the same seeds would replay the first attempt's answers.
         """
         start = time.monotonic()
         for s in samples:
@@ -71,7 +73,8 @@ class SampleRunner:
         while todo := self._pending(samples):
             inputs, params, rids = [], [], []
             for s in todo:
-                seed = hash((self.seed, s.group_id, s.index, s.n_segments)) % 2**31
+                key = (self.seed, s.group_id, s.index, s.n_segments) + ((attempt,) if attempt else ())
+                seed = hash(key) % 2**31
                 params.append(dict(self.sampling_params, max_new_tokens=self.max_new_tokens - len(s.response_ids),
                                    sampling_seed=seed))
                 inputs.append(s.prompt_ids + s.response_ids)

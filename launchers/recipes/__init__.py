@@ -21,9 +21,11 @@ class Recipe:
 
 
 def _registry() -> dict[str, Recipe]:
-    from launchers.recipes import coevolve, copy_digits, copy_long
+    from launchers.recipes import coevolve, copy_digits, copy_long, long_tail
 
-    return {r.name: r for r in (copy_digits.RECIPE, copy_digits.RECIPE_4, copy_long.RECIPE, coevolve.RECIPE)}
+    recipes = (copy_digits.RECIPE, copy_digits.RECIPE_4, copy_long.RECIPE, long_tail.RECIPE, long_tail.RECIPE_WARMUP,
+               coevolve.RECIPE)
+    return {r.name: r for r in recipes}
 
 
 def get_recipe(name: str) -> Recipe:

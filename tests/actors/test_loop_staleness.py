@@ -162,13 +162,17 @@ def test_a_partial_carried_over_two_versions_trains_with_each_tokens_own_stalene
     """With max_staleness 2, answers long enough to outlive two weight updates: kept (in_place)
     or resumed (abort) partial answers carry tokens of three versions, and each token is trained
     with its own staleness (version at training - version that produced it), within the bound."""
-    trainer, _, _, _ = run(loop(max_staleness=2, engine_tick_s=0.002, learner_delay_s=0.0, pause=pause,
-                                max_new_tokens=30, stop_prob=0.02, steps=10, tmp=tmp_path), timeout=60)
-    lags = trained_lags(trainer)
-    assert max(lags) <= 2
-    three = [(version, s) for version, batch in enumerate(trainer.batches) for g in batch for s in g.samples
-             if len(set(s.token_versions)) >= 3]
-    assert three, "no answer spanned two updates"
+    for attempt in range(4):  # whether an answer outlives two updates is timing: the check needs one that does
+        trainer, _, _, _ = run(loop(max_staleness=2, engine_tick_s=0.002, learner_delay_s=0.0, pause=pause,
+                                    max_new_tokens=30, stop_prob=0.02, steps=10, tmp=tmp_path / str(attempt)),
+                               timeout=60)
+        lags = trained_lags(trainer)
+        assert max(lags) <= 2  # every attempt keeps the bound
+        three = [(version, s) for version, batch in enumerate(trainer.batches) for g in batch for s in g.samples
+                 if len(set(s.token_versions)) >= 3]
+        if three:
+            break
+    assert three, "no answer spanned two updates in four runs"
     for version, s in three:
         per_token = [version - v for v in s.token_versions]
         assert per_token == sorted(per_token, reverse=True) and per_token[0] - per_token[-1] >= 2
