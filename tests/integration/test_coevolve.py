@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from runtime.metrics import read_metrics
-from tests.integration.test_launch import engines_of
+from tests.integration.runs import engines_of
 
 ROOT = Path(__file__).resolve().parents[2]
 SHORT = ["--recipe", "coevolve", "--agent", "proposer.num_steps=6", "--agent", "solver.num_steps=12",

@@ -1,5 +1,6 @@
 """Faults on whole runs: engines SIGKILLed and SIGSTOPped mid-run, and the run itself SIGKILLed
-and resumed. Real processes, real signals; nothing here is faked but the timing of the faults."""
+and resumed, on both backends. Real processes, real signals; nothing here is faked but the timing
+of the faults."""
 
 from __future__ import annotations
 
@@ -8,26 +9,32 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 
-from tests.integration.test_launch import ROOT, engines_of, launch
-
-GROUPS_PER_STEP = 16  # default recipe: global batch 128 / 8 samples per prompt
+from tests.integration.runs import (
+    GROUPS_PER_STEP,
+    LOCAL_AND_SLOW_RAY,
+    assert_ray_released,
+    engines_of,
+    launch,
+    start,
+)
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_engines_killed_and_hung_mid_run_are_restarted_and_nothing_is_lost(tmp_path):
+@pytest.mark.parametrize("backend", LOCAL_AND_SLOW_RAY, indirect=True)  # on Ray: 140-220 s (restarts ~12 s)
+def test_engines_killed_and_hung_mid_run_are_restarted_and_nothing_is_lost(backend, tmp_path):
     run_dir = tmp_path / "chaos"
-    done = launch(run_dir, "--num-rollout", "300", "--rollout-num-engines", "2", "--chaos-kill-interval", "6",
-                  "--chaos-hang-at", "2", "--health-check-timeout", "2", "--max-engine-restarts", "50",
-                  timeout=400)
+    done = launch(run_dir, backend, "--num-rollout", "300", "--rollout-num-engines", "2",
+                  "--chaos-kill-interval", "6", "--chaos-hang-at", "2", "--health-check-timeout", "2",
+                  "--max-engine-restarts", "50", timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     ledger, counters = summary["ledger"], summary["counters"]
@@ -47,14 +54,16 @@ def test_engines_killed_and_hung_mid_run_are_restarted_and_nothing_is_lost(tmp_p
     assert not engines_of(run_dir)
 
 
-def test_a_run_sigkilled_after_a_checkpoint_resumes_without_losing_or_repeating_a_group(tmp_path):
+@pytest.mark.parametrize("backend", LOCAL_AND_SLOW_RAY, indirect=True)  # on Ray: two start-ups, ~35 s
+def test_a_run_sigkilled_after_a_checkpoint_resumes_without_losing_or_repeating_a_group(backend, tmp_path):
+    """SIGKILL of the launcher's whole process group: on local it takes the engines and the trainer
+    with it; on Ray the cluster ends the dead driver's actors (and their engine servers) and frees
+    its placement group, and the resumed run is placed on the same cluster."""
     steps, save = 30, tmp_path / "ckpt"
     flags = ["--num-rollout", str(steps), "--save", str(save), "--save-interval", "5"]
     first = tmp_path / "first"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.launch", "--run-dir", str(first), "--progress", "lines",
-         "--eval-interval", "0", *flags],
-        cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    proc = start(first, backend, "--eval-interval", "0", *flags, stdout=subprocess.DEVNULL,
+                 start_new_session=True)
     try:
         seen = []
         for line in proc.stderr:
@@ -69,12 +78,14 @@ def test_a_run_sigkilled_after_a_checkpoint_resumes_without_losing_or_repeating_
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    psutil.wait_procs(engines_of(first), timeout=10)  # they die with their parent
+    psutil.wait_procs(engines_of(first), timeout=30)  # they die with their parent, or their host actor
     assert not engines_of(first)
+    if backend.name == "ray":  # the dead driver's controller, which checkpoints, is gone too
+        assert_ray_released()
     checkpoint = int((save / "latest").read_text().strip().removeprefix("step"))
 
     second = tmp_path / "second"
-    done = launch(second, *flags, "--load", str(save), timeout=300)
+    done = launch(second, backend, *flags, "--load", str(save), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((second / "summary.json").read_text())
     assert summary["steps"] == steps

@@ -1,15 +1,13 @@
-"""``--backend ray``: whole runs on one Ray cluster shared by the session, Ray actors killed mid-run,
-and the start-up failures that must end in one line within seconds.
-
-The cluster is started here (temp files under a short /tmp directory); each run is a real
-``python -m runtime.launch --backend ray --ray-address ...`` that connects to it, so killing an
-actor by name from this process is what an operator would do.
+"""``--backend ray`` only: Ray actors killed mid-run, GPU layouts, and the start-up failures that
+must end in one line within seconds. The core loop's tests run on Ray as well as locally
+(test_launch.py, test_faults.py); every run here is a real ``python -m runtime.launch --backend ray
+--ray-address ...`` on the session's cluster (tests/integration/conftest.py), so killing an actor by
+name from this process is what an operator would do.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import socket
 import subprocess
@@ -24,33 +22,12 @@ import pytest
 ray = pytest.importorskip("ray", reason="the Ray backend needs ray: pip install -e '.[ray]'")
 
 from runtime import backend_ray  # noqa: E402
-from runtime.metrics import read_metrics  # noqa: E402
-from tests.integration.test_launch import ROOT, SHORT, STEP_KEYS, engines_of  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def ray_address():
-    temp = Path(tempfile.mkdtemp(prefix="ray-t", dir="/tmp"))
-    address = backend_ray.start_local_cluster(temp, num_cpus=4, namespace=backend_ray.NAMESPACE,
-                                              logging_level=logging.WARNING)
-    yield address
-    ray.shutdown()
-    shutil.rmtree(temp, ignore_errors=True)
-
-
-def ray_launch(run_dir: Path, address: str, *flags: str) -> subprocess.Popen[str]:
-    """The launcher on the session's cluster, in the background (``communicate`` to wait)."""
-    return subprocess.Popen([sys.executable, "-m", "runtime.launch", "--backend", "ray", "--ray-address", address,
-                             "--run-dir", str(run_dir), *SHORT, *flags],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+from tests.integration.runs import ROOT, Backend, engines_of, start, wait_for_steps  # noqa: E402
 
 
 def kill_actor_after_steps(proc: subprocess.Popen[str], run_dir: Path, name: str, steps: int) -> None:
     """``ray.kill`` the run's actor ``name`` once ``steps`` learner steps are in metrics.jsonl."""
-    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= steps):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.2)
+    wait_for_steps(proc, run_dir, steps)
     ray.kill(ray.get_actor(f"{run_dir}:{name}", namespace=backend_ray.NAMESPACE), no_restart=True)
 
 
@@ -60,29 +37,9 @@ def assert_ledger_balanced(summary: dict) -> None:
     assert ledger["duplicates"] == 0
 
 
-def test_a_run_on_ray_completes_with_the_ledger_balanced_and_staleness_bounded(ray_address, tmp_path):
-    run_dir = tmp_path / "ray"
-    proc = ray_launch(run_dir, ray_address, "--max-staleness", "1")
-    _, err = proc.communicate(timeout=240)
-    assert proc.returncode == 0, err[-3000:]
-    summary = json.loads((run_dir / "summary.json").read_text())
-    lines = read_metrics(run_dir / "metrics.jsonl")
-    assert summary["status"] == "completed" and summary["steps"] == 10 and len(lines) == 10
-    assert all(STEP_KEYS <= line.keys() for line in lines)
-    assert summary["staleness_max_observed"] <= 1
-    assert_ledger_balanced(summary)
-    assert summary["ledger"]["trained"] == 10 * 16
-    assert summary["first_eval_reward"] is not None and summary["final_eval_reward"] is not None
-    assert {"config.toml", "metrics.jsonl", "summary.json", "run.log", "trace.json", "logs"} <= {
-        p.name for p in run_dir.iterdir()}
-    assert (run_dir / "logs" / "engine0.log").stat().st_size > 0
-    assert "step 10/10" in err and "(Controller" not in err  # progress reaches the terminal as on local
-    assert not engines_of(run_dir)
-
-
-def test_a_killed_engine_host_is_restarted_and_the_run_completes(ray_address, tmp_path):
+def test_a_killed_engine_host_is_restarted_and_the_run_completes(ray_backend: Backend, tmp_path):
     run_dir = tmp_path / "engine-kill"
-    proc = ray_launch(run_dir, ray_address)
+    proc = start(run_dir, ray_backend)
     try:
         kill_actor_after_steps(proc, run_dir, "engine0.0", steps=2)
         _, err = proc.communicate(timeout=240)
@@ -97,9 +54,9 @@ def test_a_killed_engine_host_is_restarted_and_the_run_completes(ray_address, tm
     assert not engines_of(run_dir)
 
 
-def test_a_killed_trainer_actor_ends_the_run_with_one_line(ray_address, tmp_path):
+def test_a_killed_trainer_actor_ends_the_run_with_one_line(ray_backend: Backend, tmp_path):
     run_dir = tmp_path / "trainer-kill"
-    proc = ray_launch(run_dir, ray_address, "--num-rollout", "1000")
+    proc = start(run_dir, ray_backend, "--num-rollout", "1000")
     try:
         kill_actor_after_steps(proc, run_dir, "trainer", steps=1)
         killed_at = time.monotonic()
@@ -125,9 +82,9 @@ def has_gpu() -> bool:
 @pytest.mark.skipif(not has_gpu(), reason="needs a GPU (run it on a lent GPU machine): engine 0 is placed on it")
 @pytest.mark.parametrize("flags", [["--rollout-num-gpus", "1"], ["--actor-num-gpus-per-node", "1", "--colocate"]],
                          ids=["disaggregated", "colocated"])
-def test_a_gpu_layout_puts_the_engine_on_a_gpu(ray_address, tmp_path, flags):
+def test_a_gpu_layout_puts_the_engine_on_a_gpu(ray_backend: Backend, tmp_path, flags):
     run_dir = tmp_path / "gpu"
-    proc = ray_launch(run_dir, ray_address, *flags)
+    proc = start(run_dir, ray_backend, *flags)
     port_file, deadline, info = run_dir / "logs" / "engine0.log.port", time.monotonic() + 120, None
     try:
         while info is None:  # the engine's own account of where it runs, asked while it serves
@@ -167,13 +124,14 @@ def test_an_unreachable_ray_address_fails_fast_in_one_line(tmp_path):
     assert elapsed < FAST_S
 
 
-def test_a_placement_the_cluster_cannot_hold_fails_fast_saying_what_was_asked(ray_address, tmp_path):
+def test_a_placement_the_cluster_cannot_hold_fails_fast_saying_what_was_asked(ray_backend: Backend, tmp_path):
     have = int(ray.cluster_resources().get("GPU", 0))  # 0 here: one engine GPU more than there are
+    cpus = int(ray.cluster_resources()["CPU"])
     n = str(have + 1)
-    line, elapsed = fail_fast(tmp_path / "gpu", "--ray-address", ray_address, "--rollout-num-gpus", n,
+    line, elapsed = fail_fast(tmp_path / "gpu", "--ray-address", ray_backend.ray_address, "--rollout-num-gpus", n,
                               "--rollout-num-engines", n)
     assert line.startswith("run failed: placement: the disaggregated layout (learner 1 CPU + 0 GPU, "), line
-    assert f"needs {have + 2} CPU + {have + 1} GPU in all; the cluster has 4 CPU + {have} GPU" in line, line
+    assert f"needs {have + 2} CPU + {have + 1} GPU in all; the cluster has {cpus} CPU + {have} GPU" in line, line
     assert elapsed < FAST_S
 
 
