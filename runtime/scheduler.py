@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import gc
 import json
 import logging
 import time
@@ -119,6 +120,7 @@ class Scheduler:
         try:
             with trace.span("scheduler", "start engines"):
                 await self.a.engines.start()
+            freeze_heap()
             self.started_at = self._last_step_at = time.monotonic()
             self._start_eval(self.a.learner.version)
             self._tasks = {
@@ -168,6 +170,7 @@ class Scheduler:
             trace.activate(None)
         self.metrics.close()
         self.groups_log.close()
+        gc.unfreeze()
 
     # -- per step --------------------------------------------------------------------------------
     def on_step(self, rec: StepRecord) -> None:
@@ -255,6 +258,15 @@ class Scheduler:
             stack = "".join(traceback.format_stack(t.get_stack(limit=3)[-1])) if t.get_stack(limit=3) else ""
             rows.append(f"- {t.get_name()}: {stack.strip()}")
         return "\n".join(rows) + "\n"
+
+
+def freeze_heap() -> None:
+    """Exempt what exists now (modules, the model classes, the task: all live for the run) from
+    the cyclic collector until ``gc.unfreeze()``. Without it a full collection walked some 370k
+    objects every few seconds, holding the GIL ~0.2 s: the event loop stopped serving the engines
+    and the learner stopped feeding the trainer (~2 ms a step on average, on the default recipe)."""
+    gc.collect()
+    gc.freeze()
 
 
 def _struct_items(obj: Any) -> list[tuple[str, Any]]:

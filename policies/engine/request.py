@@ -43,7 +43,8 @@ class Completion(msgspec.Struct, frozen=True):
 
 @dataclass(eq=False)
 class Request:
-    """One generation in flight. output_ids/logprobs/versions are mutated only by `Scheduler._apply`.
+    """One generation in flight. output_ids/logprobs/versions/context are mutated only by
+    `Scheduler._apply` (between decode steps), and never once the request has finished.
 
     `key` names the request's row in the runner's KV cache; it is never reused, so a finished
     request's stale row can never be mistaken for a new request that reuses its rid.
@@ -61,9 +62,15 @@ class Request:
     logprobs: list[float] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)  # weight version that produced each token
     key: int = field(default_factory=lambda: next(_keys))
+    # prompt + output_ids, grown token by token: each step hands the runner this list rather than
+    # a new concatenation per row (the runner only reads it, during the step)
+    context: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.context = self.prompt + self.output_ids
 
     def row(self) -> Row:
-        return Row(self.key, self.prompt + self.output_ids, self.params)
+        return Row(self.key, self.context, self.params)
 
 
 def build_request(item: GenerateItem, runner: ModelRunner) -> Request:
@@ -74,11 +81,12 @@ def build_request(item: GenerateItem, runner: ModelRunner) -> Request:
     if not sp.ignore_eos:
         stop |= runner.eos_token_ids
     params = RowParams(sp.temperature, sp.top_p, sp.top_k, make_generator(sp.temperature, sp.sampling_seed))
-    return Request(item.rid, list(item.input_ids), sp.max_new_tokens, frozenset(stop), params, new_future())
+    # the decoded body's list is this request's own: no copy
+    return Request(item.rid, item.input_ids, sp.max_new_tokens, frozenset(stop), params, new_future())
 
 
 def _check(item: GenerateItem, *, vocab_size: int, max_context: int) -> None:
-    if any(not 0 <= t < vocab_size for t in item.input_ids):
+    if min(item.input_ids) < 0 or max(item.input_ids) >= vocab_size:  # (never empty: wire.py refuses that)
         raise BadRequest(f"input_ids contain a token id outside [0, {vocab_size})")
     max_new = item.sampling_params.max_new_tokens
     if len(item.input_ids) + max_new > max_context:

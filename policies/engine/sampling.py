@@ -32,15 +32,21 @@ class RowParams(NamedTuple):
 def sample(logits: torch.Tensor, rows: list[RowParams]) -> tuple[list[int], list[float]]:
     """Pick one token per row of `logits` [B, V]; returns (token ids, their logprobs)."""
     logits = logits.float()
-    tokens = logits.argmax(dim=-1)
-    scaled = logits
-    if any(r.temperature > 0 for r in rows):
-        temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows], device=logits.device)
-        scaled = logits / temps[:, None]
+    temperatures = {r.temperature for r in rows}
+    if max(temperatures) <= 0:  # all greedy
+        tokens, scaled = logits.argmax(dim=-1), logits
+    else:
+        if len(temperatures) == 1:  # the usual batch: one temperature (the same division, row by row)
+            scaled = logits / temperatures.pop()
+        else:
+            temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows], device=logits.device)
+            scaled = logits / temps[:, None]
         vocab = logits.shape[-1]
         truncated = _truncate(scaled, rows) if any(0 < r.top_k < vocab or r.top_p < 1.0 for r in rows) else scaled
-        greedy = torch.tensor([r.temperature <= 0.0 for r in rows], device=logits.device)
-        tokens = torch.where(greedy, tokens, _draw(truncated, rows))
+        tokens = _draw(truncated, rows)
+        if min(r.temperature for r in rows) <= 0:  # some greedy rows
+            greedy = torch.tensor([r.temperature <= 0.0 for r in rows], device=logits.device)
+            tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
     logprobs = torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None])[:, 0]
     return tokens.tolist(), logprobs.tolist()
 
