@@ -40,11 +40,12 @@ class Evaluator:
         pairs = [(p, Sample(group_id=-1 - p.index, index=i, prompt_ids=p.input_ids))
                  for p in self.prompts for i in range(self.n_samples)]
         with trace.span("evaluator", "eval", version=version):
-            # batched requests (one HTTP call per EVAL_BATCH samples), like the generator's groups
+            # rounds of EVAL_BATCH samples, like the generator's groups; they share calls (an
+            # evaluation is only ever cancelled as a whole)
             samples = [s for _, s in pairs]
-            await asyncio.gather(*(self.runner.run_group(samples[i:i + EVAL_BATCH])
+            await asyncio.gather(*(self.runner.run_group(samples[i:i + EVAL_BATCH], share="eval")
                                    for i in range(0, len(samples), EVAL_BATCH)))
-            await asyncio.gather(*(self.scorer.score(p, s) for p, s in pairs if s.trainable))
+            await self.scorer.score_many([(p, s) for p, s in pairs if s.trainable])
         samples = [s for _, s in pairs]
         versions = [v for s in samples for v in s.token_versions] or [version]
         return EvalResult(

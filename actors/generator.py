@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import msgspec
 
@@ -82,6 +82,7 @@ class Generator:
         # group id -> its expiries so far (a checkpoint's redo groups expired at least once)
         self._attempts: collections.Counter[int] = collections.Counter(g.group_id for g in redo)
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._due: tuple[int | None, int] = (None, 0)  # the last admitted deadline, and groups admitted with it - 1
         buffer.on_expire = self._expire
 
     async def run(self) -> None:
@@ -90,7 +91,8 @@ class Generator:
         async with asyncio.TaskGroup() as groups:
             for g in self._resume:  # a checkpoint's live groups go first: they hold the oldest slots
                 ticket = Ticket(g.group_id, g.admitted_version, g.deadline_version)
-                groups.create_task(self._run_group(ticket, g.prompt, g.samples), name=f"group-{g.group_id}")
+                groups.create_task(self._run_group(ticket, g.prompt, g.samples, share=self._share_key(ticket)),
+                                   name=f"group-{g.group_id}")
             self._resume.clear()
             while True:
                 self._set_blocked(True)
@@ -104,7 +106,8 @@ class Generator:
                 else:
                     prompt = self.prompts(self.cursor)
                     self.cursor += 1
-                task = groups.create_task(self._run_group(ticket, prompt), name=f"group-{ticket.group_id}")
+                task = groups.create_task(self._run_group(ticket, prompt, share=self._share_key(ticket)),
+                                          name=f"group-{ticket.group_id}")
                 self._tasks[ticket.group_id] = task
                 task.add_done_callback(lambda t, gid=ticket.group_id: self._tasks.get(gid) is t
                                        and self._tasks.pop(gid))
@@ -158,27 +161,40 @@ class Generator:
         ]
         return live, list(self._redo)
 
-    async def _run_group(self, ticket: Ticket, prompt: Prompt, samples: list[Sample] | None = None) -> None:
+    def _share_key(self, ticket: Ticket) -> tuple[int, int] | None:
+        """Call at admission. Groups admitted in turn with one deadline, a batch's worth at a time,
+        send their rounds in shared calls (actors.shared_calls): one learner step needs them all
+        anyway. Not when over-sampling: the buffer then expires, so cancels, groups one by one."""
+        if self.buffer.extra:
+            return None
+        deadline, n = self._due
+        n = n + 1 if deadline == ticket.deadline_version else 0  # deadlines never fall in admission order
+        self._due = (ticket.deadline_version, n)
+        return ticket.deadline_version, n // self.buffer.groups_per_step
+
+    async def _run_group(self, ticket: Ticket, prompt: Prompt, samples: list[Sample] | None = None, *,
+                         share: Hashable | None = None) -> None:
         self._add_active(1)
         gid = ticket.group_id
         samples = samples or [Sample(group_id=gid, index=i, prompt_ids=prompt.input_ids)
                               for i in range(self.n_samples)]
         live = self._live[gid] = _Live(ticket, prompt, samples)
         try:
-            await self._generate_group(ticket, prompt, samples)
+            await self._generate_group(ticket, prompt, samples, share)
         finally:
             if self._live.get(gid) is live:  # not expired and regenerated meanwhile
                 del self._live[gid]
             self._add_active(-1)
 
-    async def _generate_group(self, ticket: Ticket, prompt: Prompt, samples: list[Sample]) -> None:
+    async def _generate_group(self, ticket: Ticket, prompt: Prompt, samples: list[Sample], share: Hashable | None
+                              ) -> None:
         gid = ticket.group_id
         self.ledger.advance(gid, State.GENERATING)
         with trace.lane("groups") as lane:  # one row per group: its generation, then its scoring
             with lane.span("generate", group=gid, admitted_version=ticket.admitted_version):
-                await self.runner.run_group(samples, attempt=self._attempts[gid])
+                await self.runner.run_group(samples, attempt=self._attempts[gid], share=share)
             with lane.span("score", group=gid):
-                await asyncio.gather(*(self.scorer.score(prompt, s) for s in samples if s.status != Status.FAILED))
+                await self.scorer.score_many([(prompt, s) for s in samples if s.status != Status.FAILED])
         self.ledger.advance(gid, State.SCORED)
         group = Group(group_id=gid, prompt=prompt, samples=samples, admitted_version=ticket.admitted_version,
                       deadline_version=ticket.deadline_version)

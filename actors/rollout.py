@@ -8,9 +8,10 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, Protocol
 
+from actors.shared_calls import SharedCalls
 from buffers.types import Sample, Status
 from policies.engine.client import EngineError, GenerateOutput
 from runtime.engines import EngineLost
@@ -39,6 +40,8 @@ class SampleRunner:
     reason. An engine that *failed* under the request (``EngineLost``) is failover, not an error:
     the request is re-sent at once with the tokens already received (their versions and logprobs
     kept), or from the prompt when none came back. Counts go to ``counters``.
+    Rounds that callers send in the same tick under one ``share`` key go in one call per serving
+    engine (``actors.shared_calls``); errors stay per caller.
     """
 
     def __init__(self, *, engines: Engines, sampling_params: dict[str, Any], decode: Callable[[list[int]], str],
@@ -52,11 +55,13 @@ class SampleRunner:
         self.exact_answer_versions = exact_answer_versions
         self.counters: collections.Counter[str] = collections.Counter()
         self._rids = itertools.count()
+        self._shared = SharedCalls(lambda ids, params, rids: engines.generate_batch(ids, params, rids=rids),
+                                   width=lambda: _engine_count(engines))
 
     async def run(self, sample: Sample) -> None:
         await self.run_group([sample])
 
-    async def run_group(self, samples: list[Sample], *, attempt: int = 0) -> None:
+    async def run_group(self, samples: list[Sample], *, attempt: int = 0, share: Hashable | None = None) -> None:
         """Drive ``samples`` (a group's, or any few) to completion, one batched /generate per round.
 
         Each round sends every still-pending sample as one member of a batch request (SGLang's
@@ -65,6 +70,9 @@ class SampleRunner:
         members, with the counts and limits of the class docstring. Sampling seeds are a function
         of (seed, group, sample, segment) and, for a group generated again from its prompt, of
         ``attempt``: the same seeds would replay the first attempt's answers.
+        ``share``: a key under which this caller's rounds may ride in one call with other callers'
+        (None: its own calls). Only for callers never cancelled apart from the others, and none
+        of use before all of them are (``actors.shared_calls``).
         """
         start = time.monotonic()
         for s in samples:
@@ -82,7 +90,10 @@ class SampleRunner:
                 kind = "g" if s.group_id >= 0 else "eval"  # the evaluator's ids are < 0
                 rids.append(f"{kind}{s.group_id}-{s.index}-{s.n_segments}-{next(self._rids)}")
             try:
-                outs = await self.engines.generate_batch(inputs, params, rids=rids)
+                if share is not None:
+                    outs = await self._shared.generate_batch(share, inputs, params, rids)
+                else:
+                    outs = await self.engines.generate_batch(inputs, params, rids=rids)
             except EngineLost as e:
                 failovers += 1
                 for s in todo:
@@ -128,3 +139,9 @@ class SampleRunner:
             self.counters["resumed_after_abort"] += 1
         else:
             sample.status = Status.COMPLETED if out.finish_reason == "stop" else Status.TRUNCATED
+
+
+def _engine_count(engines: Engines) -> int:
+    """Engines serving now (the engine set's); one for anything else (a client, a fake)."""
+    serving = getattr(engines, "serving", None)
+    return len(serving()) if callable(serving) else 1

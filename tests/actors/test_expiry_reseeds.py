@@ -23,7 +23,7 @@ class RecordingRunner:
         self.calls: list[tuple[int, int]] = []
         self.changed = asyncio.Event()
 
-    async def run_group(self, samples, *, attempt=0):
+    async def run_group(self, samples, *, attempt=0, share=None):
         gid = samples[0].group_id
         self.calls.append((gid, attempt))
         self.changed.set()
