@@ -203,15 +203,19 @@ class StalenessBuffer:
             self._changed.notify_all()
 
     # -- consumer side ---------------------------------------------------------------------------
-    async def get_batch(self, version: int, *, clock: WaitClock | None = None) -> list[Group]:
-        """The next ``groups_per_step`` groups for the learner at ``version`` (EDF, see module doc)."""
+    async def get_batch(self, version: int, *, clock: WaitClock | None = None, busy: bool = False) -> list[Group]:
+        """The next ``groups_per_step`` groups for the learner at ``version`` (EDF, see module doc).
+        ``busy``: asked ahead, while the learner still trains the step before (it queues the next
+        step behind it): a wait then is not the learner waiting, so it is not counted and does not
+        open over-sampled admission."""
         async with self._changed:
             batch = self._pick(version)
             if batch is None:
-                self._learner_waiting = True
-                self._changed.notify_all()  # over-sampled admission may open (module doc)
+                self._learner_waiting = not busy
+                if not busy:
+                    self._changed.notify_all()  # over-sampled admission may open (module doc)
                 try:
-                    with waiting(clock, "buffer.get_batch"):
+                    with waiting(None if busy else clock, "buffer.get_batch"):
                         while batch is None:
                             await self._changed.wait()
                             batch = self._pick(version)
