@@ -19,7 +19,6 @@ Targets (issue 2): async <= 1.15 x max(G, T); on the default recipe async <= 0.6
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import os
 import platform
@@ -29,9 +28,8 @@ import time
 from pathlib import Path
 
 import msgspec
-import psutil
+from solo import cpu_per_step, cpu_seconds, generation_alone, per_step
 
-from buffers.buffer import StalenessBuffer
 from buffers.types import Group
 from policies.trainer import StepStats
 from runtime import cli
@@ -39,70 +37,6 @@ from runtime.launch import build, prepare_run_dir, run_event_loop, weights_dir
 from runtime.metrics import read_metrics
 from runtime.progress import Progress
 from runtime.scheduler import freeze_heap
-
-
-class _NoTraining:
-    """Stands in for the trainer in the G measurement: keeps each batch, trains nothing."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[Group]] = []
-
-    def step(self, batch: list[Group], version: int) -> StepStats:
-        self.batches.append(batch)
-        return StepStats(loss=0, pg_clipfrac=0, tis_mean=1, tis_clipfrac=0, kl=0, entropy=0, grad_norm=0,
-                         n_tokens=0, n_samples=0)
-
-    def save_weights(self, out_dir: Path) -> Path:
-        return out_dir
-
-    def close(self) -> None:
-        pass
-
-
-class _ServeAtOnce:
-    """Publisher for G: engines are taken to serve every version the moment it exists."""
-
-    def __init__(self, buffer: StalenessBuffer):
-        self.buffer = buffer
-
-    async def publish(self, version: int, path: Path) -> None:
-        await self.buffer.set_served_version(version)
-
-
-def per_step(times: list[float], warmup: int) -> float:
-    return (times[-1] - times[warmup]) / (len(times) - 1 - warmup)
-
-
-async def generation_alone(argv: list[str], run_dir: Path, warmup: int
-                           ) -> tuple[float, list[list[Group]], dict[str, float]]:
-    cfg = cli.resolve(argv + ["--run-dir", str(run_dir)])
-    sched = build(cfg, prepare_run_dir(cfg), Path(tempfile.mkdtemp()), Progress(total_steps=1, mode="off"))
-    a = sched.a
-    trainer = _NoTraining()
-    a.learner.close()
-    a.learner.trainer, a.learner.publisher = trainer, _ServeAtOnce(a.buffer)
-    a.learner.max_staleness = 10**9  # engines keep version 0 weights here; nothing is trained
-    times: list[float] = []
-    marks: list[dict[str, float]] = []  # CPU at the end of warm-up and at the last step
-
-    def on_step(rec) -> None:  # noqa: ANN001
-        times.append(time.monotonic())
-        if rec.step in (warmup + 1, a.learner.num_steps):
-            marks.append(cpu_seconds())
-
-    a.learner.on_step = on_step
-    await a.engines.start()
-    freeze_heap()  # as Scheduler.run does for the loops
-    gen = asyncio.create_task(a.generator.run(), name="generator")
-    try:
-        await a.learner.run()
-    finally:
-        gen.cancel()
-        await asyncio.gather(gen, return_exceptions=True)
-        await a.buffer.close()
-        await a.engines.stop()
-        gc.unfreeze()
-    return per_step(times, warmup), trainer.batches, cpu_per_step(marks, len(times) - 1 - warmup)
 
 
 def training_alone(argv: list[str], run_dir: Path, batches: list[list[Group]], warmup: int
@@ -125,22 +59,6 @@ def training_alone(argv: list[str], run_dir: Path, batches: list[list[Group]], w
     shutil.rmtree(out, ignore_errors=True)
     trainer.close()
     return per_step(times, warmup), cpu_per_step(marks, len(times) - 1 - warmup - 1)
-
-
-def cpu_seconds() -> dict[str, float]:
-    """CPU seconds (user + system) used so far by this process and each child, by role."""
-    me = psutil.Process()
-    out = {"driver": sum(me.cpu_times()[:2])}
-    for child in me.children(recursive=True):
-        cmd = " ".join(child.cmdline())
-        role = "engine" if "policies.engine.server" in cmd else "trainer" if "trainer_process" in cmd else "other"
-        out[role] = out.get(role, 0.0) + sum(child.cpu_times()[:2])
-    return out
-
-
-def cpu_per_step(marks: list[dict[str, float]], steps: int) -> dict[str, float]:
-    """CPU seconds per step of each role between two ``cpu_seconds`` marks."""
-    return {k: (marks[1][k] - marks[0].get(k, 0.0)) / steps for k in marks[1]}
 
 
 async def whole_loop(argv: list[str], run_dir: Path, warmup: int, trained: list[bytes] | None = None

@@ -18,7 +18,6 @@ the script can be tried on CPUs with a small model (``--actor-num-gpus-per-node 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import platform
 import shutil
@@ -30,10 +29,9 @@ import time
 from pathlib import Path
 
 import msgspec
+from solo import generation_alone, per_step
 
-from buffers.buffer import StalenessBuffer
 from buffers.types import Group
-from policies.trainer import StepStats
 from runtime import cli
 from runtime.launch import build, initial_checkpoint, prepare_run_dir, run_event_loop, train
 from runtime.metrics import read_metrics
@@ -42,58 +40,6 @@ from runtime.progress import Progress
 QWEN3_06B = ["--num-layers", "28", "--hidden-size", "1024", "--num-attention-heads", "16", "--num-query-groups", "8",
              "--ffn-hidden-size", "3072", "--vocab-size", "151936", "--max-position-embeddings", "512"]
 TWO_GPUS = ["--actor-num-gpus-per-node", "1", "--rollout-num-gpus", "1", "--weight-transport", "nccl"]
-
-
-class _NoTraining:
-    """G's learner: keeps each batch (T trains on them), trains nothing."""
-
-    def __init__(self) -> None:
-        self.batches: list[list[Group]] = []
-
-    def step(self, batch: list[Group], version: int) -> StepStats:
-        self.batches.append(batch)
-        return StepStats(loss=0, pg_clipfrac=0, tis_mean=1, tis_clipfrac=0, kl=0, entropy=0, grad_norm=0,
-                         n_tokens=0, n_samples=0)
-
-    def save_weights(self, out_dir: Path) -> Path:
-        return out_dir
-
-    def close(self) -> None:
-        pass
-
-
-class _ServeAtOnce:
-    """G's publisher: every version is served the moment it exists (no sync, no wait)."""
-
-    def __init__(self, buffer: StalenessBuffer):
-        self.buffer = buffer
-
-    async def publish(self, version: int, path: Path | None) -> None:
-        await self.buffer.set_served_version(version)
-
-
-def per_step(times: list[float], warmup: int) -> float:
-    return (times[-1] - times[warmup]) / (len(times) - 1 - warmup)
-
-
-async def generation_alone(argv: list[str], run_dir: Path, warmup: int) -> tuple[float, list[list[Group]]]:
-    cfg = cli.resolve(argv + ["--run-dir", str(run_dir)])
-    a = build(cfg, prepare_run_dir(cfg), Path(tempfile.mkdtemp()), Progress(total_steps=1, mode="off")).a
-    a.learner.close()  # its trainer: G trains nothing
-    a.learner.trainer, a.learner.publisher = _NoTraining(), _ServeAtOnce(a.buffer)
-    a.learner.max_staleness = 10**9  # the engine keeps version 0 weights; nothing is trained
-    times: list[float] = []
-    a.learner.on_step = lambda rec: times.append(time.monotonic())
-    await a.engines.start()
-    gen = asyncio.create_task(a.generator.run(), name="generator")
-    try:
-        await a.learner.run()
-    finally:
-        gen.cancel()
-        await asyncio.gather(gen, return_exceptions=True)
-        await a.buffer.close()
-        await a.engines.stop()
-    return per_step(times, warmup), a.learner.trainer.batches
 
 
 def training_alone(argv: list[str], run_dir: Path, batches: list[list[Group]], warmup: int) -> float:
