@@ -36,7 +36,9 @@ def sample(logits: torch.Tensor, rows: list[RowParams]) -> tuple[list[int], list
     if max(temperatures) <= 0:  # all greedy
         tokens, scaled = logits.argmax(dim=-1), logits
     else:
-        if len(temperatures) == 1:  # the usual batch: one temperature (the same division, row by row)
+        if temperatures == {1.0}:  # x / 1.0 == x exactly: skip a pass over [B, V]
+            scaled = logits
+        elif len(temperatures) == 1:  # the usual batch: one temperature (the same division, row by row)
             scaled = logits / temperatures.pop()
         else:
             temps = torch.tensor([r.temperature if r.temperature > 0 else 1.0 for r in rows], device=logits.device)
@@ -48,7 +50,9 @@ def sample(logits: torch.Tensor, rows: list[RowParams]) -> tuple[list[int], list
             greedy = torch.tensor([r.temperature <= 0.0 for r in rows], device=logits.device)
             tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
     logprobs = torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None])[:, 0]
-    return tokens.tolist(), logprobs.tolist()
+    # one device-to-host copy for both (float64 holds every token id and float32 logprob exactly)
+    both = torch.stack([tokens.double(), logprobs.double()]).tolist()
+    return [int(t) for t in both[0]], both[1]
 
 
 def _truncate(scaled: torch.Tensor, rows: list[RowParams]) -> torch.Tensor:

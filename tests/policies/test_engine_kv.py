@@ -141,3 +141,45 @@ def test_weight_change_keeps_or_recomputes_the_cached_prefix(tiny_model_dir, tin
     kept = kit.kept_logprobs(model_a, model_b, seq.prompt, seq.out, k)
     assert not torch.allclose(recomputed, kept, atol=1e-3), "the two references must differ for the test to bite"
     torch.testing.assert_close(got[k:], kept if mode == "keep" else recomputed, atol=1e-5, rtol=0)
+
+
+def test_both_decode_paths_are_exercised(runners, tiny_model_dir):
+    """The default cached runner decodes over a SlotCache (the fixed-shape, graph-ready step);
+    slot_decode=False keeps the BatchCache path, which must agree with it too."""
+    assert runners[True]._decoder is not None
+    plain = ModelRunner.load(str(tiny_model_dir))
+    plain.__init__(plain.model, device=plain.device, slot_decode=False)
+    assert plain._decoder is None
+    slots, batch, full = script(), script(), script()
+    run(runners[True], slots)
+    run(plain, batch)
+    run(runners[False], full)
+    assert_same(slots, full)
+    assert_same(batch, full)
+
+
+def test_slot_cache_cuts_dead_columns_and_regrows(tiny_model_dir, monkeypatch):
+    """Tiny capacities force every SlotCache event: regrowth of rows and width with the live rows
+    copied over, reordered rows, and a left shift of the columns once the longest row has left."""
+    from policies.engine.batch_cache import SlotCache
+
+    for name, value in (("MIN_ROWS", 1), ("ROW_ALIGN", 1), ("MIN_WIDTH", 2)):
+        monkeypatch.setattr(SlotCache, name, value)
+    runner = ModelRunner.load(str(tiny_model_dir))
+    full_runner = ModelRunner.load(str(tiny_model_dir), use_kv_cache=False)
+
+    def seqs() -> list[Seq]:
+        return script() + [
+            Seq(list(range(1, 24)), join=7, n=2),  # long, leaves at once: the next row starts at column 21
+            Seq([2, 9], join=7, n=45, temperature=0.9, seed=11),  # runs on alone: shifted left, then regrown
+        ]
+
+    events = []  # (width capacity, the lowest start column) after each step
+    cached, full = seqs(), seqs()
+    record = lambda step, r: events.append((r._cache.width_capacity, min(r._cache.starts, default=0)))  # noqa: E731
+    run(runner, cached, on_step=record)
+    run(full_runner, full)
+    assert_same(cached, full)
+    assert runner._cache.generation >= 3 and len({w for w, _ in events}) >= 2, events
+    shifted = [i for i, (a, b) in enumerate(zip(events, events[1:]), 1) if a[0] == b[0] and 0 == b[1] < a[1]]
+    assert shifted, events
