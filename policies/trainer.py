@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from buffers.types import Group, Sample
-from policies import weight_sync
+from policies import weight_ipc, weight_sync
 from policies.advantages import grpo_advantages
 from policies.correction import bucket_stats, importance_weight
 from policies.loss import kl_penalty, masked_mean, ppo_clip
@@ -103,6 +103,7 @@ class PolicyTrainer:
         self.model = load_causal_lm(model_path).to(self.device).train()
         self.ref = load_causal_lm(model_path).to(self.device).eval() if grpo.use_kl_loss else None
         self._sender: weight_sync.Sender | None = None  # the weight-update group, once joined
+        self._exporter: weight_ipc.Exporter | None = None  # the IPC buffer, from the first ipc sync on
         self.clip_grad = optim.clip_grad
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
@@ -189,6 +190,22 @@ class PolicyTrainer:
         if self._sender is not None:
             self._sender.close()
             self._sender = None
+
+    # -- the same-GPU transport (policies/weight_ipc.py): engines map this trainer's buffer -----
+    def ipc_weights(self, dtype: str) -> bytes:
+        """The current weights as SGLang's serialized flattened bucket (one CUDA IPC handle), in
+        a ``weight_ipc.Export`` with their version, msgpack-encoded.
+
+        Ordering: the buffer is this trainer's for life (allocated at the first call, as the
+        collective sender keeps its send buffers), so the handle stays valid after we return, and
+        only the next ``ipc_weights`` writes it: an optimizer step changes the fp32 weights, not
+        the bf16 copy. The driver makes that next call only after every engine answered this
+        sync, and an engine answers once its copy out of the buffer has run, so the learner may
+        step while the engines load without any engine reading a half-written buffer."""
+        if self._exporter is None or self._exporter.meta.dtypes[0] != dtype:
+            self._exporter = weight_ipc.Exporter(self._served_tensors(), dtype=weight_sync.dtype_of(dtype))
+        export = weight_ipc.Export(self.version, self._exporter.meta, self._exporter.serialize())
+        return msgspec.msgpack.encode(export)
 
     def _served_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """What engines load: the state dict, a tied output head once (as HF checkpoints save it)."""

@@ -29,7 +29,8 @@ from buffers.types import Group
 from policies.engine.process import PROJECT_ROOT, die_with_parent_preexec
 from policies.trainer import StepStats
 
-PASSTHROUGH = frozenset({"weight_group_endpoint", "init_weight_group", "broadcast_weights", "destroy_weight_group"})
+PASSTHROUGH = frozenset({"weight_group_endpoint", "init_weight_group", "broadcast_weights", "destroy_weight_group",
+                         "ipc_weights"})
 
 
 class TrainerDied(RuntimeError):
@@ -80,6 +81,10 @@ class TrainerProcess:
 
     def destroy_weight_group(self) -> None:
         self._call("call", ("destroy_weight_group", ()))
+
+    # the same-GPU transport
+    def ipc_weights(self, dtype: str) -> bytes:
+        return self._call("call", ("ipc_weights", (dtype,)))
 
     @property
     def pid(self) -> int:

@@ -121,9 +121,10 @@ class PlacementConfig(Section):
     rollout_num_gpus_per_engine: Pos = 1  # GPUs per engine (its tensor-parallel size)
     colocate: bool = False  # engines share the learner's GPUs (time-sliced) instead of their own
     # how weights reach the engines (runtime/weight_transport.py): shm = a file in shared memory;
-    # nccl / gloo = a broadcast from the trainer's GPU / CPU memory; auto = nccl when the learner
-    # and the engines have GPUs of their own, else shm
-    weight_transport: Literal["auto", "shm", "nccl", "gloo"] = "auto"
+    # nccl / gloo = a broadcast from the trainer's GPU / CPU memory; ipc = engines on the learner's
+    # GPU map its weights (CUDA IPC); auto = nccl when the learner and the engines have GPUs of
+    # their own, ipc when they share the learner's, else shm
+    weight_transport: Literal["auto", "shm", "nccl", "gloo", "ipc"] = "auto"
     weight_bucket_mb: Pos = 512  # largest broadcast bucket (the engine holds one beside its weights)
 
 
@@ -420,6 +421,9 @@ def _check_placement(cfg: Config) -> None:
     if p.weight_transport == "nccl" and not (learner_gpus and (p.rollout_num_gpus or p.colocate)):
         raise ConfigError("--weight-transport", "nccl needs the learner and the engines on GPUs "
                           "(--actor-num-gpus-per-node 1 --rollout-num-gpus N)")
+    if p.weight_transport == "ipc" and not (learner_gpus and p.colocate):
+        raise ConfigError("--weight-transport", "ipc needs the engines on the learner's GPU "
+                          "(--colocate --actor-num-gpus-per-node 1)")
 
 
 def to_toml_dict(cfg: Config) -> dict[str, Any]:

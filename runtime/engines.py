@@ -40,6 +40,7 @@ from policies.engine.process import EngineProcess, EngineStartError
 from runtime import trace
 from runtime.config import FaultConfig
 from runtime.errors import RunFailed
+from runtime.ipc_weights import IpcWeights
 from runtime.weight_transport import CollectiveWeights
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ class EngineSet:
         self.initial_version = weight_version
         # what a replacement must load before it serves: (version, weights dir)
         self.current: tuple[int, str | None] = (weight_version, self.model_path)  # None: broadcast
-        self.collective: CollectiveWeights | None = None  # the trainer's broadcast, when it is the transport
+        # the trainer's own transport when it is one (no files): a broadcast, or CUDA IPC (colocated)
+        self.collective: CollectiveWeights | IpcWeights | None = None
         self.slots = [Slot(i, self._new_process(i)) for i in range(n)]
         self.generated_tokens = 0
         self.counters: collections.Counter[str] = collections.Counter()
@@ -230,7 +232,8 @@ class EngineSet:
                            sent: asyncio.Event | None = None) -> float:
         """Pause -> load ``version`` -> continue, on every serving engine; returns the seconds
         generation was paused. ``path``: the weights' files (shared memory); None: the trainer
-        broadcasts them (``self.collective``), and ``sent`` is set once the trainer's part is done.
+        sends them (``self.collective``: a broadcast, or CUDA IPC handles), and ``sent`` is set once
+        the trainer's part is done.
         An engine failing here is failed and restarted (it will refit to this version); the sync
         goes on with the others."""
         async with self._control:

@@ -42,6 +42,7 @@ from runtime import checkpoint, cli, placement, trace, weight_transport
 from runtime.chaos import Chaos
 from runtime.config import Config, ConfigError, to_toml_dict
 from runtime.engines import EngineSet
+from runtime.ipc_weights import IpcWeights
 from runtime.ledger import Ledger
 from runtime.local_hosts import LocalHosts, gpus_asked
 from runtime.metrics import MetricsLog, write_json
@@ -151,6 +152,8 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
         engines.collective = weight_transport.CollectiveWeights(
             trainer, backend=transport, dtype=engine_dtype, bucket_bytes=p.weight_bucket_mb << 20,
             timeout_s=a.weight_sync_timeout)
+    elif transport == "ipc":
+        engines.collective = IpcWeights(trainer, dtype=engine_dtype, timeout_s=a.weight_sync_timeout)
     broadcaster = WeightBroadcaster(engines=engines, buffer=buffer, timeout_s=a.weight_sync_timeout,
                                     pause_mode=a.pause_mode, served_version=version,
                                     collective=engines.collective is not None)

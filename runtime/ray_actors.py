@@ -222,6 +222,10 @@ class TrainerActor:
     def destroy_weight_group(self) -> None:
         self.trainer.destroy_weight_group()
 
+    # the same-GPU transport: engines colocated on this actor's GPU map the handle it returns
+    def ipc_weights(self, dtype: str) -> bytes:
+        return self.trainer.ipc_weights(dtype)
+
 
 class RayTrainer:
     """TrainerProcess's interface over a TrainerActor; every call is bounded by ``timeout_s``."""
@@ -258,6 +262,9 @@ class RayTrainer:
 
     def destroy_weight_group(self) -> None:
         self._call("destroy_weight_group")
+
+    def ipc_weights(self, dtype: str) -> bytes:
+        return self._call("ipc_weights", dtype)
 
     def close(self) -> None:
         ray.kill(self._actor, no_restart=True)

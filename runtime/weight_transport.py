@@ -7,9 +7,13 @@
                               engine what bucket comes next (/update_weights_from_distributed).
                               No file, no copy through the driver or Ray's object store.
 
-``auto`` picks NCCL when the learner and the engines have GPUs of their own (disaggregated), and
-shared memory otherwise (CPU runs; colocated runs, whose engines read the file straight into the
-GPU they share with the learner).
+    CUDA IPC (``ipc``)        colocated on GPUs: each engine maps the trainer's weights (one
+                              flat bucket) in place and copies them in (/update_weights_from_tensor;
+                              its driver is runtime/ipc_weights.py).
+
+``auto`` picks NCCL when the learner and the engines have GPUs of their own (disaggregated), CUDA
+IPC when they share the learner's GPU (colocated), and shared memory otherwise (CPU runs: CUDA IPC
+needs CUDA, and a collective would only copy what a file in /dev/shm already shares).
 
 The collective sync holds the learner only until the trainer has sent its weights (they are
 flattened into send buffers first, so the next step may change them once the sends are done); the
@@ -37,14 +41,16 @@ from policies.weight_sync import BucketMeta
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("auto", "shm", "nccl", "gloo")
+TRANSPORTS = ("auto", "shm", "nccl", "gloo", "ipc")
 
 
 def choose(asked: str, *, learner_gpus: int, engine_gpus: int, colocate: bool) -> str:
     """The transport for a run: ``asked``, or for ``auto`` the one its placement calls for."""
     if asked != "auto":
         return asked
-    return "nccl" if learner_gpus and engine_gpus and not colocate else "shm"
+    if learner_gpus and engine_gpus:
+        return "ipc" if colocate else "nccl"
+    return "shm"
 
 
 class CollectiveTrainer(Protocol):

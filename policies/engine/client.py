@@ -311,6 +311,27 @@ class EngineClient:
             body["weight_version"] = weight_version
         return (await self._weights_call("/update_weights_from_distributed", body, timeout_s)).paused_s
 
+    async def update_weights_from_tensor(self, serialized_named_tensors: list[bytes], *, weight_version: str | None,
+                                         load_format: str | None = "flattened_bucket",
+                                         timeout_s: float | None = None) -> float | None:
+        """Load weights an engine on the same GPU maps from the trainer's memory (CUDA IPC):
+        ``serialized_named_tensors`` holds one serialized payload per TP rank (policies/weight_ipc.py),
+        sent base64 as SGLang's HTTP route expects. Returns once loaded, with the seconds decoding
+        stopped for a pause-less swap (the embedded engine says; SGLang does not: None)."""
+        body: dict[str, Any] = {"serialized_named_tensors": serialized_named_tensors, "load_format": load_format,
+                                "flush_cache": False, "abort_all_requests": False}  # msgspec: bytes -> base64
+        if weight_version is not None:
+            body["weight_version"] = weight_version
+        return (await self._weights_call("/update_weights_from_tensor", body, timeout_s)).paused_s
+
+    async def release_memory_occupation(self, tags: list[str] | None = None, *, timeout_s: float | None = None) -> None:
+        """Free the engine's GPU memory of ``tags`` ("kv_cache", "weights"; None: all) for the
+        learner; SGLang expects a paused engine (the embedded one pauses itself)."""
+        await self._call("POST", "/release_memory_occupation", {"tags": tags}, timeout_s)
+
+    async def resume_memory_occupation(self, tags: list[str] | None = None, *, timeout_s: float | None = None) -> None:
+        await self._call("POST", "/resume_memory_occupation", {"tags": tags}, timeout_s)
+
     async def begin_weight_update(self) -> None:
         """Open SGLang's weight-update session (0.5.23 loads broadcast buckets only inside one);
         an engine without the route (older SGLang) needs none."""

@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from policies.engine import distributed
+from policies.engine import colocated, distributed
 from policies.engine.request import Completion
 from policies.engine.scheduler import ENGINE_ERROR, Scheduler
 from policies.engine.wire import (
@@ -77,6 +77,7 @@ def build_app(engine: Engine) -> web.Application:
         ]
     )
     distributed.add_routes(app, engine.scheduler.runner.device)
+    colocated.add_routes(app)
     return app
 
 

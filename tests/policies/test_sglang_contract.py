@@ -91,6 +91,9 @@ ANSWERS: dict[str, Any] = {  # SGLang-shaped answers (http_server.py handlers); 
     "/destroy_weights_update_group": {"success": True, "message": "Succeeded to destroy custom process group."},
     "/begin_weight_update": {"success": True, "message": "ok"},
     "/end_weight_update": {"success": True, "message": "ok"},
+    "/update_weights_from_tensor": {"success": True, "message": "Success"},
+    "/release_memory_occupation": None,  # SGLang's handler returns nothing: an empty 200
+    "/resume_memory_occupation": None,
 }
 # Routes SGLang marks deprecated that the client still calls, each with why it is kept: a new one
 # fails test_no_deprecated_routes.
@@ -143,6 +146,17 @@ async def _exercise_collective(c: EngineClient) -> None:
                                             weight_version=None, load_format=None)
 
 
+async def _exercise_update_weights_from_tensor(c: EngineClient) -> None:
+    await c.update_weights_from_tensor([b"\x80\x05payload"], weight_version="3")
+    await c.update_weights_from_tensor([b"\x80\x05payload"], weight_version=None, load_format=None)
+
+
+async def _exercise_memory(c: EngineClient) -> None:
+    await c.release_memory_occupation(["kv_cache"])
+    await c.release_memory_occupation()
+    await c.resume_memory_occupation(["kv_cache", "weights"])
+
+
 async def _assert_true(result: Awaitable[bool]) -> None:
     assert await result, "probe answered False: the fake server did not know the route"
 
@@ -167,6 +181,9 @@ EXERCISES: dict[str, Callable[[EngineClient], Awaitable[Any]]] = {
     "destroy_weights_update_group": lambda c: c.destroy_weights_update_group("g"),
     "begin_weight_update": lambda c: c.begin_weight_update(),
     "end_weight_update": lambda c: c.end_weight_update(),
+    "update_weights_from_tensor": _exercise_update_weights_from_tensor,
+    "release_memory_occupation": _exercise_memory,
+    "resume_memory_occupation": _exercise_memory,
 }
 NOT_EXERCISED = {"close"}  # closes the session; sends nothing
 
@@ -393,6 +410,50 @@ def test_control_body_fields_exist(src, sent):
     assert models["/abort_request"][1] == "AbortReq"
     assert models["/update_weights_from_disk"][1] == "UpdateWeightFromDiskReqInput"
     assert models["/update_weight_version"][1] == "UpdateWeightVersionReqInput"
+    assert models["/update_weights_from_tensor"][1] == "UpdateWeightsFromTensorReqInput"
+    assert models["/release_memory_occupation"][1] == "ReleaseMemoryOccupationReqInput"
+    assert models["/resume_memory_occupation"][1] == "ResumeMemoryOccupationReqInput"
+
+
+def test_tensor_payload_is_what_sglangs_flattened_bucket_loader_reads(src, sent):
+    """/update_weights_from_tensor: the payload entries are base64 strings (JSON has no bytes);
+    "flattened_bucket" is a format that route's loader takes; our metadata entries carry exactly
+    FlattenedTensorMetadata's fields; and every global our payload pickles is one SGLang's safe
+    unpickler admits (a CPU payload here; a CUDA one differs only by rebuild_cuda_tensor, checked too)."""
+    import base64
+    import io
+    import pickle
+
+    import torch
+
+    from policies import weight_ipc
+
+    body = next(s.body for s in sent if s.path == "/update_weights_from_tensor" and s.body["load_format"])
+    assert base64.b64decode(body["serialized_named_tensors"][0]) == b"\x80\x05payload"
+    assert body["load_format"] == weight_ipc.LOAD_FORMAT
+    updater = "sglang/srt/model_executor/model_runner_components/weight_updater.py"
+    loader = next(n for n in ast.walk(src.tree(updater))
+                  if isinstance(n, ast.FunctionDef) and n.name == "update_weights_from_tensor")
+    assert weight_ipc.LOAD_FORMAT in {c.value for c in ast.walk(loader) if isinstance(c, ast.Constant)}
+    fields = sgl.class_fields(src, "sglang/srt/weight_sync/tensor_bucket.py", "FlattenedTensorMetadata")
+    ours = weight_ipc.metadata(weight_ipc.weight_sync.BucketMeta(["w"], ["bfloat16"], [[2, 3]]))
+    assert set(vars(ours[0])) == set(fields)
+
+    unpickler = next(n for n in ast.walk(src.tree("sglang/srt/utils/common.py"))
+                     if isinstance(n, ast.ClassDef) and n.name == "SafeUnpickler")
+    allowed = {(e.elts[0].value, e.elts[1].value) for e in ast.walk(unpickler)
+               if isinstance(e, ast.Tuple) and len(e.elts) == 2
+               and all(isinstance(x, ast.Constant) and isinstance(x.value, str) for x in e.elts)}
+    used = {("torch.multiprocessing.reductions", "rebuild_cuda_tensor")}
+
+    class Recording(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            used.add((module, name))
+            return super().find_class(module, name)
+
+    data = weight_ipc.Exporter([("w", torch.zeros(2, 3))], dtype=torch.bfloat16).serialize()
+    Recording(io.BytesIO(data)).load()
+    assert ("types", "SimpleNamespace") in used and used <= allowed, sorted(used - allowed)
 
 
 def test_pause_modes_are_sglang_modes(src):
@@ -455,7 +516,7 @@ def test_collective_responses_are_produced(src):
     routes = sgl.routes(src)
     problems = []
     for route in ("/init_weights_update_group", "/update_weights_from_distributed", "/destroy_weights_update_group",
-                  "/begin_weight_update", "/end_weight_update"):
+                  "/begin_weight_update", "/end_weight_update", "/update_weights_from_tensor"):
         produced = {k: v for r in routes[route] for k, v in sgl.handler_dict_keys(src, r).items()}
         problems += response_problems(f"response of {route}", client_module._CollectiveResult, produced,
                                       source=f"the {route} handler's answer", allowed=COLLECTIVE_EXTENSIONS)

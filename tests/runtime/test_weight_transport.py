@@ -41,7 +41,7 @@ def test_buckets_round_trip_every_tensor_in_plan_order():
 
 def test_auto_picks_nccl_only_for_gpus_of_their_own():
     assert choose("auto", learner_gpus=1, engine_gpus=1, colocate=False) == "nccl"
-    assert choose("auto", learner_gpus=1, engine_gpus=1, colocate=True) == "shm"
+    assert choose("auto", learner_gpus=1, engine_gpus=1, colocate=True) == "ipc"  # tests/runtime/test_ipc_transport.py
     assert choose("auto", learner_gpus=0, engine_gpus=0, colocate=False) == "shm"
     assert choose("gloo", learner_gpus=0, engine_gpus=0, colocate=False) == "gloo"
 
