@@ -8,7 +8,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   || exit 1
 export PYTHONPATH=/tmp/site:$PWD
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-[ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/runtime/test_weight_transport.py 2>&1 | tail -15
+[ -n "${SKIP_TESTS:-}" ] || python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/runtime/test_weight_transport.py tests/runtime/test_ipc_transport.py 2>&1 | tail -15
 python3 benchmarks/gpu_sync.py --out /tmp/bench-gpu-sync "$@" 2>&1 | grep -v -e "Loading weights" -e "Writing model"
 cp -r /tmp/bench-gpu-sync/*.md "${OUT:-/tmp}/" 2>/dev/null || true
 for run in /tmp/bench-gpu-sync/sync /tmp/bench-gpu-sync/async*; do  # timelines to read back here
