@@ -121,6 +121,8 @@ async def release_memory(request: web.Request) -> web.Response:
     scheduler = request.app[ENGINE_KEY].scheduler
     if "kv_cache" in tags:
         await scheduler.pause("retract")  # drops the cache (ModelRunner.drop_cache) once no step runs
+        # and frees its buffers and the decode graphs, on the decode thread like every runner call
+        await scheduler.release_memory()
     else:
         await scheduler.pause("in_place")
     if scheduler.runner.device.type == "cuda":

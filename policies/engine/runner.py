@@ -202,6 +202,14 @@ class ModelRunner:
         """Forget every row's keys/values: each row re-prefills its whole context at its next step."""
         self._cache.clear()
 
+    def release_memory(self) -> None:
+        """``drop_cache``, and also free the cache's buffers and the decode graphs (colocated runs
+        hand that memory to the learner); the next decode step reallocates and re-captures."""
+        if self._decoder is not None:
+            self._decoder.release()
+        else:
+            self._cache.clear()
+
     def read_checkpoint(self, model_path: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Load every *.safetensors in `model_path` and pair each tensor with its live parameter.
 
@@ -291,6 +299,13 @@ class SlotDecoder:
         self._generation = -1
         self._inputs: torch.Tensor | None = None  # [4, rows capacity]: ids, positions, starts, ends
         self._pool = None
+
+    def release(self) -> None:
+        """Free the slot buffers and every captured graph (and its memory pool)."""
+        self._graphs.clear()
+        self._pool = None
+        self._inputs = None
+        self.cache.release()
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:

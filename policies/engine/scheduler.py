@@ -164,6 +164,12 @@ class Scheduler:
         if mode == "retract":
             await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.drop_cache)
 
+    async def release_memory(self) -> None:
+        """Free the runner's KV buffers and decode graphs; call while paused (``retract``)."""
+        if not self._paused:
+            raise BadRequest("release the memory of a paused engine only")
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.release_memory)
+
     def resume(self) -> None:
         self._paused = False
         self._notify()

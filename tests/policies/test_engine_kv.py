@@ -183,3 +183,19 @@ def test_slot_cache_cuts_dead_columns_and_regrows(tiny_model_dir, monkeypatch):
     assert runner._cache.generation >= 3 and len({w for w, _ in events}) >= 2, events
     shifted = [i for i, (a, b) in enumerate(zip(events, events[1:]), 1) if a[0] == b[0] and 0 == b[1] < a[1]]
     assert shifted, events
+
+
+def test_releasing_memory_frees_the_slot_buffers_and_decoding_goes_on_unchanged(runners):
+    """release_memory (a colocated engine handing its KV memory to the learner) frees the slot
+    buffers, not only the rows; the next steps reallocate and still match a full recompute."""
+    runner = runners[True]
+    released, full = script(), script()
+
+    def release(step, r):  # noqa: ANN001, ANN202
+        if step in (2, 5):
+            r.release_memory()
+            assert r._cache.kv is None and r.cached_rows == 0
+
+    run(runner, released, on_step=release)
+    run(runners[False], full)
+    assert_same(released, full)
