@@ -17,8 +17,9 @@ trains is unchanged: step v+1 runs after version v+1 is saved, on the batch ``ge
 returns (taken at most one step early: expiry and EDF ordering are by version, not time). A
 batch that is not ready in time is waited for after the publish, as before (with max_staleness 0
 it needs the published version). Never pipelined: a publisher without files (a collective sync
-reads the trainer, which must be between steps) and an ``after_step`` hook (a checkpoint must
-see the trainer between steps).
+reads the trainer, which must be between steps), an ``after_step`` hook (a checkpoint must
+see the trainer between steps) and a ``before_step`` hook (time-sliced engines must have handed
+the GPU over before a step starts).
 """
 
 from __future__ import annotations
@@ -98,13 +99,15 @@ class Learner:
     def __init__(self, *, trainer: Trainer, buffer: StalenessBuffer, ledger: Ledger, publisher: Publisher,
                  num_steps: int, max_staleness: int, weights_dir: Path,
                  on_step: Callable[[StepRecord], None] = lambda r: None, version: int = 0,
-                 after_step: Callable[[int], Awaitable[None]] | None = None):
+                 after_step: Callable[[int], Awaitable[None]] | None = None,
+                 before_step: Callable[[int], Awaitable[None]] | None = None):
         self.trainer, self.buffer, self.ledger, self.publisher = trainer, buffer, ledger, publisher
         self.num_steps = num_steps
         self.max_staleness = max_staleness
         self.weights_dir = weights_dir
         self.on_step = on_step
         self.after_step = after_step  # e.g. a checkpoint; the next step waits for it
+        self.before_step = before_step  # e.g. colocated engines handing the GPU over (runtime/time_slice.py)
         self.version = version
         self.clock = WaitClock("learner")
         # one thread, jobs in order: a queued job starts the moment the one before it ends
@@ -116,8 +119,10 @@ class Learner:
             jobs: collections.deque[_Job] = collections.deque()  # started, in version order (at most 2)
             while self.version < self.num_steps:
                 if not jobs:
-                    jobs.append(self._start(await self.buffer.get_batch(self.version, clock=self.clock),
-                                            self.version))
+                    batch = await self.buffer.get_batch(self.version, clock=self.clock)
+                    if self.before_step is not None:
+                        await self.before_step(self.version)
+                    jobs.append(self._start(batch, self.version))
                 job = jobs[0]
                 if len(jobs) == 1 and self._pipelined(job.version + 1):
                     batch = await self._batch_before(job)
@@ -140,7 +145,8 @@ class Learner:
 
     def _pipelined(self, version: int) -> bool:
         """May the step at ``version`` be queued while the one before it runs (module docstring)?"""
-        return version < self.num_steps and self.after_step is None and self._wants_files
+        return (version < self.num_steps and self.after_step is None and self.before_step is None
+                and self._wants_files)
 
     async def _batch_before(self, job: _Job) -> list[Group] | None:
         """The batch for the step after ``job``, once the buffer has it, if that is before ``job``

@@ -116,6 +116,7 @@ class EngineSet:
         self._control = asyncio.Lock()  # a weight sync or a refit: never both
         self._syncing = False
         self._sync_epoch = 0
+        self._released = False  # time-sliced (runtime/time_slice.py): engines paused for a learner step
         self._changed = asyncio.Condition()  # routing membership or ``fatal`` changed
         self._restart_tasks: set[asyncio.Task[None]] = set()
 
@@ -301,6 +302,26 @@ class EngineSet:
 
         await asyncio.gather(*(one(s) for s in self.serving()))
 
+    async def release_memory(self) -> None:
+        """Colocated time slice: stop every engine (``retract``: requests stay queued, their KV cache
+        dropped) and free its KV memory for the learner's step. Waits for a sync in progress, so a
+        sync's own continue cannot undo the release. Probes treat released engines as paused."""
+        async with self._control:
+            # (a new epoch: a generation probe the pause aborts is not evidence, as for a sync)
+            self._released, self._sync_epoch = True, self._sync_epoch + 1
+            await self._on_each("pause", lambda c: c.pause("retract"))
+            await self._on_each("memory release", lambda c: c.release_memory_occupation(["kv_cache"]))
+
+    async def resume_memory(self) -> None:
+        """End the time slice: KV memory back, generation continues (after any sync in progress)."""
+        async with self._control:
+            await self._on_each("memory resume", lambda c: c.resume_memory_occupation(["kv_cache"]))
+            await self._on_each("continue", lambda c: c.resume())
+            self._released = False
+            now = time.monotonic()
+            for s in self.serving():
+                s.last_progress = max(s.last_progress, now)  # a released engine was not stalled
+
     # backwards-compatible control surface (benchmarks and the broadcaster's protocol)
     async def pause(self, mode: str = "abort") -> None:
         await self._on_each("pause", lambda c: c.pause(mode))
@@ -334,7 +355,7 @@ class EngineSet:
             return
         client, incarnation = slot.client, slot.incarnation
         assert client is not None
-        syncing, epoch = self._syncing, self._sync_epoch
+        syncing, epoch = self._syncing or self._released, self._sync_epoch
         timeout = self.fault.health_check_timeout
         ok = await (client.health(timeout_s=timeout) if syncing else client.health_generate(timeout_s=timeout))
         if slot.incarnation != incarnation or slot.state != "serving":
@@ -344,7 +365,7 @@ class EngineSet:
         elif not ok and (syncing or (epoch == self._sync_epoch and not self._syncing)):
             # a generation probe that overlapped a pause was aborted by it: not evidence
             self._fail(slot, f"health probe failed or took over {timeout:g}s")
-        elif (slot.in_flight and not self._syncing
+        elif (slot.in_flight and not self._syncing and not self._released
               and time.monotonic() - slot.last_progress > self.fault.engine_progress_timeout):
             self._fail(slot, f"no request finished in {self.fault.engine_progress_timeout:g}s")
 

@@ -51,6 +51,7 @@ from runtime.progress import Progress
 from runtime.scheduler import Actors, RunFailed, Scheduler
 from runtime.sinks import open_sinks
 from runtime.summary import summarize
+from runtime.time_slice import time_slice
 
 log = logging.getLogger("runtime.launch")
 
@@ -163,6 +164,8 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
         learner.after_step = checkpoint.Checkpointer(
             save_dir=Path(cfg.ckpt.save), interval=cfg.ckpt.save_interval, num_steps=r.num_steps, learner=learner,
             buffer=buffer, ledger=ledger, generator=generator, announce=progress.message).after_step
+    if p.colocate:
+        time_slice(learner, engines)
     eval_runner = SampleRunner(engines=engines, decode=decode, seed=r.rollout_seed + 1, exact_answer_versions=exact,
                                sampling_params=sampling_params(
         temperature=e.eval_temperature, top_p=e.eval_top_p, top_k=-1 if e.eval_temperature == 0 else r.rollout_top_k,

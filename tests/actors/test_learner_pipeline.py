@@ -166,3 +166,22 @@ def test_a_queued_batch_is_checked_for_staleness_before_it_is_trained(tmp_path):
         assert "step 1" not in events.log  # the stale batch never reached the trainer
 
     run(scenario())
+
+
+def test_a_before_step_hook_runs_after_the_take_and_before_each_step_unpipelined(tmp_path):
+    async def scenario():
+        events = Events()
+
+        async def release(version):
+            events.mark(f"release {version}")
+
+        learner, buffer, ledger, _ = learner_for(events, tmp_path, steps=3, gates=False)
+        learner.before_step = release
+        await add_groups(buffer, ledger, 6)
+        await learner.run()
+        for v in (0, 1, 2):
+            assert events.before(f"take {v}", f"release {v}") and events.before(f"release {v}", f"step {v}")
+        for v in (1, 2):  # not pipelined: step v is taken only after version v is published
+            assert events.before(f"publish {v}", f"take {v}")
+
+    run(scenario())
