@@ -119,8 +119,8 @@ class SlotCache:
     grows by one column) and its width changes every step, so a decode step can never be a fixed
     sequence of kernels. Here one buffer `kv` [layers, 2, row capacity, kv_heads, width capacity,
     head_dim] holds every row, so a decode step is the same kernels at the same addresses every
-    time and can be replayed as a CUDA graph (runner.SlotDecoder). It is used for models whose
-    decode step the runner can write itself (runner.SlotDecoder.supports); BatchCache otherwise.
+    time and can be replayed as a CUDA graph (slot_decoder.SlotDecoder). It is used for models whose
+    decode step the runner can write itself (slot_decoder.SlotDecoder.supports); BatchCache otherwise.
 
     Layout invariants:
     - Row i (slot i) belongs to request keys[i]; its cached tokens sit in columns

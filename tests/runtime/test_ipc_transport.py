@@ -19,7 +19,6 @@ import torch
 from policies import weight_ipc
 from policies.engine.client import EngineError
 from policies.engine.process import EngineProcess
-from policies.model import qwen3_config, write_random_checkpoint
 from policies.trainer_process import TrainerProcess
 from runtime import cli
 from runtime.config import GrpoConfig, OptimizerConfig
@@ -81,16 +80,6 @@ def test_a_payload_cannot_run_code():
 
     with pytest.raises(pickle.UnpicklingError, match="refused global"):
         weight_ipc.loads(pickle.dumps([("w", Evil())]))
-
-
-@pytest.fixture(scope="module")
-def checkpoints(copy_task, tmp_path_factory):
-    tok = copy_task.tokenizer
-    cfg = qwen3_config(vocab_size=len(tok), num_layers=2, hidden_size=32, num_attention_heads=2, num_query_groups=1,
-                       ffn_hidden_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    root = tmp_path_factory.mktemp("ckpts")
-    return [write_random_checkpoint(root / f"v{i}", cfg, tok, seed=i) for i in range(2)], tok.pad_token_id
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason=NO_CUDA))])

@@ -14,7 +14,6 @@ import torch
 from policies import weight_sync
 from policies.engine.client import EngineClient, EngineError
 from policies.engine.process import EngineProcess
-from policies.model import qwen3_config, write_random_checkpoint
 from policies.trainer_process import TrainerProcess
 from runtime.config import FaultConfig, GrpoConfig, OptimizerConfig
 from runtime.engines import EngineSet
@@ -44,16 +43,6 @@ def test_auto_picks_nccl_only_for_gpus_of_their_own():
     assert choose("auto", learner_gpus=1, engine_gpus=1, colocate=True) == "ipc"  # tests/runtime/test_ipc_transport.py
     assert choose("auto", learner_gpus=0, engine_gpus=0, colocate=False) == "shm"
     assert choose("gloo", learner_gpus=0, engine_gpus=0, colocate=False) == "gloo"
-
-
-@pytest.fixture(scope="module")
-def checkpoints(copy_task, tmp_path_factory):
-    tok = copy_task.tokenizer
-    cfg = qwen3_config(vocab_size=len(tok), num_layers=2, hidden_size=32, num_attention_heads=2, num_query_groups=1,
-                       ffn_hidden_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    root = tmp_path_factory.mktemp("ckpts")
-    return [write_random_checkpoint(root / f"v{i}", cfg, tok, seed=i) for i in range(2)], tok.pad_token_id
 
 
 def gpus() -> int:
