@@ -10,6 +10,8 @@ untrained) has its task cancelled (its engine requests end with the connection) 
 ``expiry``, regenerated from its prompt under the same id through admission ("recompute", before
 any new prompt) or dropped ("drop"); both are counted in ``expired``. A regenerated group samples
 with new seeds (its attempt number): the old ones would replay the answers it expired on.
+With "mask" the buffer carries late groups itself (its stale tokens are masked, not discarded), and
+only a ready group with no token left that the bound lets train comes here: it is regenerated.
 The generator only ever waits on admission: rollout runs ahead of training by up to
 ``max_staleness`` versions. Its ``clock`` counts the time rollout is *idle*: admission is closed
 and no admitted group is still generating (a closed admission while groups generate is not
@@ -64,8 +66,8 @@ class Generator:
                  runner: SampleRunner, scorer: RewardScorer, n_samples: int, cursor: int = 0,
                  resume: Sequence[LiveGroupState] = (), redo: Sequence[RedoGroup] = (),
                  expiry: str = "recompute"):
-        if expiry not in ("recompute", "drop"):
-            raise ValueError(f"expiry must be recompute or drop, got {expiry!r}")
+        if expiry not in ("recompute", "drop", "mask"):
+            raise ValueError(f"expiry must be recompute, drop or mask, got {expiry!r}")
         self.prompts, self.buffer, self.ledger = prompts, buffer, ledger
         self.runner, self.scorer = runner, scorer
         self.n_samples = n_samples
@@ -131,7 +133,7 @@ class Generator:
             prompt = live.prompt
         self.expired[f"expired_{self.expiry}"] += 1
         self._attempts[gid] += 1
-        if self.expiry == "recompute":
+        if self.expiry != "drop":
             self._redo.append(RedoGroup(gid, prompt))
         else:
             self.ledger.dropped(gid, "expired")

@@ -167,6 +167,9 @@ def throughput(lines: list[dict], engine: list[tuple[float, int, int, int]], ski
         "learner_wait": sum(x["learner/wait_frac"] * w for x, w in zip(steps, waits)) / dt,
         "generator_wait": sum(x["generator/wait_frac"] * w for x, w in zip(steps, waits)) / dt,
         "expired_in_window": steps[-1]["buffer/expired"] - lines[k - 1]["buffer/expired"],
+        # tokens kept as context but masked from the loss (--partial-expiry mask), over all handed out
+        "masked_frac": (lambda m: m / (m + sum(x["train/n_tokens"] for x in steps)))(
+            steps[-1].get("buffer/masked_tokens", 0) - lines[k - 1].get("buffer/masked_tokens", 0)),
         "rows_mean": statistics.mean(rows) if rows else None,
         "rows_median": statistics.median(rows) if rows else None,
         "decode_steps_per_s": (probe[-1][2] - probe[0][2]) / (probe[-1][0] - probe[0][0]) if len(probe) > 1 else None,
@@ -192,10 +195,12 @@ def grid(mode: str, args: argparse.Namespace) -> dict[str, list[str]]:
         else:
             for policy in args.policies:
                 for s in args.staleness:
-                    arms = (None, args.over_sampling) if i % 2 == 0 else (args.over_sampling, None)
-                    for over in arms:
-                        extra = ["--over-sampling-batch-size", str(over)] if over else []
-                        runs[f"{policy}-s{s}-over{over or 0}-seed{seed}"] = base + [
+                    arms = [None, *args.expiry]
+                    for arm in arms if i % 2 == 0 else arms[::-1]:
+                        extra = ["--over-sampling-batch-size", str(args.over_sampling), "--partial-expiry", arm
+                                 ] if arm else []
+                        label = f"over{args.over_sampling}{'' if arm == 'recompute' else arm}" if arm else "over0"
+                        runs[f"{policy}-s{s}-{label}-seed{seed}"] = base + [
                             "--max-staleness", str(s), "--seed", str(seed), "--rollout-seed", str(seed),
                             *OVERPROV_FLAGS, *args.extra_flags, *extra]
     return runs
@@ -291,6 +296,7 @@ OVERPROV_COLUMNS = [  # (result key, header, format)
     ("trained_tokens_per_s", "trained tokens/s", "{:,.0f}"), ("rows_mean", "running rows (mean)", "{:.1f}"),
     ("learner_wait", "learner wait", "{:.0%}"), ("generator_wait", "generator idle", "{:.0%}"),
     ("trained_len_mean", "trained answer len", "{:.1f}"), ("expired_in_window", "expired groups", "{:.0f}"),
+    ("masked_frac", "tokens masked", "{:.0%}"),
 ]
 RATIO_KEYS = [("steps_per_s", "steps/s"), ("engine_tokens_per_s", "engine tokens/s"),
               ("trained_tokens_per_s", "trained tokens/s")]
@@ -304,13 +310,14 @@ def table_overprov(results: list[dict]) -> str:
         if r.get("steps_per_s") is None:
             continue
         policy, s, over, seed = r["name"].split("-")
-        by.setdefault((policy, int(s[1:]), int(over[4:])), {})[int(seed[4:])] = r
+        by.setdefault((policy, int(s[1:]), over[4:]), {})[int(seed[4:])] = r
     head = "| policy | max_staleness | over-sampling | seeds | " + " | ".join(h for _, h, _ in OVERPROV_COLUMNS)
     head += " | " + " | ".join(f"{h} vs none, per seed" for _, h in RATIO_KEYS) + " |"
     rows = [head, "|" + "---|" * (4 + len(OVERPROV_COLUMNS) + len(RATIO_KEYS))]
     for (policy, s, over), runs in sorted(by.items(), key=lambda kv: (-len(kv[0][0]), kv[0][1:])):
-        cells = [f.format(statistics.mean(r[k] for r in runs.values())) for k, _, f in OVERPROV_COLUMNS]
-        base = by.get((policy, s, 0), {})
+        cells = [f.format(statistics.mean(r.get(k) or 0 for r in runs.values())) for k, _, f in OVERPROV_COLUMNS]
+        base = by.get((policy, s, "0"), {})
+        over = "" if over == "0" else over
         ratios = []
         for k, _ in RATIO_KEYS:
             per_seed = [runs[seed][k] / base[seed][k] for seed in sorted(runs) if seed in base]
@@ -365,6 +372,8 @@ def main() -> None:
     ap.add_argument("--num-rollout", type=int, default=None, help="default: 300 (ablation), 120 (overprov)")
     ap.add_argument("--eval-interval", type=int, default=None, help="default: 20 (ablation), 0 (overprov)")
     ap.add_argument("--over-sampling", type=int, default=16, help="overprov: --over-sampling-batch-size")
+    ap.add_argument("--expiry", type=lambda s: s.split(","), default=["recompute", "mask"],
+                    help="overprov: the --partial-expiry of each over-provisioned arm")
     ap.add_argument("--warmup-steps", type=int, default=400, help="overprov: steps of the starting policy")
     ap.add_argument("--policies", type=lambda s: s.split(","), default=["trained", "random"],
                     help="overprov: start from the warm-up policy (prompt-set lengths) and/or a random-init "

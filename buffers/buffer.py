@@ -33,6 +33,20 @@ every new token is fresh) or drops it. A ready group's deadline is its oldest to
 ``s`` (at least its ticket's), so a group whose tokens all came after its admission may wait
 longer. No token is trained past the bound either way.
 
+Carrying stale partials (``mask_stale``, ``--partial-expiry mask``; Miles's
+``--mask-offpolicy-in-partial-rollout``, made per token): the batch goes as soon as ``G`` groups are
+ready (APRIL: "once a batch is full") while only a tail of at most ``G / 4`` groups is still
+generating (more than that and they are mostly about to finish: waiting for them costs less than
+masking them), and a group whose deadline passes is not thrown away. One
+still generating keeps generating (its requests are never aborted) under a new deadline, the later
+of the learner's version and ``served + s``; a ready one is kept while its newest trained token is
+within the bound (deadline: newest + ``s``), and only one with no such token expires as above.
+When a batch is handed out at version ``v``, every token older than ``v - s`` gets loss mask 0:
+it stays in the answer as context (the later tokens were generated after it) and is not trained.
+So the bound holds on every trained token, no generated token is discarded, and the learner never
+waits on the tail; what it costs is the masked tokens (counted in ``masked_tokens``; each carried
+deadline in ``carried``), which are the long answers' early ones.
+
 Nothing is dropped here except on the caller's word (``cancel``) or by expiry, both counted.
 ``close()`` wakes every waiter with ``Closed``.
 """
@@ -77,7 +91,8 @@ class Ticket:
 
 class StalenessBuffer:
     def __init__(self, *, groups_per_step: int, max_staleness: int, capacity: int | None = None, extra: int = 0,
-                 on_expire: Callable[[int, Prompt | None], None] = lambda gid, prompt: None):
+                 on_expire: Callable[[int, Prompt | None], None] = lambda gid, prompt: None,
+                 mask_stale: bool = False):
         bound = (max_staleness + 1) * groups_per_step
         if capacity is not None and capacity < groups_per_step:
             raise ValueError(f"capacity {capacity} < groups per step {groups_per_step}")
@@ -91,6 +106,9 @@ class StalenessBuffer:
         self.dropped = 0
         self.expired = 0
         self.oversampled = 0  # groups admitted beyond the bound, as over-sampling
+        self.mask_stale = mask_stale and extra > 0
+        self.carried = 0  # deadlines passed and extended (mask_stale)
+        self.masked_tokens = 0  # tokens handed out with loss mask 0 for being too stale (mask_stale)
         self._taken = -1  # the version of the last batch handed out
         self._learner_waiting = False
         self._pending: dict[int, int] = {}  # group id -> deadline, still generating
@@ -177,8 +195,10 @@ class StalenessBuffer:
         async with self._changed:
             if group.group_id not in self._pending:
                 raise KeyError(f"group {group.group_id} has no reservation (or was already put)")
-            if self._pending.pop(group.group_id) != group.deadline_version:
+            deadline = self._pending.pop(group.group_id)
+            if deadline != group.deadline_version and not self.mask_stale:  # (there: carried, module doc)
                 raise ValueError(f"group {group.group_id}: deadline changed after admission")
+            group.deadline_version = deadline
             if self.extra:  # the tokens themselves say how long the group may wait (module doc)
                 oldest = min((v for smp in group.samples for v in smp.token_versions), default=None)
                 if oldest is not None:
@@ -223,6 +243,8 @@ class StalenessBuffer:
                     self._learner_waiting = False
             for g in batch:
                 del self._ready[g.group_id]
+                if self.mask_stale:
+                    self._mask_stale_tokens(g, version)
             self._taken = max(self._taken, version)
             self._changed.notify_all()
             return batch
@@ -233,8 +255,11 @@ class StalenessBuffer:
         if self.extra:
             self._expire_late(version)
         batch = self._pick_edf(version)
-        if batch is None and self.extra and len(self._ready) >= self.groups_per_step + self.extra:
-            # the over-sampled slack is all ready: waiting longer on the tail would idle the engines
+        # the over-sampled slack is all ready: waiting longer on the tail would idle the engines;
+        # or, carrying stale partials, a batch's worth is ready: the tail goes on, carried
+        slack = self.groups_per_step + (0 if self.mask_stale else self.extra)
+        tail = not self.mask_stale or len(self._pending) <= max(1, self.groups_per_step // TAIL_FRACTION)
+        if batch is None and self.extra and len(self._ready) >= slack and tail:
             batch = sorted(self._ready.values(), key=lambda grp: (grp.deadline_version, grp.group_id))
             batch = batch[: self.groups_per_step]
         return batch
@@ -274,7 +299,10 @@ class StalenessBuffer:
         self._ready = {g.group_id: g for g in state.ready}
 
     def _expire_late(self, version: int) -> None:
-        """Over-provisioned: groups the learner at ``version`` may no longer train leave the buffer."""
+        """Over-provisioned: groups the learner at ``version`` may no longer train leave the buffer
+        (or, ``mask_stale``, are carried under a later deadline while they can still train a token)."""
+        if self.mask_stale:
+            self._carry_late(version)
         late = [gid for gid, d in self._pending.items() if d < version]
         late += [gid for gid, grp in self._ready.items() if grp.deadline_version < version]
         for gid in late:
@@ -285,6 +313,28 @@ class StalenessBuffer:
             self.on_expire(gid, ready.prompt if ready is not None else None)
         if late:
             self._changed.notify_all()  # freed slots: admission may go on
+
+    def _carry_late(self, version: int) -> None:
+        for gid, d in self._pending.items():
+            if d < version:  # still generating: its next tokens are at least at the served version
+                self._pending[gid] = max(version, self.served_version + self.max_staleness)
+                self.carried += 1
+        for grp in self._ready.values():
+            if grp.deadline_version < version:
+                newest = max((v for s in grp.samples for v, m in zip(s.token_versions, s.loss_mask) if m),
+                             default=-1)
+                if newest + self.max_staleness >= version:
+                    grp.deadline_version = newest + self.max_staleness
+                    self.carried += 1
+
+    def _mask_stale_tokens(self, group: Group, version: int) -> None:
+        """Tokens the learner at ``version`` may not train stay as context, with loss mask 0."""
+        oldest = version - self.max_staleness
+        for s in group.samples:
+            for i, (v, m) in enumerate(zip(s.token_versions, s.loss_mask)):
+                if m and v < oldest:
+                    s.loss_mask[i] = 0
+                    self.masked_tokens += 1
 
     async def close(self) -> None:
         async with self._changed:

@@ -89,7 +89,9 @@ class Group(msgspec.Struct):
     ``admitted_version`` is the weight version served by every engine when the group was admitted,
     so every token of the group has a version >= it. ``deadline_version`` is the last learner
     version allowed to train on it (``admitted_version + max_staleness``); the buffer never hands
-    it out later, which is what makes the staleness bound hold by construction.
+    it out later, which is what makes the staleness bound hold by construction. (Over-provisioned,
+    the buffer may move it: later for a group whose tokens all came after admission, and, with
+    ``--partial-expiry mask``, for a late group whose tokens past the bound it then masks.)
     """
 
     group_id: int

@@ -225,7 +225,9 @@ class AsyncConfig(Section):
     # recompute: they end, and are re-sent with the tokens so far, re-prefilled under the new weights
     partial_rollout_mode: Literal["keep", "recompute"] = "keep"
     over_sampling_batch_size: Pos | None = None  # prompts in flight per rollout batch (APRIL); default: no extra
-    partial_expiry: Literal["recompute", "drop"] = "recompute"  # an over-sampled group past its deadline
+    # recompute: generated again from its prompt; drop: dropped; mask: carried on, its tokens past the
+    # bound kept as context but masked from the loss (Miles's --mask-offpolicy-in-partial-rollout, per token)
+    partial_expiry: Literal["recompute", "drop", "mask"] = "recompute"  # over-sampled groups past their deadline
     buffer_capacity: Pos | None = None  # groups; default (max_staleness + 1) * groups per step
     engine_timeout: PosF = 120.0  # seconds for one engine call
     engine_start_timeout: PosF = 180.0  # seconds for an engine to load and answer /health_generate

@@ -125,7 +125,8 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
         passthrough=cfg.engine.sglang_args))
     buffer = StalenessBuffer(groups_per_step=r.groups_per_step, max_staleness=a.max_staleness,
                              capacity=a.capacity(r.groups_per_step),
-                             extra=(a.over_sampling_batch_size or r.rollout_batch_size) - r.rollout_batch_size)
+                             extra=(a.over_sampling_batch_size or r.rollout_batch_size) - r.rollout_batch_size,
+                             mask_stale=a.partial_expiry == "mask")
     ledger = Ledger.restore(resume.state.ledger) if resume else Ledger()
     if resume:
         buffer.restore(resume.state.buffer, served_version=version)

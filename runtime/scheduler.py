@@ -190,6 +190,7 @@ class Scheduler:
             "learner/train_s": rec.train_s,
             "buffer/groups": self.a.buffer.n_ready, "buffer/pending": self.a.buffer.n_pending,
             "buffer/capacity": self.a.buffer.capacity, "buffer/expired": self.a.buffer.expired,
+            "buffer/carried": self.a.buffer.carried, "buffer/masked_tokens": self.a.buffer.masked_tokens,
             "buffer/served_version": self.a.buffer.served_version,
             "throughput/tokens_per_s": (n1 - n0) / max(t1 - t0, 1e-9),
             **{f"train/{k}": v for k, v in _struct_items(rec.stats) if k != "correction"},

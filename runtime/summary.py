@@ -17,6 +17,8 @@ def summarize(s: Scheduler, *, status: str, error: str = "") -> dict[str, Any]:
     evals = sorted(s.evals, key=lambda e: e.version)
     syncs = a.broadcaster
     counters = a.rollout_counters() | dict(s.counters) | dict(a.generator.expired)
+    if a.buffer.mask_stale:
+        counters |= {"carried": a.buffer.carried, "masked_tokens": a.buffer.masked_tokens}
     return {
         "status": status,
         "error": error,

@@ -26,7 +26,8 @@ async def loop(*, max_staleness, engine_tick_s, learner_delay_s, steps=12, group
                reward_fn=reward, reward_timeout=5.0, tmp=Path("/tmp"), pause="in_place", extra=0,
                expiry="recompute", max_new_tokens=12, stop_prob=0.2, out=None):
     engines = FakeEngines(tick_s=engine_tick_s, report_token_versions=pause == "in_place", stop_prob=stop_prob)
-    buffer = StalenessBuffer(groups_per_step=groups_per_step, max_staleness=max_staleness, extra=extra)
+    buffer = StalenessBuffer(groups_per_step=groups_per_step, max_staleness=max_staleness, extra=extra,
+                             mask_stale=expiry == "mask")
     ledger = Ledger()
     runner = SampleRunner(engines=engines, decode=lambda ids: " ".join(map(str, ids)),
                           sampling_params={"max_new_tokens": max_new_tokens, "temperature": 1.0},
@@ -176,3 +177,33 @@ def test_a_partial_carried_over_two_versions_trains_with_each_tokens_own_stalene
     for version, s in three:
         per_token = [version - v for v in s.token_versions]
         assert per_token == sorted(per_token, reverse=True) and per_token[0] - per_token[-1] >= 2
+
+
+@pytest.mark.parametrize("max_staleness", [0, 1])
+def test_carried_partials_keep_every_token_and_train_none_past_the_bound(max_staleness, tmp_path):
+    """``--partial-expiry mask`` on the long-tail scenario above: batches go once a batch's worth is
+    ready, late groups are carried rather than regenerated, and no token is thrown away: every
+    answer is whole and aligned, its tokens past the bound are exactly the masked ones, and
+    every masked token is counted."""
+    out = {}
+    trainer, ledger, _, _ = run(loop(max_staleness=max_staleness, engine_tick_s=0.001, learner_delay_s=0.004,
+                                     extra=4, expiry="mask", max_new_tokens=40, stop_prob=0.08, steps=16,
+                                     tmp=tmp_path, out=out), timeout=60)
+    buffer = out["buffer"]
+    assert buffer.carried > 0  # the tail was carried: the scenario exercises the rule
+    masked = 0
+    for version, batch in enumerate(trainer.batches):
+        for g in batch:
+            for s in g.samples:
+                assert s.token_versions == [t - TOKEN_BASE for t in s.response_ids]
+                assert len(s.behavior_logprobs) == len(s.loss_mask) == len(s.response_ids)
+                if s.status == "failed":
+                    continue
+                # masked exactly where the bound says, trained everywhere else
+                assert s.loss_mask == [int(version - v <= max_staleness) for v in s.token_versions]
+                masked += s.loss_mask.count(0)
+    assert masked == buffer.masked_tokens > 0
+    counts = ledger.counts()
+    assert counts.trained == 16 * 3 and counts.duplicates == 0 and counts.balanced and counts.dropped == {}
+    # regenerated only when nothing of a ready group could train any more (and then counted)
+    assert out["generator"].expired["expired_mask"] == buffer.expired
