@@ -93,3 +93,26 @@ def test_the_learner_waits_on_an_earlier_deadline_only_without_the_rule(mask_sta
         assert g.group_id == tail.group_id and g.samples[0].loss_mask == [0, 1, 1]
 
     run(main())
+
+
+def test_a_carried_deadline_survives_a_checkpoint():
+    """A resumed generator puts the group with its admission ticket's deadline; the restored buffer
+    keeps the carried one, and the carried group's stale tokens are still masked."""
+    async def main():
+        buf, led = StalenessBuffer(groups_per_step=1, max_staleness=0, extra=1, mask_stale=True), Ledger()
+        tail = await buf.reserve(led.admit)
+        assert await blocked(buf.get_batch(0))
+        quick = await buf.reserve(led.admit)
+        await buf.put(answered(quick, [0]))
+        await buf.get_batch(0)
+        await buf.set_served_version(1)
+        assert await blocked(buf.get_batch(1))  # carried: deadline 0 -> 1
+        state = buf.snapshot()
+        assert state.pending == {tail.group_id: 1}
+        again = StalenessBuffer(groups_per_step=1, max_staleness=0, extra=1, mask_stale=True)
+        again.restore(state, served_version=1)
+        await again.put(answered(tail, [0, 1]))  # the ticket still says deadline 0
+        (g,) = await again.get_batch(1)
+        assert g.deadline_version == 1 and g.samples[0].loss_mask == [0, 1]
+
+    run(main())
