@@ -148,7 +148,7 @@ class StalenessBuffer:
         bound = (self.served_version + self.max_staleness + 1) * self.groups_per_step
         # over-sampled: only while the engines run short of work (the rest is waiting on a tail)
         # and only if the new group's deadline is still ahead of the batches handed out
-        tail = self._learner_waiting and len(self._pending) <= max(1, self.groups_per_step // TAIL_FRACTION)
+        tail = self._learner_waiting and self._only_tail_generating()
         return (tail and live < bound + self.extra and self.untrained < self.capacity + self.extra
                 and self.served_version + self.max_staleness > self._taken)
 
@@ -255,14 +255,20 @@ class StalenessBuffer:
         if self.extra:
             self._expire_late(version)
         batch = self._pick_edf(version)
-        # the over-sampled slack is all ready: waiting longer on the tail would idle the engines;
-        # or, carrying stale partials, a batch's worth is ready: the tail goes on, carried
-        slack = self.groups_per_step + (0 if self.mask_stale else self.extra)
-        tail = not self.mask_stale or len(self._pending) <= max(1, self.groups_per_step // TAIL_FRACTION)
-        if batch is None and self.extra and len(self._ready) >= slack and tail:
+        if batch is None and self.extra and self._skip_tail():
             batch = sorted(self._ready.values(), key=lambda grp: (grp.deadline_version, grp.group_id))
             batch = batch[: self.groups_per_step]
         return batch
+
+    def _skip_tail(self) -> bool:
+        """May the learner take ready groups out of EDF order instead of waiting on the tail?"""
+        if self.mask_stale:  # a batch's worth is ready and the rest is a tail: it goes on, carried
+            return len(self._ready) >= self.groups_per_step and self._only_tail_generating()
+        # the over-sampled slack is all ready: waiting longer on the tail would idle the engines
+        return len(self._ready) >= self.groups_per_step + self.extra
+
+    def _only_tail_generating(self) -> bool:
+        return len(self._pending) <= max(1, self.groups_per_step // TAIL_FRACTION)
 
     def _pick_edf(self, version: int) -> list[Group] | None:
         g = self.groups_per_step

@@ -202,7 +202,10 @@ def test_carried_partials_keep_every_token_and_train_none_past_the_bound(max_sta
                 # masked exactly where the bound says, trained everywhere else
                 assert s.loss_mask == [int(version - v <= max_staleness) for v in s.token_versions]
                 masked += s.loss_mask.count(0)
-    assert masked == buffer.masked_tokens > 0
+    assert masked == buffer.masked_tokens
+    # at 0 a carried answer's tokens from before an update are always past the bound; at 1 a
+    # carried group may still finish in time to train them all
+    assert masked > 0 or max_staleness > 0
     counts = ledger.counts()
     assert counts.trained == 16 * 3 and counts.duplicates == 0 and counts.balanced and counts.dropped == {}
     # regenerated only when nothing of a ready group could train any more (and then counted)

@@ -8,7 +8,6 @@ import signal
 
 import pytest
 
-from policies.model import qwen3_config, write_random_checkpoint
 from runtime.config import FaultConfig
 from runtime.engines import EngineLost, EngineSet
 from runtime.errors import RunFailed
@@ -18,13 +17,8 @@ PARAMS = {"temperature": 1.0, "max_new_tokens": 40, "ignore_eos": True}
 
 
 @pytest.fixture(scope="module")
-def two_checkpoints(copy_task, tmp_path_factory):
-    tok = copy_task.tokenizer
-    cfg = qwen3_config(vocab_size=len(tok), num_layers=1, hidden_size=32, num_attention_heads=2, num_query_groups=1,
-                       ffn_hidden_size=64, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    root = tmp_path_factory.mktemp("ckpts")
-    return [write_random_checkpoint(root / f"v{i}", cfg, tok, seed=i) for i in range(2)]
+def two_checkpoints(checkpoints):
+    return checkpoints[0]  # (tests/runtime/conftest.py)
 
 
 def engine_set(ckpt, tmp_path, n, **fault) -> EngineSet:
