@@ -68,6 +68,8 @@ class Generator:
                  expiry: str = "recompute"):
         if expiry not in ("recompute", "drop", "mask"):
             raise ValueError(f"expiry must be recompute, drop or mask, got {expiry!r}")
+        if buffer.extra and (expiry == "mask") != buffer.mask_stale:  # the buffer carries, or expires, late groups
+            raise ValueError(f"expiry {expiry!r} needs a buffer built with mask_stale={expiry == 'mask'}")
         self.prompts, self.buffer, self.ledger = prompts, buffer, ledger
         self.runner, self.scorer = runner, scorer
         self.n_samples = n_samples

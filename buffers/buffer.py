@@ -43,8 +43,8 @@ of the learner's version and ``served + s``; a ready one is kept while its newes
 within the bound (deadline: newest + ``s``), and only one with no such token expires as above.
 When a batch is handed out at version ``v``, every token older than ``v - s`` gets loss mask 0:
 it stays in the answer as context (the later tokens were generated after it) and is not trained.
-So the bound holds on every trained token, no generated token is discarded, and the learner never
-waits on the tail; what it costs is the masked tokens (counted in ``masked_tokens``; each carried
+So the bound holds on every trained token, no generated token is discarded, and the learner does
+not wait on a tail; what it costs is the masked tokens (counted in ``masked_tokens``; each carried
 deadline in ``carried``), which are the long answers' early ones.
 
 Nothing is dropped here except on the caller's word (``cancel``) or by expiry, both counted.

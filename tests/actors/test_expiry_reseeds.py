@@ -6,6 +6,8 @@ and regenerating it would buy nothing but the same wait.
 
 import asyncio
 
+import pytest
+
 from actors.generator import Generator
 from actors.reward import RewardScorer
 from actors.rollout import SampleRunner
@@ -80,3 +82,12 @@ def test_attempt_changes_the_seeds_and_attempt_zero_keeps_them():
     first, second, third = (run(seeds(a)) for a in (0, 1, 2))
     assert first == [hash((7, 3, i, 0)) % 2**31 for i in range(4)]  # unchanged: runs stay reproducible
     assert not set(first) & set(second) and not set(second) & set(third)
+
+
+def test_the_mask_rule_and_the_buffer_must_agree():
+    """Built apart (as an embedder might), a mismatch would make "mask" silently regenerate."""
+    for expiry, mask_stale in (("mask", False), ("recompute", True)):
+        buffer = StalenessBuffer(groups_per_step=1, max_staleness=0, extra=1, mask_stale=mask_stale)
+        with pytest.raises(ValueError, match="mask_stale"):
+            Generator(prompts=lambda i: Prompt(i, [1]), buffer=buffer, ledger=Ledger(), runner=RecordingRunner(),
+                      scorer=RewardScorer(lambda p, s: 1.0, timeout_s=5.0), n_samples=1, expiry=expiry)
