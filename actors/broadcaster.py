@@ -26,7 +26,7 @@ from typing import Protocol
 import msgspec
 
 from buffers.buffer import StalenessBuffer
-from runtime import trace
+from runtime.core import trace
 
 RECENT_SYNCS = 1000  # records kept (a long run keeps flat memory; totals cover every sync)
 

@@ -34,9 +34,9 @@ import msgspec
 from actors.episodes import AgentHandle, Episode, EpisodeError, EpisodeFn, Outcome, Served
 from buffers.buffer import Closed, Ticket
 from buffers.types import Group, Prompt, Sample
-from runtime import trace
-from runtime.ledger import State
-from runtime.waits import WaitClock
+from runtime.core import trace
+from runtime.core.ledger import State
+from runtime.core.waits import WaitClock
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from actors.rollout import SampleRunner
 from buffers.buffer import StalenessBuffer, Ticket
 from buffers.types import Sample
-from runtime.ledger import Ledger, State
+from runtime.core.ledger import Ledger, State
 
 Outcome = Mapping[str, Sequence[Sequence[Sample]]]  # agent name -> its groups, rewards set
 EpisodeFn = Callable[["Episode"], Awaitable[Outcome]]

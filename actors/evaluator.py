@@ -14,7 +14,7 @@ import msgspec
 from actors.reward import RewardScorer
 from actors.rollout import SampleRunner
 from buffers.types import Prompt, Sample
-from runtime import trace
+from runtime.core import trace
 
 
 class EvalResult(msgspec.Struct):

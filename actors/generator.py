@@ -31,9 +31,9 @@ from actors.reward import RewardScorer
 from actors.rollout import SampleRunner
 from buffers.buffer import StalenessBuffer, Ticket
 from buffers.types import Group, Prompt, Sample, Status
-from runtime import trace
-from runtime.ledger import Ledger, State
-from runtime.waits import WaitClock
+from runtime.core import trace
+from runtime.core.ledger import Ledger, State
+from runtime.core.waits import WaitClock
 
 
 class LiveGroupState(msgspec.Struct):

@@ -38,9 +38,9 @@ import msgspec
 from buffers.buffer import StalenessBuffer
 from buffers.types import Group
 from policies.trainer import StepStats
-from runtime import trace
-from runtime.ledger import Ledger
-from runtime.waits import WaitClock
+from runtime.core import trace
+from runtime.core.ledger import Ledger
+from runtime.core.waits import WaitClock
 
 
 class StalenessViolation(AssertionError):

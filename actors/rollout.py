@@ -13,8 +13,7 @@ from typing import Any, Protocol
 
 from actors.shared_calls import SharedCalls
 from buffers.types import Sample, Status
-from policies.engine.client import EngineError, GenerateOutput
-from runtime.engines import EngineLost
+from policies.engine.client import EngineError, EngineLost, GenerateOutput
 
 MAX_FAILOVERS = 50  # per sample: beyond this something is wrong beyond an engine dying
 

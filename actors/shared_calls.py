@@ -31,8 +31,7 @@ import dataclasses
 import itertools
 from collections.abc import Awaitable, Callable, Hashable
 
-from policies.engine.client import EngineError, GenerateOutput
-from runtime.engines import EngineLost
+from policies.engine.client import EngineError, EngineLost, GenerateOutput
 
 # (input_ids, sampling_params, rids) -> one output per member: the engine set's generate_batch
 Send = Callable[[list[list[int]], list[dict], list[str]], Awaitable[list[GenerateOutput]]]

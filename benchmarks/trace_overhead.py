@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from runtime import trace
+from runtime.core import trace
 from runtime.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

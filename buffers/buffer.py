@@ -60,7 +60,7 @@ from collections.abc import Callable
 import msgspec
 
 from buffers.types import Group, Prompt
-from runtime.waits import WaitClock, waiting
+from runtime.core.waits import WaitClock, waiting
 
 
 class Closed(Exception):

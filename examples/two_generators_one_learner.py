@@ -30,8 +30,8 @@ from launchers.recipes.copy_digits import make_task, reward
 from policies.model import qwen3_config, write_random_checkpoint
 from policies.trainer_process import TrainerProcess
 from runtime.config import GrpoConfig, OptimizerConfig
+from runtime.core.ledger import Ledger
 from runtime.engines import EngineSet
-from runtime.ledger import Ledger
 
 
 async def main(steps: int, out: Path) -> None:

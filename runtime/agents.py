@@ -28,7 +28,7 @@ from actors.learner import Learner, Trainer
 from actors.rollout import SampleRunner
 from buffers.buffer import StalenessBuffer
 from runtime.config import Config, ConfigError, NonNeg, NonNegF, Pos, PosF
-from runtime.ledger import Ledger
+from runtime.core.ledger import Ledger
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
 

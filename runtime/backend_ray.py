@@ -51,7 +51,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noq
 
 from runtime import placement  # noqa: E402
 from runtime.config import Config, ConfigError  # noqa: E402
-from runtime.errors import RunFailed  # noqa: E402
+from runtime.core.errors import RunFailed  # noqa: E402
 from runtime.ray_actors import RayHosts  # noqa: E402
 
 NAMESPACE = "asyncrl"

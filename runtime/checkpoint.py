@@ -33,7 +33,7 @@ import msgspec
 
 from actors.generator import Generator, LiveGroupState, RedoGroup
 from buffers.buffer import BufferState, StalenessBuffer
-from runtime.ledger import Ledger, LedgerState
+from runtime.core.ledger import Ledger, LedgerState
 
 log = logging.getLogger(__name__)
 

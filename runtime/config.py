@@ -16,20 +16,13 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from runtime.core.errors import ConfigError
+
 Pos = Annotated[int, Meta(ge=1)]
 NonNeg = Annotated[int, Meta(ge=0)]
 PosF = Annotated[float, Meta(gt=0)]
 NonNegF = Annotated[float, Meta(ge=0)]
 Prob = Annotated[float, Meta(gt=0, le=1)]
-
-
-class ConfigError(ValueError):
-    """A bad value, with the flag it came from: ``str()`` is the one line the user sees."""
-
-    def __init__(self, flag: str, reason: str):
-        super().__init__(f"{flag}: {reason}")
-        self.flag = flag
-        self.reason = reason
 
 
 class Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

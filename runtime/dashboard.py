@@ -20,7 +20,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from runtime.progress import fault_counts
+from runtime.metrics import fault_counts
 
 MAX_FPS = 4
 SPARK = "▁▂▃▄▅▆▇█"

@@ -35,11 +35,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from policies.engine.client import EngineClient, EngineError, GenerateOutput
+from policies.engine.client import EngineClient, EngineError, EngineLost, GenerateOutput
 from policies.engine.process import EngineProcess, EngineStartError
-from runtime import trace
 from runtime.config import FaultConfig
-from runtime.errors import RunFailed
+from runtime.core import trace
+from runtime.core.errors import RunFailed
 from runtime.ipc_weights import IpcWeights
 from runtime.weight_transport import CollectiveWeights
 
@@ -47,10 +47,6 @@ log = logging.getLogger(__name__)
 
 
 DEATH_GRACE_S = 1.0  # a dying process closes its sockets a moment before it can be reaped
-
-
-class EngineLost(EngineError):
-    """The engine serving this request failed; the request may be re-sent to another one."""
 
 
 @dataclasses.dataclass

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from runtime.trace import iter_spans  # noqa: E402
+from runtime.core.trace import iter_spans  # noqa: E402
 
 SMOOTH = 10  # steps in the rolling means drawn over noisy per-step values
 BUCKET = re.compile(r"^correction/s(\d+)(\+?)/tokens$")

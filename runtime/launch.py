@@ -38,12 +38,13 @@ from policies.engine.process import EngineProcess
 from policies.engine.sglang_process import with_engine
 from policies.model import qwen3_config, write_random_checkpoint
 from policies.trainer_process import TrainerProcess
-from runtime import checkpoint, cli, placement, trace, weight_transport
+from runtime import checkpoint, cli, placement, weight_transport
 from runtime.chaos import Chaos
 from runtime.config import Config, ConfigError, to_toml_dict
+from runtime.core import trace
+from runtime.core.ledger import Ledger
 from runtime.engines import EngineSet
 from runtime.ipc_weights import IpcWeights
-from runtime.ledger import Ledger
 from runtime.local_hosts import LocalHosts, gpus_asked
 from runtime.metrics import MetricsLog, write_json
 from runtime.plugins import load_function

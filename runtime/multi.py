@@ -39,9 +39,9 @@ import msgspec
 
 from actors.episode_driver import EpisodeDriver, EpisodeEval
 from actors.learner import StepRecord
-from runtime import trace
 from runtime.agents import Agent
-from runtime.errors import RunFailed
+from runtime.core import trace
+from runtime.core.errors import RunFailed
 from runtime.metrics import MetricsLog
 from runtime.progress import Progress
 from runtime.scheduler import _describe_end

@@ -37,8 +37,8 @@ from policies.trainer_process import TrainerProcess
 from runtime import cli, launch
 from runtime import config as C
 from runtime.agents import Agent, AgentConfig, EpisodesConfig, agent_configs
+from runtime.core.errors import RunFailed
 from runtime.engines import EngineSet
-from runtime.errors import RunFailed
 from runtime.metrics import MetricsLog
 from runtime.multi import MultiScheduler
 from runtime.plugins import load_function

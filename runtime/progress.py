@@ -13,13 +13,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-# counters under faults/* that are the protocol working, not something going wrong
-ROUTINE = frozenset({"resumed_after_abort"})
-
-
-def fault_counts(line: dict[str, Any]) -> dict[str, int]:
-    """The nonzero ``faults/*`` counters of a metrics line that mean something went wrong."""
-    return {k[7:]: v for k, v in line.items() if k.startswith("faults/") and v and k[7:] not in ROUTINE}
+from runtime.metrics import fault_counts
 
 
 class Progress:

@@ -37,7 +37,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from buffers.types import Group
 from policies.engine.process import EngineStartError
 from policies.engine.sglang_process import engine_process
-from runtime.errors import RunFailed
+from runtime.core.errors import RunFailed
 from runtime.placement import Layout, Seat
 
 if TYPE_CHECKING:

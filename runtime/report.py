@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from runtime.core.trace import iter_spans, load_events
 from runtime.metrics import read_metrics
 from runtime.run_stats import RunStats, run_stats
-from runtime.trace import iter_spans, load_events
 
 
 def parse_window(text: str) -> tuple[float, float]:

@@ -47,11 +47,11 @@ from actors.evaluator import EvalResult, Evaluator
 from actors.generator import Generator
 from actors.learner import Learner, StepRecord
 from buffers.buffer import StalenessBuffer
-from runtime import trace
 from runtime.chaos import Chaos
+from runtime.core import trace
+from runtime.core.errors import RunFailed
+from runtime.core.ledger import Ledger
 from runtime.engines import EngineSet
-from runtime.errors import RunFailed
-from runtime.ledger import Ledger
 from runtime.metrics import MetricsLog
 from runtime.progress import Progress
 

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from runtime.config import ConfigError
+from runtime.core.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,6 +35,10 @@ class EngineError(RuntimeError):
         self.url, self.route, self.reason, self.status = url, route, reason, status
 
 
+class EngineLost(EngineError):
+    """The engine serving this request failed; the request may be re-sent to another one."""
+
+
 class GenerateOutput(msgspec.Struct, frozen=True):
     """One finished (or aborted) generation.
 

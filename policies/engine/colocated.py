@@ -24,6 +24,7 @@ import torch
 from aiohttp import web
 
 from policies import weight_ipc
+from policies.engine.app_state import ENGINE_KEY
 from policies.engine.wire import BadRequest, decode
 
 log = logging.getLogger("engine.colocated")
@@ -60,7 +61,6 @@ def _answer(success: bool, message: str, **extra: object) -> web.Response:
 
 
 async def update_from_tensor(request: web.Request) -> web.Response:
-    from policies.engine.routes import ENGINE_KEY  # routes imports this module
 
     req = decode(await request.read(), UpdateWeightsFromTensorReq)
     scheduler = request.app[ENGINE_KEY].scheduler
@@ -115,7 +115,6 @@ async def release_memory(request: web.Request) -> web.Response:
     (requests stay queued, their KV cache dropped) until /continue_generation. The weights stay
     resident whatever the tags say: SGLang can offload them (torch_memory_saver), and at 0.6B
     (1.2 GB in bf16) the learner does not need that room."""
-    from policies.engine.routes import ENGINE_KEY
 
     tags = _tags(decode(await request.read(), MemoryOccupationReq))
     scheduler = request.app[ENGINE_KEY].scheduler

@@ -31,6 +31,7 @@ import torch
 from aiohttp import web
 
 from policies import weight_sync
+from policies.engine.app_state import ENGINE_KEY
 from policies.engine.wire import decode
 
 log = logging.getLogger("engine.distributed")
@@ -133,7 +134,6 @@ async def init_group(request: web.Request) -> web.Response:
 
 
 async def update_from_distributed(request: web.Request) -> web.Response:
-    from policies.engine.routes import ENGINE_KEY  # routes imports this module
 
     req = decode(await request.read(), UpdateWeightsFromDistributedReq)
     groups, engine = request.app[GROUPS_KEY], request.app[ENGINE_KEY]

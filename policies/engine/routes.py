@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 from aiohttp import web
 
 from policies.engine import colocated, distributed
+from policies.engine.app_state import ENGINE_KEY, Engine
 from policies.engine.request import Completion
-from policies.engine.scheduler import ENGINE_ERROR, Scheduler
+from policies.engine.scheduler import ENGINE_ERROR
 from policies.engine.wire import (
     AbortReq,
     BadRequest,
@@ -41,18 +41,6 @@ log = logging.getLogger("engine.routes")
 
 HEALTH_GENERATE_TIMEOUT_S = 20.0
 LOAD_FORMATS = (None, "auto", "safetensors")
-
-
-@dataclass
-class Engine:
-    """What the routes need: the scheduler plus the facts /get_*_info report."""
-
-    scheduler: Scheduler
-    model_path: str
-    server_info: dict[str, Any]
-
-
-ENGINE_KEY = web.AppKey("engine", Engine)
 
 
 def build_app(engine: Engine) -> web.Application:

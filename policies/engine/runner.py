@@ -30,7 +30,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file
@@ -38,24 +37,12 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from policies.engine import batch_cache
 from policies.engine.batch_cache import BatchCache, SlotCache
-from policies.engine.sampling import RowParams, sample
+from policies.engine.sampling import Row, sample
 from policies.engine.slot_decoder import SlotDecoder
 
 log = logging.getLogger("engine.runner")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class Row(NamedTuple):
-    """One sequence to extend by a token.
-
-    key identifies the request while it runs (its row in the batch cache); tokens is its full
-    context (prompt + generated so far); the cache holds all of it but the last token.
-    """
-
-    key: int
-    tokens: list[int]
-    params: RowParams
 
 
 class WeightLoadError(ValueError):

@@ -80,3 +80,15 @@ def _draw(truncated: torch.Tensor, rows: list[RowParams]) -> torch.Tensor:
     # scale u by the row total so float rounding in the cumsum can never push u past the end
     idx = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
     return idx.clamp(max=truncated.shape[-1] - 1)
+
+
+class Row(NamedTuple):
+    """One sequence to extend by a token.
+
+    key identifies the request while it runs (its row in the batch cache); tokens is its full
+    context (prompt + generated so far); the cache holds all of it but the last token.
+    """
+
+    key: int
+    tokens: list[int]
+    params: RowParams

@@ -7,15 +7,12 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TYPE_CHECKING
 
 import torch
 
 from policies.engine import batch_cache
 from policies.engine.batch_cache import SlotCache
-
-if TYPE_CHECKING:
-    from policies.engine.runner import Row
+from policies.engine.sampling import Row
 
 log = logging.getLogger("engine.runner")
 

@@ -14,7 +14,7 @@ from actors.rollout import SampleRunner
 from buffers.buffer import StalenessBuffer
 from buffers.types import Prompt, Status
 from policies.engine.client import GenerateOutput
-from runtime.ledger import Ledger
+from runtime.core.ledger import Ledger
 from tests.conftest import run
 
 

@@ -13,7 +13,7 @@ import pytest
 from actors.learner import Learner, StalenessViolation
 from buffers.buffer import StalenessBuffer
 from buffers.types import Group, Prompt, Sample, Status
-from runtime.ledger import Ledger
+from runtime.core.ledger import Ledger
 from tests.actors.fakes import FakeTrainer
 from tests.conftest import run
 

@@ -13,7 +13,7 @@ from actors.reward import RewardScorer
 from actors.rollout import SampleRunner
 from buffers.buffer import StalenessBuffer
 from buffers.types import Prompt
-from runtime.ledger import Ledger
+from runtime.core.ledger import Ledger
 from tests.actors.fakes import TOKEN_BASE, FakeEngines, FakeTrainer
 from tests.conftest import run
 

@@ -3,8 +3,7 @@
 import asyncio
 
 from actors.shared_calls import SharedCalls
-from policies.engine.client import EngineError, GenerateOutput
-from runtime.engines import EngineLost
+from policies.engine.client import EngineError, EngineLost, GenerateOutput
 from tests.conftest import run
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from buffers.buffer import Closed, StalenessBuffer
 from buffers.types import Group, Prompt, Sample
-from runtime.ledger import Ledger
+from runtime.core.ledger import Ledger
 from tests.conftest import run
 
 

@@ -5,7 +5,7 @@ import pytest
 
 from buffers.buffer import StalenessBuffer
 from buffers.types import Group, Prompt, Sample
-from runtime.ledger import Ledger
+from runtime.core.ledger import Ledger
 from tests.buffers.test_buffer import blocked
 from tests.conftest import run
 

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from buffers.buffer import Closed, StalenessBuffer
-from runtime.ledger import Ledger
+from runtime.core.ledger import Ledger
 from tests.buffers.test_buffer import blocked, group
 from tests.conftest import run
 

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from policies.engine.request import make_generator
-from policies.engine.runner import ModelRunner, Row
-from policies.engine.sampling import RowParams
+from policies.engine.runner import ModelRunner
+from policies.engine.sampling import Row, RowParams
 
 pytestmark = pytest.mark.timeout(60)
 

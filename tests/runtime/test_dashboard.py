@@ -6,7 +6,8 @@ import io
 
 import pytest
 
-from runtime.progress import Progress, fault_counts
+from runtime.metrics import fault_counts
+from runtime.progress import Progress
 
 LINE = {"step": 3, "version": 3, "reward/mean": 0.25, "staleness/max": 1, "staleness/mean": 0.5,
         "buffer/groups": 4, "buffer/pending": 12, "buffer/capacity": 32, "buffer/served_version": 2,

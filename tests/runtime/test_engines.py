@@ -8,9 +8,10 @@ import signal
 
 import pytest
 
+from policies.engine.client import EngineLost
 from runtime.config import FaultConfig
-from runtime.engines import EngineLost, EngineSet
-from runtime.errors import RunFailed
+from runtime.core.errors import RunFailed
+from runtime.engines import EngineSet
 from tests.conftest import run
 
 PARAMS = {"temperature": 1.0, "max_new_tokens": 40, "ignore_eos": True}

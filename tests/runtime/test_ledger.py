@@ -1,6 +1,6 @@
 import pytest
 
-from runtime.ledger import Ledger, LedgerError, State
+from runtime.core.ledger import Ledger, LedgerError, State
 
 
 def test_ledger_balances_and_refuses_double_training():

@@ -8,7 +8,8 @@ from collections import defaultdict
 
 import pytest
 
-from runtime import cli, trace
+from runtime import cli
+from runtime.core import trace
 from tests.runtime.short_run import STEPS, short_run
 
 

@@ -3,7 +3,7 @@
 ``wait_frac`` is the share of wall time since the last ``lap()`` spent inside ``waiting()``
 blocks, which is how "rollout never blocks training" becomes a number (DESIGN.md, invariant 7).
 The clock also remembers what its owner is waiting on right now, for the stall dump, and puts
-each wait on the run's timeline as a ``wait <what>`` span on its owner's track (``runtime.trace``).
+each wait on the run's timeline as a ``wait <what>`` span on its owner's track (``runtime.core.trace``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 
-from runtime import trace
+from runtime.core import trace
 
 
 class WaitClock:

@@ -1,0 +1,119 @@
+"""The layers of DESIGN.md, read from the code's own imports (every import, lazy ones included).
+
+From the bottom up: 1. ``buffers`` and ``runtime.core``; 2. ``policies``; 3. ``actors``;
+4. ``launchers``; 5. the ``runtime`` wiring. A module may import its own layer and those below,
+never one above; and no set of modules imports each other in a circle.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("buffers", "runtime", "policies", "actors", "launchers")
+
+
+def layer(module: str) -> int:
+    if module == "runtime.core" or module.startswith(("runtime.core.", "buffers")):
+        return 1
+    top = module.split(".")[0]
+    return {"policies": 2, "actors": 3, "launchers": 4, "runtime": 5}[top]
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imports(path: Path, known: dict[str, Path]) -> set[str]:
+    """The project modules ``path`` imports, resolved to the longest known module name."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+            names.add(node.module)
+    out = set()
+    for name in names:
+        while name and name not in known:
+            name = name.rpartition(".")[0]
+        if name:
+            out.add(name)
+    return out
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    # a package's __init__ is not an edge of its own submodules (importing a.b runs a/__init__)
+    return {m: {i for i in imports(p, known) if i != m and not m.startswith(i + ".")} for m, p in known.items()}
+
+
+def upward(g: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} (layer {layer(m)}) imports {i} (layer {layer(i)})"
+                  for m, deps in g.items() for i in deps if layer(i) > layer(m))
+
+
+def circles(g: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in g.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(g):
+        if v not in index:
+            visit(v)
+    return out
+
+
+# Known violations being removed (issue 17); a fixed one must leave this list, a new one fails.
+KNOWN_UPWARD = {"policies.trainer (layer 2) imports runtime.config (layer 5)"}
+KNOWN_CIRCLES = [["runtime.backend_ray", "runtime.launch", "runtime.multi_launch"]]
+
+
+def test_no_import_runs_up_a_layer():
+    assert set(upward(graph())) == KNOWN_UPWARD
+
+
+def test_no_import_circles():
+    assert circles(graph()) == KNOWN_CIRCLES
+
+
+@pytest.mark.parametrize("edge, found", [
+    ({"buffers.buffer": {"runtime.scheduler"}, "runtime.scheduler": set()}, True),
+    ({"policies.loss": {"actors.learner"}, "actors.learner": set()}, True),
+    ({"actors.learner": {"policies.loss", "runtime.core.ledger"}}, False),
+])
+def test_the_checks_would_catch_an_upward_import_and_a_circle(edge, found):
+    assert bool(upward(edge)) is found
+    assert circles({"a.x": {"a.y"}, "a.y": {"a.z"}, "a.z": {"a.x"}, "a.w": {"a.x"}}) == [["a.x", "a.y", "a.z"]]
