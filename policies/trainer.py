@@ -23,6 +23,7 @@ from buffers.types import Group, Sample
 from policies import weight_ipc, weight_sync
 from policies.advantages import grpo_advantages
 from policies.correction import bucket_stats, importance_weight
+from policies.lr_schedule import LrSchedule
 from policies.loss import kl_penalty, masked_mean, ppo_clip
 from policies.model import load_causal_lm
 from runtime.config import GrpoConfig, OptimizerConfig
@@ -42,6 +43,7 @@ class StepStats(msgspec.Struct):
     grad_norm: float
     n_tokens: int
     n_samples: int
+    lr: float = 0.0  # the learning rate of this step (policies/lr_schedule.py)
     # per staleness bucket, keys like "s0/is_mean" (policies.correction.bucket_stats)
     correction: dict[str, float] = msgspec.field(default_factory=dict)
 
@@ -109,6 +111,8 @@ class PolicyTrainer:
             self.model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
             betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps,
         )
+        self.lr_schedule = LrSchedule(lr=optim.lr, min_lr=optim.min_lr, style=optim.lr_decay_style,
+                                      warmup_iters=optim.lr_warmup_iters, decay_iters=optim.lr_decay_iters)
 
     def _token_logp(self, model: torch.nn.Module, tb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
@@ -148,12 +152,13 @@ class PolicyTrainer:
         loss.backward()
         max_norm = self.clip_grad if self.clip_grad > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        lr = self.lr_schedule.apply(self.optimizer, version)
         self.optimizer.step()
         self.version = version + 1
         return StepStats(
             loss=loss.item(), pg_clipfrac=float(masked_mean(clipped, tb.mask)),
             tis_mean=float(masked_mean(w, tb.mask)), tis_clipfrac=float(masked_mean(bounded.float(), tb.mask)),
-            kl=kl.item(), entropy=ent.item(), grad_norm=float(grad_norm),
+            kl=kl.item(), entropy=ent.item(), grad_norm=float(grad_norm), lr=lr,
             n_tokens=int(tb.mask.sum()), n_samples=len(samples),
             correction=bucket_stats(w, bounded, tb.staleness, tb.mask),
         )
@@ -231,7 +236,8 @@ class PolicyTrainer:
         self.model.save_pretrained(out_dir / "model")
         if self.ref is not None:
             self.ref.save_pretrained(out_dir / "reference")
-        torch.save({"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state()}, out_dir / "trainer.pt")
+        torch.save({"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
+                    "lr_schedule": msgspec.to_builtins(self.lr_schedule)}, out_dir / "trainer.pt")
 
     def load_checkpoint(self, ckpt_dir: Path) -> None:
         """Restore the optimizer, RNG and reference of ``save_checkpoint`` (the policy itself was

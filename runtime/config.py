@@ -201,7 +201,11 @@ class OptimizerConfig(Section):
     """OPTIMIZER."""
 
     optimizer: Literal["adam"] = "adam"
-    lr: PosF = 1e-3
+    lr: PosF = 1e-3  # the peak learning rate
+    min_lr: NonNegF = 0.0  # where --lr-decay-style linear/cosine ends
+    lr_decay_style: Literal["constant", "linear", "cosine"] = "constant"  # after the warm-up (policies/lr_schedule.py)
+    lr_warmup_iters: NonNeg = 0  # optimizer steps of linear warm-up from 0
+    lr_decay_iters: Pos | None = None  # the step the decay ends at; default: the run's last step
     weight_decay: NonNegF = 0.0
     adam_beta1: Annotated[float, Meta(ge=0, lt=1)] = 0.9
     adam_beta2: Annotated[float, Meta(ge=0, lt=1)] = 0.999
@@ -383,6 +387,12 @@ def check(cfg: Config) -> None:
         raise ConfigError("--tis-clip-by-staleness", f"every cap must be above --tis-clip-low {g.tis_clip_low}")
     if any(b > a for a, b in zip(caps, caps[1:])):
         raise ConfigError("--tis-clip-by-staleness", f"must not increase with staleness, got {caps}")
+    o = cfg.optimizer
+    if o.min_lr > o.lr:
+        raise ConfigError("--min-lr", f"{o.min_lr} is above --lr {o.lr}")
+    if o.lr_decay_style != "constant" and o.lr_warmup_iters >= (o.lr_decay_iters or r.num_steps):
+        raise ConfigError("--lr-warmup-iters", f"{o.lr_warmup_iters} leaves no steps to decay over before step "
+                          f"{o.lr_decay_iters or r.num_steps} (--lr-decay-iters, default the run's last step)")
     _check_placement(cfg)
     _check_engine(cfg)
     lg = cfg.log

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import msgspec
+
 from actors.broadcaster import WeightBroadcaster
 from actors.evaluator import Evaluator
 from actors.generator import Generator
@@ -145,7 +147,8 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
                           cursor=resume.state.cursor if resume else 0, resume=resume.state.live if resume else (),
                           redo=resume.state.redo if resume else (), expiry=a.partial_expiry)
     new_trainer = hosts.trainer if hosts else TrainerProcess
-    trainer = new_trainer(model_path, grpo=cfg.grpo, optim=cfg.optimizer, temperature=r.rollout_temperature,
+    optim = msgspec.structs.replace(cfg.optimizer, lr_decay_iters=cfg.optimizer.lr_decay_iters or r.num_steps)
+    trainer = new_trainer(model_path, grpo=cfg.grpo, optim=optim, temperature=r.rollout_temperature,
                           pad_id=task.tokenizer.pad_token_id, threads=cfg.perf.learner_threads, version=version)
     if resume:
         trainer.load_checkpoint(resume.path)

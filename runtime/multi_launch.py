@@ -180,7 +180,8 @@ def build_agent(mc: MultiConfig, name: str, ac: AgentConfig, index: int, *, task
         temperature=e.eval_temperature, top_p=e.eval_top_p, top_k=-1 if e.eval_temperature == 0 else r.rollout_top_k,
         max_new_tokens=ac.rollout_max_response_len, stop_token_ids=task.stop_token_ids))
     trainer = None if ac.frozen else TrainerProcess(
-        model_path, grpo=replace(cfg.grpo, entropy_coef=ac.entropy_coef), optim=replace(cfg.optimizer, lr=ac.lr),
+        model_path, grpo=replace(cfg.grpo, entropy_coef=ac.entropy_coef), optim=replace(
+            cfg.optimizer, lr=ac.lr, lr_decay_iters=cfg.optimizer.lr_decay_iters or ac.num_steps),
         temperature=ac.rollout_temperature, pad_id=tok.pad_token_id, threads=cfg.perf.learner_threads)
     (weights / name).mkdir()
     return Agent.assemble(name, ac, engines=engines, trainer=trainer, tokenizer=tok, runner=runner,

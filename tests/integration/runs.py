@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SHORT = ["--num-rollout", "10", "--eval-interval", "5", "--eval-num-prompts", "50", "--progress", "lines"]
 STEP_KEYS = {"step", "version", "time_s", "reward/mean", "staleness/max", "staleness/mean", "learner/wait_frac",
-             "generator/wait_frac", "buffer/groups", "throughput/tokens_per_s", "ledger/admitted"}
+             "generator/wait_frac", "buffer/groups", "throughput/tokens_per_s", "ledger/admitted", "train/lr"}
 GROUPS_PER_STEP = 16  # default recipe: global batch 128 / 8 samples per prompt
 CLUSTER_CPUS = 4  # of the session's Ray cluster: the largest layout placed is a trainer and two engines
 RELEASE_S = 30.0  # a finished run's actors and placement group are gone from the cluster within this long

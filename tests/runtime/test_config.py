@@ -38,6 +38,9 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
         (["--recipe", "nope"], "--recipe"),
         (["--custom-rm-path", "no_colon"], "--custom-rm-path"),
         (["--kl-loss-type", "k9"], "--kl-loss-type"),
+        (["--min-lr", "1", "--lr", "0.1"], "--min-lr"),
+        (["--lr-decay-style", "cosine", "--lr-warmup-iters", "5", "--lr-decay-iters", "5"], "--lr-warmup-iters"),
+        (["--lr-decay-style", "step"], "--lr-decay-style"),
         (["--no-such-flag"], "--no-such-flag"),
     ],
 )
