@@ -146,7 +146,7 @@ def test_ipc_update_matches_an_engine_loaded_from_the_same_weights_on_disk(check
             assert await client.get_weight_version() == "1"
 
             # a replacement starts on v0's files and refits by ipc before it serves
-            engines._fail(engines.slots[0], "test kill")
+            engines.fail(engines.slots[0], "test kill")
             await engines.wait_until(lambda: engines.counters["engine_restarts"] == 1 or engines.fatal is not None)
             assert engines.fatal is None and engines.restart_records[0].refit_version == 1
             got = await engines.slots[0].client.generate(prompt, GREEDY)
