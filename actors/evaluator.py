@@ -3,6 +3,9 @@
 It shares the engines with the generator but not its admission: an evaluation never holds a
 slot, so it never stalls training. Weight syncs may land during an evaluation (its requests are
 resumed like any other); ``EvalResult.versions`` reports the span of versions that answered.
+
+Held-out prompts come in named sets (``--eval-prompt-data NAME PATH ...``; a recipe's own set is
+named ""). ``reward`` is the first set's mean (the run's headline figure); ``sets`` has every set's.
 """
 
 from __future__ import annotations
@@ -25,20 +28,34 @@ class EvalResult(msgspec.Struct):
     min_token_version: int
     max_token_version: int
     wall_s: float
+    sets: dict[str, float] = {}  # set name -> mean reward (failed samples count as 0)
 
 
 EVAL_BATCH = 16
 
 
 class Evaluator:
-    def __init__(self, *, prompts: list[Prompt], runner: SampleRunner, scorer: RewardScorer, n_samples: int = 1):
-        self.prompts, self.runner, self.scorer, self.n_samples = prompts, runner, scorer, n_samples
+    """``prompts``: one unnamed set; ``sets``: named ones (give one or the other). With no prompt
+    at all ``enabled`` is False and the scheduler does not evaluate."""
+
+    def __init__(self, *, runner: SampleRunner, scorer: RewardScorer, n_samples: int = 1,
+                 prompts: list[Prompt] | None = None, sets: dict[str, list[Prompt]] | None = None):
+        if prompts is not None and sets is not None:
+            raise ValueError("give prompts or sets, not both")
+        self.sets = {k: v for k, v in (sets if sets is not None else {"": prompts or []}).items() if v}
+        self.runner, self.scorer, self.n_samples = runner, scorer, n_samples
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.sets)
 
     async def evaluate(self, version: int) -> EvalResult:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        pairs = [(p, Sample(group_id=-1 - p.index, index=i, prompt_ids=p.input_ids))
-                 for p in self.prompts for i in range(self.n_samples)]
+        named = [(name, p) for name, prompts in self.sets.items() for p in prompts]
+        # ids below 0 (the runner's eval marker), distinct across sets: they seed sampling
+        pairs = [(p, Sample(group_id=-1 - j, index=i, prompt_ids=p.input_ids))
+                 for j, (_, p) in enumerate(named) for i in range(self.n_samples)]
         with trace.span("evaluator", "eval", version=version):
             # rounds of EVAL_BATCH samples, like the generator's groups; they share calls (an
             # evaluation is only ever cancelled as a whole)
@@ -48,9 +65,14 @@ class Evaluator:
             await self.scorer.score_many([(p, s) for p, s in pairs if s.trainable])
         samples = [s for _, s in pairs]
         versions = [v for s in samples for v in s.token_versions] or [version]
+        by_set: dict[str, list[float]] = {name: [] for name in self.sets}
+        owners = [name for name, _ in named for _ in range(self.n_samples)]  # aligned with samples
+        for s, name in zip(samples, owners):
+            by_set[name].append(s.reward if s.trainable else 0.0)
+        means = {name: sum(r) / len(r) for name, r in by_set.items()}
         return EvalResult(
-            version=version,
-            reward=sum(s.reward if s.trainable else 0.0 for s in samples) / len(samples),
+            version=version, reward=next(iter(means.values())),
             n=len(samples), failed=sum(not s.trainable for s in samples),
             min_token_version=min(versions), max_token_version=max(versions), wall_s=loop.time() - t0,
+            sets=means,
         )

@@ -12,6 +12,7 @@ SGLang). A sample whose generation spanned a weight update therefore carries sev
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 import msgspec
 
@@ -33,6 +34,7 @@ class Prompt(msgspec.Struct, frozen=True):
     input_ids: list[int]
     label: str = ""  # what the reward function checks against
     text: str = ""
+    metadata: dict[str, Any] = {}  # the prompt file's metadata column (--metadata-key), for the reward
 
 
 class Timing(msgspec.Struct):

@@ -92,10 +92,11 @@ class PolicyTrainer:
     """``device``: "cpu" or "cuda" (the process's first visible GPU, which placement assigns). On a
     GPU the fp32 master weights train under bf16 autocast (the engines serve bf16).
     ``version``: the policy version of the loaded weights; each step advances it, so a weight
-    broadcast knows which version it sends."""
+    broadcast knows which version it sends. ``ref_path``: the KL reference's weights."""
 
     def __init__(self, model_path: str | Path, *, grpo: GrpoConfig, optim: OptimizerConfig,
-                 temperature: float, pad_id: int, threads: int = 1, device: str = "cpu", version: int = 0):
+                 temperature: float, pad_id: int, threads: int = 1, device: str = "cpu", version: int = 0,
+                 ref_path: str | Path | None = None):
         torch.set_num_threads(threads)
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -103,7 +104,8 @@ class PolicyTrainer:
         self.grpo, self.temperature, self.pad_id = grpo, max(temperature, 1e-6), pad_id
         self.version = version
         self.model = load_causal_lm(model_path).to(self.device).train()
-        self.ref = load_causal_lm(model_path).to(self.device).eval() if grpo.use_kl_loss else None
+        # the KL anchor (--ref-load); default: the weights it starts from
+        self.ref = load_causal_lm(ref_path or model_path).to(self.device).eval() if grpo.use_kl_loss else None
         self._sender: weight_sync.Sender | None = None  # the weight-update group, once joined
         self._exporter: weight_ipc.Exporter | None = None  # the IPC buffer, from the first ipc sync on
         self.clip_grad = optim.clip_grad

@@ -59,6 +59,9 @@ def _add_field(group: argparse._ArgumentGroup, section: str, field: msgspec.stru
         kw["action"] = _BoolFlag
     elif typing.get_origin(tp) is Literal:
         kw["choices"] = list(typing.get_args(tp))
+    elif field.name in SPACED_LISTS:  # Miles's spelling: --eval-prompt-data NAME PATH NAME PATH
+        kw["nargs"] = "+"
+        kw["metavar"] = "NAME PATH"
     elif typing.get_origin(tp) is list:  # comma-separated; msgspec converts and checks the items
         kw["type"] = _comma_list
         kw["metavar"] = "A,B,..."
@@ -67,6 +70,9 @@ def _add_field(group: argparse._ArgumentGroup, section: str, field: msgspec.stru
         kw["metavar"] = tp.__name__.upper()
     help_text = f"{comment} (default: {default})" if comment else f"(default: {default})"
     group.add_argument(C.flag(field.name), help=help_text.replace("%", "%%"), **kw)
+
+
+SPACED_LISTS = {"eval_prompt_data"}  # list flags given as several words, not A,B,...
 
 
 class _BoolFlag(argparse.BooleanOptionalAction):

@@ -59,6 +59,7 @@ class CkptConfig(Section):
     save: str = ""  # directory for resumable checkpoints; empty: none
     save_interval: NonNeg = 0  # learner steps between checkpoints; 0: only at the end
     load: str = ""  # resume from the latest checkpoint in this directory
+    ref_load: str = ""  # HF directory of the KL reference (--use-kl-loss); default: the initial policy
 
 
 class RolloutConfig(Section):
@@ -74,7 +75,21 @@ class RolloutConfig(Section):
     rollout_top_k: int = -1
     rollout_max_response_len: Pos = 8
     rollout_num_engines: Pos = 1
-    custom_rm_path: str = ""  # module:function; empty: the recipe's reward
+    # prompts from a file instead of the recipe's: JSONL or Parquet, one prompt per row (Miles's flags)
+    prompt_data: str = ""  # JSONL or .parquet file of prompts; needs --hf-checkpoint (its tokenizer)
+    input_key: str = "input"  # the row's prompt: a string, or a list of {role, content} messages
+    label_key: str = ""  # the row's label (what the reward checks); empty: none
+    metadata_key: str = "metadata"  # the row's metadata object, handed to the reward (optional per row)
+    apply_chat_template: bool = False  # render prompts with the model's chat template
+    apply_chat_template_kwargs: str = ""  # JSON object for the template, e.g. {"enable_thinking": false}
+    rollout_shuffle: bool = False  # shuffle the prompts, anew each epoch (seeded by --rollout-seed)
+    rm_type: Literal["", "math", "gsm8k", "exact", "f1"] = ""  # a built-in verifier (launchers/rewards.py)
+    custom_rm_path: str = ""  # module:function; empty: --rm-type, else the recipe's reward
+    group_rm: bool = False  # the reward scores a whole group in one call: fn(prompt, samples) -> list
+    reward_key: str = ""  # the reward returns a dict of components: train on this one, log them all
+    # module:function(group) -> bool or (bool, reason): False drops the group, counted by reason;
+    # buffers.filters:check_reward_nonzero_std is DAPO's dynamic sampling (all rewards equal: dropped)
+    dynamic_sampling_filter_path: str = ""
     reward_timeout: PosF = 10.0  # seconds per sample before the reward counts as failed
     rollout_seed: int = 42
 
@@ -103,6 +118,9 @@ class EvalConfig(Section):
     eval_max_response_len: Pos | None = None
     n_samples_per_eval_prompt: Pos = 1
     eval_num_prompts: Pos = 200
+    # NAME PATH [NAME PATH ...]: held-out prompt files, each logged as eval/NAME (read like
+    # --prompt-data); replaces the recipe's held-out prompts
+    eval_prompt_data: list[str] = []
 
 
 class PlacementConfig(Section):
@@ -362,6 +380,20 @@ def check(cfg: Config) -> None:
         raise ConfigError("--rollout-top-k", f"must be -1 (off) or >= 1, got {r.rollout_top_k}")
     if r.custom_rm_path and ":" not in r.custom_rm_path:
         raise ConfigError("--custom-rm-path", f"must be module:function, got {r.custom_rm_path!r}")
+    if r.custom_rm_path and r.rm_type:
+        raise ConfigError("--rm-type", f"give --rm-type or --custom-rm-path, not both (got {r.rm_type!r} and "
+                          f"{r.custom_rm_path!r})")
+    if r.group_rm and not r.custom_rm_path:
+        raise ConfigError("--group-rm", "needs --custom-rm-path (a function scoring a whole group)")
+    if r.dynamic_sampling_filter_path and ":" not in r.dynamic_sampling_filter_path:
+        raise ConfigError("--dynamic-sampling-filter-path",
+                          f"must be module:function, got {r.dynamic_sampling_filter_path!r}")
+    if r.prompt_data and not (cfg.ckpt.hf_checkpoint or cfg.ckpt.ref_load):
+        raise ConfigError("--prompt-data", "needs --hf-checkpoint DIR (its tokenizer and chat template "
+                          "turn the prompts into tokens)")
+    if len(cfg.eval.eval_prompt_data) % 2:
+        raise ConfigError("--eval-prompt-data", f"takes NAME PATH pairs, got {len(cfg.eval.eval_prompt_data)} "
+                          "values")
     a = cfg.async_
     if a.over_sampling_batch_size is not None and a.over_sampling_batch_size < r.rollout_batch_size:
         raise ConfigError("--over-sampling-batch-size",

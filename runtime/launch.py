@@ -34,13 +34,12 @@ from actors.learner import Learner, Trainer
 from actors.reward import RewardScorer
 from actors.rollout import SampleRunner
 from buffers.buffer import StalenessBuffer
-from launchers.recipes import get_recipe
 from launchers.recipes.task import Task
 from policies.engine.process import EngineProcess
 from policies.engine.sglang_process import with_engine
 from policies.model import qwen3_config, write_random_checkpoint
 from policies.trainer_process import TrainerProcess
-from runtime import checkpoint, cli, placement, weight_transport
+from runtime import checkpoint, cli, placement, run_task, weight_transport
 from runtime.chaos import Chaos
 from runtime.config import Config, ConfigError, to_toml_dict
 from runtime.core import trace
@@ -74,8 +73,8 @@ def prepare_run_dir(cfg: Config) -> Path:
 
 
 def initial_checkpoint(cfg: Config, task: Task, run_dir: Path) -> str:
-    if cfg.ckpt.hf_checkpoint:
-        return cfg.ckpt.hf_checkpoint
+    if run_task.model_source(cfg):
+        return run_task.model_source(cfg)
     m, tok = cfg.model, task.tokenizer
     if m.vocab_size and m.vocab_size < len(tok):
         raise ConfigError("--vocab-size", f"{m.vocab_size} is below the tokenizer's {len(tok)} tokens")
@@ -104,15 +103,13 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
     """The run's actors, wired. ``hosts``: where engines and the trainer run on another backend
     (Ray: ``runtime.ray_actors.RayHosts``); None: subprocesses of this process."""
     r, a, e = cfg.rollout, cfg.async_, cfg.eval
-    task = get_recipe(cfg.run.recipe).make_task(seed=r.rollout_seed, eval_num_prompts=e.eval_num_prompts)
-    reward_fn = load_function(r.custom_rm_path or task.reward_path, flag="--custom-rm-path")
+    task = run_task.make_task(cfg)
+    reward_fn = load_function(run_task.reward_path(cfg, task), flag="--custom-rm-path")
     resume = checkpoint.load(cfg.ckpt.load) if cfg.ckpt.load else None
-    model_path = str(resume.model_dir) if resume else initial_checkpoint(cfg, task, run_dir)
+    initial = initial_checkpoint(cfg, task, run_dir) if not resume or cfg.grpo.use_kl_loss else None
+    model_path = str(resume.model_dir) if resume else initial
     version = resume.state.version if resume else 0
-
-    def decode(ids: list[int]) -> str:
-        return task.tokenizer.decode(ids, skip_special_tokens=False)  # the reward sees <eos>
-
+    decode = task.decode
 
     p = cfg.placement
     learner_gpus, engine_gpus = gpus_asked(p)
@@ -148,8 +145,10 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
                           redo=resume.state.redo if resume else (), expiry=a.partial_expiry)
     new_trainer = hosts.trainer if hosts else TrainerProcess
     optim = msgspec.structs.replace(cfg.optimizer, lr_decay_iters=cfg.optimizer.lr_decay_iters or r.num_steps)
+    # the KL reference: --ref-load, else the policy the run started from (also after a resume)
     trainer = new_trainer(model_path, grpo=cfg.grpo, optim=optim, temperature=r.rollout_temperature,
-                          pad_id=task.tokenizer.pad_token_id, threads=cfg.perf.learner_threads, version=version)
+                          pad_id=task.tokenizer.pad_token_id, threads=cfg.perf.learner_threads, version=version,
+                          ref_path=cfg.ckpt.ref_load or initial)
     if resume:
         trainer.load_checkpoint(resume.path)
     transport = weight_transport.choose(p.weight_transport, learner_gpus=learner_gpus, engine_gpus=engine_gpus,
@@ -175,7 +174,7 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
                                sampling_params=sampling_params(
         temperature=e.eval_temperature, top_p=e.eval_top_p, top_k=-1 if e.eval_temperature == 0 else r.rollout_top_k,
         max_new_tokens=e.eval_max_response_len or r.rollout_max_response_len, stop_token_ids=task.stop_token_ids))
-    evaluator = Evaluator(prompts=task.eval_prompts, runner=eval_runner, scorer=RewardScorer(
+    evaluator = Evaluator(sets=run_task.held_out(cfg, task), runner=eval_runner, scorer=RewardScorer(
         reward_fn, timeout_s=r.reward_timeout), n_samples=e.n_samples_per_eval_prompt)
     chaos = Chaos(engines, kill_interval_s=cfg.fault.chaos_kill_interval, hang_at_s=cfg.fault.chaos_hang_at,
                   seed=cfg.fault.chaos_seed)
@@ -252,8 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:  # found while building (a plug-in that does not import): still one line
         print(f"python -m runtime.launch: error: {e}", file=sys.stderr)
         return 2
-    print(f"done: {summary['steps']} steps in {summary['wall_s']:.0f}s, eval reward "
-          f"{summary['first_eval_reward']:.3f} -> {summary['final_eval_reward']:.3f}; {run_dir}/summary.json",
+    evals = (f"eval reward {summary['first_eval_reward']:.3f} -> {summary['final_eval_reward']:.3f}"
+             if summary["final_eval_reward"] is not None else "no evaluation")
+    print(f"done: {summary['steps']} steps in {summary['wall_s']:.0f}s, {evals}; {run_dir}/summary.json",
           file=sys.stderr)
     return 0
 

@@ -152,6 +152,8 @@ class Scheduler:
             await asyncio.wait_for(self.a.broadcaster.wait_served(final), self.a.broadcaster.timeout_s)
         if self._eval_task is not None:
             await self._eval_task
+        if not self.a.evaluator.enabled:
+            return
         result = await self.a.evaluator.evaluate(final)
         self.evals.append(result)
         self.progress.message(f"final eval at version {final}: reward {result.reward:.3f}")
@@ -186,7 +188,7 @@ class Scheduler:
             "reward/mean": rec.reward_mean, "response_len/mean": rec.response_len_mean,
             "staleness/max": rec.staleness_max, "staleness/mean": rec.staleness_mean,
             "learner/wait_frac": self.a.learner.clock.lap(),
-            "generator/wait_frac": self.a.generator.clock.lap(),
+            "generator/wait_frac": self.a.generator.clock.lap(), "data/cursor": self.a.generator.cursor,
             "learner/train_s": rec.train_s,
             "buffer/groups": self.a.buffer.n_ready, "buffer/pending": self.a.buffer.n_pending,
             "buffer/capacity": self.a.buffer.capacity, "buffer/expired": self.a.buffer.expired,
@@ -205,6 +207,7 @@ class Scheduler:
             line |= {"sync/version": last.version, "sync/total_s": last.total_s, "sync/paused_s": last.paused_s}
         for ev in self._unreported:
             line |= {"eval/reward": ev.reward, "eval/version": ev.version, "eval/wall_s": ev.wall_s}
+            line |= {f"eval/{name}": r for name, r in ev.sets.items() if name}  # --eval-prompt-data's sets
         self._unreported.clear()
         self._last_step_at = now
         self.metrics.write(line)
@@ -215,6 +218,8 @@ class Scheduler:
             self._start_eval(rec.version)
 
     def _start_eval(self, version: int) -> None:
+        if not self.a.evaluator.enabled:
+            return
         if self._eval_task is not None and not self._eval_task.done():
             self.counters["evals_skipped_busy"] += 1
             return
