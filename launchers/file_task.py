@@ -17,7 +17,7 @@ from buffers.types import Prompt
 from launchers.prompt_data import EpochOrder, PromptRow, read_rows
 from launchers.recipes.task import Task
 from policies.chat import ChatFormatError, parse_template_kwargs, prompt_ids, stop_token_ids
-from runtime.config import ConfigError
+from runtime.core.errors import ConfigError
 
 
 def load_tokenizer(model_dir: str | Path) -> PreTrainedTokenizerBase:

@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from runtime.config import ConfigError
+from runtime.core.errors import ConfigError
 
 
 class PromptRow(msgspec.Struct, frozen=True):
