@@ -53,3 +53,13 @@ def destroy(created: bool) -> None:
     ps.destroy_model_parallel()
     if created and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def sum_over_data_parallel(values: dict[str, float]) -> dict[str, float]:
+    """Sums of per-rank figures over the data-parallel ranks (float64, one all-reduce)."""
+    if ps.get_data_parallel_world_size() == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64,
+                     device="cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, group=ps.get_data_parallel_group())
+    return dict(zip(values, t.tolist()))
