@@ -118,7 +118,7 @@ def make_seqs(n: int, rng: random.Random, keys: list[int], top_p: float, top_k: 
 def advance(runner: ModelRunner, seqs: list[Seq], check: list[int]) -> float:
     sync()
     t0 = time.perf_counter()
-    tokens, logprobs = runner.step([s.row() for s in seqs])
+    tokens, logprobs, _ = runner.step([s.row() for s in seqs])
     dt = time.perf_counter() - t0
     for s, t in zip(seqs, tokens, strict=True):
         s.out.append(t)
@@ -189,7 +189,7 @@ def check_against_reference(runner: ModelRunner, n: int, args: argparse.Namespac
     seqs = make_seqs(n, random.Random(42), [4_200_000], args.top_p, args.top_k)
     logprobs = [[] for _ in seqs]
     for _ in range(args.steps + 1):
-        tokens, lps = runner.step([s.row() for s in seqs])
+        tokens, lps, _ = runner.step([s.row() for s in seqs])
         for s, t, lp, out in zip(seqs, tokens, lps, logprobs, strict=True):
             s.out.append(t)
             out.append(lp)

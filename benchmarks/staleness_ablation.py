@@ -230,7 +230,7 @@ def workload_lengths(model: Path, n_prompts: int = 1024, seed: int = 0) -> dict:
     for _ in range(long_tail.MAX_LEN + 1):
         if not rows:
             break
-        tokens, _ = runner.step(rows)
+        tokens = runner.step(rows).tokens
         going = []
         for row, token in zip(rows, tokens):
             lengths[row.key] += 1

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from policies.engine.runner import ModelRunner, Row
-from policies.engine.sampling import RowParams
+from policies.engine.sampling import RowParams, Sampled, TopLogprobs
 from policies.engine.wire import BadRequest, GenerateItem
 
 _keys = itertools.count()  # Request.key: unique for the process's lifetime, unlike a client's rid
@@ -39,6 +39,8 @@ class Completion(msgspec.Struct, frozen=True):
     weight_version: str
     latency_s: float
     token_versions: list[str] = msgspec.field(default_factory=list)
+    top_logprobs: list[TopLogprobs | None] = msgspec.field(default_factory=list)
+    prompt_logprobs: Sampled | None = None  # of prompt[logprob_start + 1:], when asked for
 
 
 @dataclass(eq=False)
@@ -61,6 +63,10 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     versions: list[str] = field(default_factory=list)  # weight version that produced each token
+    top_logprobs: list[TopLogprobs | None] = field(default_factory=list)  # when params.top_logprobs > 0
+    # prompt logprobs from this position on (SGLang's logprob_start_len), or None when not asked
+    logprob_start: int | None = None
+    prompt_logprobs: Sampled | None = None  # filled by Scheduler.submit before the request queues
     key: int = field(default_factory=lambda: next(_keys))
     # prompt + output_ids, grown token by token: each step hands the runner this list rather than
     # a new concatenation per row (the runner only reads it, during the step)
@@ -80,9 +86,16 @@ def build_request(item: GenerateItem, runner: ModelRunner) -> Request:
     stop = set(sp.stop_token_ids or ())
     if not sp.ignore_eos:
         stop |= runner.eos_token_ids
-    params = RowParams(sp.temperature, sp.top_p, sp.top_k, make_generator(sp.temperature, sp.sampling_seed))
+    top = item.top_logprobs_num if item.return_logprob else 0
+    generator = make_generator(sp.temperature, sp.sampling_seed)
+    params = RowParams(sp.temperature, sp.top_p, sp.top_k, generator, sp.bias(runner.vocab_size), top)
+    # prompt logprobs cost a forward of the prompt: only when asked for more than SGLang's default
+    # (the last prompt token alone, whose entry is always None)
+    start = item.logprob_start_len if item.return_logprob and item.logprob_start_len < len(item.input_ids) - 1 else None
     # the decoded body's list is this request's own: no copy
-    return Request(item.rid, item.input_ids, sp.max_new_tokens, frozenset(stop), params, new_future())
+    return Request(
+        item.rid, item.input_ids, sp.max_new_tokens, frozenset(stop), params, new_future(), logprob_start=start
+    )
 
 
 def _check(item: GenerateItem, *, vocab_size: int, max_context: int) -> None:

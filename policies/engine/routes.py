@@ -28,6 +28,7 @@ from policies.engine.scheduler import ENGINE_ERROR
 from policies.engine.wire import (
     AbortReq,
     BadRequest,
+    GenerateItem,
     GenerateReqInput,
     PauseReq,
     Unavailable,
@@ -41,6 +42,9 @@ log = logging.getLogger("engine.routes")
 
 HEALTH_GENERATE_TIMEOUT_S = 20.0
 LOAD_FORMATS = (None, "auto", "safetensors")
+# /get_server_info's "version": the SGLang release whose HTTP API this server follows (clients gate
+# features on it); "engine" in the same answer names this server
+SGLANG_API_VERSION = "0.5.23"
 
 
 def build_app(engine: Engine) -> web.Application:
@@ -101,28 +105,51 @@ async def generate(request: web.Request) -> web.Response:
     when the last one ends."""
     single, items = split_generate(decode(await request.read(), GenerateReqInput))
     scheduler = _engine(request).scheduler
-    pending = scheduler.submit(items)
+    pending = await scheduler.submit(items)
     try:
         done = [await p.future for p in pending]
     except asyncio.CancelledError:  # the client went away: free its slots in the batch
         for p in pending:
             scheduler.abort(p.rid, "client disconnected")
         raise
-    answers = [_generate_response(d, return_logprob=i.return_logprob) for d, i in zip(done, items, strict=True)]
+    answers = [_generate_response(d, i) for d, i in zip(done, items, strict=True)]
     return _json(answers[0] if single else answers)
 
 
-def _version_spans(versions: list[str]) -> list[dict[str, Any]]:
+def _version_spans(versions: list[str], current: str) -> list[dict[str, Any]]:
+    """SGLang's spans; an answer with no token gets one empty span of the version current at its
+    end, as SGLang's compute_weight_version_spans writes it."""
     spans: list[dict[str, Any]] = []
     for i, v in enumerate(versions):
         if spans and spans[-1]["version"] == v:
             spans[-1]["end"] = i + 1
         else:
             spans.append({"version": v, "start": i, "end": i + 1})
-    return spans
+    return spans or [{"version": current, "start": 0, "end": 0}]
 
 
-def _generate_response(done: Completion, *, return_logprob: bool) -> dict[str, Any]:
+def _logprob_meta(done: Completion, item: GenerateItem) -> dict[str, Any]:
+    """SGLang's logprob fields: [logprob, token id, text] triples (text is always None here: no
+    tokenizer); the prompt's list starts at logprob_start_len, its first entry without a logprob."""
+    start = item.logprob_start_len
+    prompt = done.prompt_logprobs
+    meta: dict[str, Any] = {
+        "input_token_logprobs": [[None, item.input_ids[start], None]]
+        + ([] if prompt is None else [[lp, tok, None] for lp, tok in zip(prompt.logprobs, prompt.tokens, strict=True)]),
+        "output_token_logprobs": [[lp, tok, None] for lp, tok in zip(done.logprobs, done.output_ids, strict=True)],
+    }
+    if item.top_logprobs_num > 0:
+        prompt_top = [] if prompt is None else prompt.top
+        meta["input_top_logprobs"] = [None] + [_top_triples(t) for t in prompt_top]
+        meta["output_top_logprobs"] = [_top_triples(t) for t in done.top_logprobs]
+    return meta
+
+
+def _top_triples(top: list[tuple[float, int]] | None) -> list[list[Any]]:
+    return [[lp, tok, None] for lp, tok in top or ()]
+
+
+def _generate_response(done: Completion, item: GenerateItem) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "id": done.rid,
         "finish_reason": msgspec.to_builtins(done.finish),
@@ -133,12 +160,10 @@ def _generate_response(done: Completion, *, return_logprob: bool) -> dict[str, A
         "weight_version": done.weight_version,
         # SGLang's spans (0.5.23, utils/weight_versions.py): which version produced output tokens
         # [start, end), exact even for a request frozen by an in_place pause across an update.
-        "weight_versions": _version_spans(done.token_versions),
+        "weight_versions": _version_spans(done.token_versions, done.weight_version),
     }
-    if return_logprob:
-        meta["output_token_logprobs"] = [
-            [lp, tok, None] for lp, tok in zip(done.logprobs, done.output_ids, strict=True)
-        ]
+    if item.return_logprob:
+        meta |= _logprob_meta(done, item)
     return {"text": "", "output_ids": done.output_ids, "meta_info": meta}
 
 
@@ -190,7 +215,7 @@ async def health_generate(request: web.Request) -> web.Response:
 
 async def get_server_info(request: web.Request) -> web.Response:
     engine = _engine(request)
-    info = {**engine.server_info, "model_path": engine.model_path}
+    info = {**engine.server_info, "model_path": engine.model_path, "version": SGLANG_API_VERSION}
     info["weight_version"] = engine.scheduler.weight_version
     info["internal_states"] = [engine.scheduler.stats()]
     return _json(info)

@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from policies.engine import batch_cache
 from policies.engine.batch_cache import BatchCache, SlotCache
-from policies.engine.sampling import Row, sample
+from policies.engine.sampling import Row, RowParams, Sampled, position_logprobs, sample
 from policies.engine.slot_decoder import SlotDecoder
 
 log = logging.getLogger("engine.runner")
@@ -106,8 +106,8 @@ class ModelRunner:
         return 0 if self._cache.mask is None else self._cache.mask.shape[1]
 
     @torch.inference_mode()
-    def step(self, rows: list[Row]) -> tuple[list[int], list[float]]:
-        """Sample one next token for every row; returns (token ids, logprobs), row-aligned."""
+    def step(self, rows: list[Row]) -> Sampled:
+        """Sample one next token for every row; returns token ids, logprobs and top logprobs, row-aligned."""
         if not self.use_kv_cache:
             logits, _ = self._prefill(rows, keep_cache=False)
             return sample(logits, [r.params for r in rows])
@@ -117,7 +117,7 @@ class ModelRunner:
             self._cache.clear()  # a step that failed half-way leaves no trustworthy cache: re-prefill
             raise
 
-    def _cached_step(self, rows: list[Row]) -> tuple[list[int], list[float]]:
+    def _cached_step(self, rows: list[Row]) -> Sampled:
         cached: list[int] = []  # indices of rows whose cache holds all but their last token
         fresh: list[int] = []  # rows to prefill: new, or their cache was dropped
         for i, row in enumerate(rows):
@@ -132,11 +132,27 @@ class ModelRunner:
             self._cache.append([rows[i].key for i in fresh], [len(rows[i].tokens) for i in fresh], kv, mask)
             logits.append(prefill_logits)
         order = cached + fresh  # the rows of `logits`
-        tokens, logprobs = sample(logits[0] if len(logits) == 1 else torch.cat(logits), [rows[i].params for i in order])
-        out_tokens, out_logprobs = [0] * len(rows), [0.0] * len(rows)
+        got = sample(logits[0] if len(logits) == 1 else torch.cat(logits), [rows[i].params for i in order])
+        if order == list(range(len(rows))):
+            return got
+        out = Sampled([0] * len(rows), [0.0] * len(rows), [None] * len(rows))
         for j, i in enumerate(order):
-            out_tokens[i], out_logprobs[i] = tokens[j], logprobs[j]
-        return out_tokens, out_logprobs
+            out.tokens[i], out.logprobs[i], out.top[i] = got.tokens[j], got.logprobs[j], got.top[j]
+        return out
+
+    @torch.inference_mode()
+    def score(self, tokens: list[int], start: int, params: RowParams) -> Sampled:
+        """Prompt logprobs: for each position j in (start, len(tokens)), the logprob of tokens[j]
+        given tokens[:j] (and its top logprobs when params ask), by one forward of `tokens` without
+        the cache (SGLang's input_token_logprobs from logprob_start_len = start; the token at
+        `start` itself gets none, as there). Runs on the decode thread, between steps."""
+        count = len(tokens) - 1 - start
+        if count <= 0:
+            return Sampled([], [], [])
+        ids = torch.tensor([tokens], device=self.device)
+        # logits_to_keep = count + 1 keeps positions start..len-1; the last one predicts the next token
+        logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=count + 1).logits[0, :-1]
+        return position_logprobs(logits, tokens[start + 1 :], params)
 
     def _decode(self, rows: list[Row]) -> torch.Tensor:
         """Feed each cached row its last token; the cache grows by one column. Returns [rows, V] logits."""

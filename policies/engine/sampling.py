@@ -9,7 +9,9 @@ Invariants:
   128 rows was a tenth of a decode step.
 - Truncation (top-k / top-p) runs only when some row asks for it; it is a no-op otherwise.
 - The reported logprob is log_softmax(logits / T)[token] (log_softmax(logits) when greedy),
-  before top-k/top-p truncation, as SGLang reports it.
+  before top-k/top-p truncation, as SGLang reports it. A row's logit_bias is added to its logits
+  first (as SGLang's sampler does, before the temperature): it shifts the argmax, the draw and
+  the reported logprobs alike. Top logprobs (top_logprobs > 0) come from the same distribution.
 """
 
 from __future__ import annotations
@@ -21,17 +23,37 @@ import torch
 
 
 class RowParams(NamedTuple):
-    """Sampling parameters of one batch row. generator is None exactly when temperature == 0."""
+    """Sampling parameters of one batch row. generator is None exactly when temperature == 0.
+
+    bias: (token id, added logit) pairs (SGLang's logit_bias); top_logprobs: how many of the most
+    likely tokens to report with their logprobs at each step (SGLang's top_logprobs_num).
+    """
 
     temperature: float
     top_p: float
     top_k: int
     generator: random.Random | None
+    bias: tuple[tuple[int, float], ...] = ()
+    top_logprobs: int = 0
 
 
-def sample(logits: torch.Tensor, rows: list[RowParams]) -> tuple[list[int], list[float]]:
-    """Pick one token per row of `logits` [B, V]; returns (token ids, their logprobs)."""
+TopLogprobs = list[tuple[float, int]]  # (logprob, token id), most likely first
+
+
+class Sampled(NamedTuple):
+    """One step's results, row-aligned: the token, its logprob and (None unless the row asked for
+    top_logprobs) the most likely tokens with their logprobs."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    top: list[TopLogprobs | None]
+
+
+def sample(logits: torch.Tensor, rows: list[RowParams]) -> Sampled:
+    """Pick one token per row of `logits` [B, V]; returns the tokens, their logprobs and top logprobs."""
     logits = logits.float()
+    if any(r.bias for r in rows):
+        logits = logits + bias_tensor(rows, logits.shape[-1], logits.device)
     temperatures = {r.temperature for r in rows}
     if max(temperatures) <= 0:  # all greedy
         tokens, scaled = logits.argmax(dim=-1), logits
@@ -49,10 +71,32 @@ def sample(logits: torch.Tensor, rows: list[RowParams]) -> tuple[list[int], list
         if min(r.temperature for r in rows) <= 0:  # some greedy rows
             greedy = torch.tensor([r.temperature <= 0.0 for r in rows], device=logits.device)
             tokens = torch.where(greedy, logits.argmax(dim=-1), tokens)
-    logprobs = torch.log_softmax(scaled, dim=-1).gather(-1, tokens[:, None])[:, 0]
+    log_probs = torch.log_softmax(scaled, dim=-1)
+    logprobs = log_probs.gather(-1, tokens[:, None])[:, 0]
     # one device-to-host copy for both (float64 holds every token id and float32 logprob exactly)
     both = torch.stack([tokens.double(), logprobs.double()]).tolist()
-    return [int(t) for t in both[0]], both[1]
+    return Sampled([int(t) for t in both[0]], both[1], top_logprobs(log_probs, [r.top_logprobs for r in rows]))
+
+
+def bias_tensor(rows: list[RowParams], vocab: int, device: torch.device) -> torch.Tensor:
+    """[B, V] float32: each row's logit_bias at its token ids, 0 elsewhere."""
+    bias = torch.zeros(len(rows), vocab)
+    for i, r in enumerate(rows):
+        for token, value in r.bias:
+            bias[i, token] += value
+    return bias.to(device)
+
+
+def top_logprobs(log_probs: torch.Tensor, counts: list[int]) -> list[TopLogprobs | None]:
+    """The `counts[i]` most likely tokens of row i of log_probs [B, V] (None where counts[i] is 0)."""
+    k = min(max(counts, default=0), log_probs.shape[-1])
+    if k <= 0:
+        return [None] * len(counts)
+    values, ids = log_probs.topk(k, dim=-1)
+    values, ids = values.tolist(), ids.tolist()
+    return [
+        list(zip(values[i][:n], ids[i][:n], strict=True)) if n > 0 else None for i, n in enumerate(counts)
+    ]
 
 
 def _truncate(scaled: torch.Tensor, rows: list[RowParams]) -> torch.Tensor:
@@ -92,3 +136,17 @@ class Row(NamedTuple):
     key: int
     tokens: list[int]
     params: RowParams
+
+
+def position_logprobs(logits: torch.Tensor, targets: list[int], params: RowParams) -> Sampled:
+    """Logprobs of `targets[j]` under row j of logits [P, V], all positions of one request
+    (its prompt, for prompt logprobs), with the request's bias and temperature as in `sample`."""
+    logits = logits.float()
+    if params.bias:
+        logits = logits + bias_tensor([params], logits.shape[-1], logits.device)
+    if params.temperature > 0 and params.temperature != 1.0:
+        logits = logits / params.temperature
+    log_probs = torch.log_softmax(logits, dim=-1)
+    index = torch.tensor(targets, device=logits.device)[:, None]
+    chosen = log_probs.gather(-1, index)[:, 0].double().tolist()
+    return Sampled(targets, chosen, top_logprobs(log_probs, [params.top_logprobs] * len(targets)))

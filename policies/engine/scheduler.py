@@ -58,7 +58,7 @@ import torch
 
 from policies.engine.request import Completion, FinishReason, Request, build_request, new_future
 from policies.engine.runner import ModelRunner
-from policies.engine.sampling import RowParams
+from policies.engine.sampling import RowParams, Sampled
 from policies.engine.wire import PAUSE_MODES, BadRequest, GenerateItem, Unavailable
 
 log = logging.getLogger("engine.scheduler")
@@ -103,14 +103,32 @@ class Scheduler:
 
     # ---- requests -------------------------------------------------------------------------
 
-    def submit(self, items: list[GenerateItem]) -> list[Request]:
+    async def submit(self, items: list[GenerateItem]) -> list[Request]:
         """Queue every item or none (BadRequest if any is invalid); each Request's future
-        resolves when it finishes or aborts."""
+        resolves when it finishes or aborts.
+
+        Requests that ask for prompt logprobs get them first, from one forward of the prompt on
+        the decode thread, once admission is open (not during a pause or a weight update, so they
+        come from the weights the request starts decoding with unless an update lands before it
+        is admitted)."""
+        self._check_rids(items)
+        requests = [build_request(item, self.runner) for item in items]
+        loop = asyncio.get_running_loop()
+        for r in requests:
+            if r.logprob_start is not None:
+                await self._wait_for(lambda: self._closed or not (self._paused or self._updating))
+                if self._closed:
+                    raise Unavailable("server shutting down")
+                r.prompt_logprobs = await loop.run_in_executor(
+                    self._executor, self.runner.score, r.prompt, r.logprob_start, r.params
+                )
+        self._check_rids(items)  # again: another body may have taken a rid while this one was scored
+        return [self._enqueue(r) for r in requests]
+
+    def _check_rids(self, items: list[GenerateItem]) -> None:
         for item in items:
             if item.rid in self._running or item.rid in self._waiting:
                 raise BadRequest(f"rid {item.rid!r} is already in flight")
-        requests = [build_request(item, self.runner) for item in items]
-        return [self._enqueue(r) for r in requests]
 
     def submit_probe(self) -> Request:
         """A one-token greedy request for /health_generate; any pause aborts it."""
@@ -252,15 +270,13 @@ class Scheduler:
                 continue
             self._stepping = True
             try:
-                tokens, logprobs = await loop.run_in_executor(
-                    self._executor, self.runner.step, [r.row() for r in batch]
-                )
+                sampled = await loop.run_in_executor(self._executor, self.runner.step, [r.row() for r in batch])
             except Exception as exc:  # a failed step must not strand its requests
                 log.exception("decode step failed")
                 for request in batch:
                     self._finish(request, FinishReason("abort", message=f"{ENGINE_ERROR}: {exc!r}"))
             else:
-                self._apply(batch, tokens, logprobs)
+                self._apply(batch, sampled)
             finally:
                 self._stepping = False
                 self._notify()
@@ -272,10 +288,10 @@ class Scheduler:
             rid = next(iter(self._waiting))
             self._running[rid] = self._waiting.pop(rid)
 
-    def _apply(self, batch: list[Request], tokens: list[int], logprobs: list[float]) -> None:
+    def _apply(self, batch: list[Request], sampled: Sampled) -> None:
         self.decode_steps += 1
         version = self.weight_version
-        for request, token, logprob in zip(batch, tokens, logprobs, strict=True):
+        for request, token, logprob, top in zip(batch, *sampled, strict=True):
             if request.future.done():  # aborted while the step ran: it already answered
                 self._finish(request, FinishReason("abort"))
                 continue
@@ -284,6 +300,8 @@ class Scheduler:
             request.context.append(token)
             request.logprobs.append(logprob)
             request.versions.append(version)
+            if top is not None:
+                request.top_logprobs.append(top)
             if token in request.stop_ids:
                 self._finish(request, FinishReason("stop", matched=token))
             elif len(output) >= request.max_new_tokens:
@@ -307,6 +325,8 @@ class Scheduler:
             weight_version=self.weight_version,
             latency_s=time.perf_counter() - request.started,
             token_versions=request.versions,
+            top_logprobs=request.top_logprobs,
+            prompt_logprobs=request.prompt_logprobs,
         )
         request.future.set_result(completion)
 

@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
         "dtype": args.dtype,
         "max_running_requests": args.max_running_requests,
         "context_length": runner.max_context,
+        # SGLang's scheduler facts. Its KV pool has a fixed size; this engine's cache grows on
+        # demand, so the most tokens it will ever hold is every running request at full context.
+        "max_total_num_tokens": args.max_running_requests * runner.max_context,
+        "max_req_input_len": runner.max_context - 1,
         "vocab_size": runner.vocab_size,
         "kv_cache": runner.use_kv_cache,
         "engine": "policies.engine.server",

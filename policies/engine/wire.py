@@ -1,7 +1,10 @@
 """Request bodies the embedded server accepts, as msgspec structs (SGLang's field names).
 
-Decoding is the validation edge: a body that does not fit these types is a 400. Unknown fields are
-ignored (msgspec's default), so a client written for real SGLang may send more than we use.
+Decoding is the validation edge: a body that does not fit these types is a 400. Fields SGLang does
+not define are ignored (msgspec's default). Fields SGLang defines that change what it answers but
+that this engine does not implement (REFUSED_SAMPLING, REFUSED_GENERATE) are declared only to be
+refused with a 400 naming them when set to anything but SGLang's default, so a client written for
+SGLang never gets different sampling or a silently missing field.
 `split_generate` turns a /generate body (one prompt, a batch, or `n` parallel samples) into one
 `GenerateItem` per output, as SGLang's `GenerateReqInput.normalize_batch_and_arguments` does.
 Semantic checks that need the model (vocab size, context length) live in `request.build_request`.
@@ -10,7 +13,7 @@ Semantic checks that need the model (vocab size, context length) live in `reques
 from __future__ import annotations
 
 import uuid
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -25,12 +28,96 @@ class Unavailable(RuntimeError):
     """The server cannot take the request now (shutting down): HTTP 503."""
 
 
-class SamplingParams(msgspec.Struct, kw_only=True):
+# SGLang sampling parameters (sampling/sampling_params.py) this engine does not implement, with
+# SGLang's default: a body that sets one to anything else is refused. The text-only ones
+# (skip_special_tokens, spaces_between_special_tokens, no_stop_trim, stream_interval) change no
+# token and are accepted: this engine returns no text.
+REFUSED_SAMPLING: dict[str, Any] = {
+    "stop": None,
+    "stop_regex": None,
+    "min_p": 0.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_new_tokens": 0,
+    "json_schema": None,
+    "regex": None,
+    "ebnf": None,
+    "structural_tag": None,
+    "custom_params": None,
+    "beam_width": None,
+    "watermark": None,
+}
+
+# SGLang sampling parameters accepted and ignored: they change only text, which this engine does not
+# return, or are SGLang's internal fields.
+IGNORED_SAMPLING = (
+    "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "stream_interval",
+    "stop_strs", "stop_regex_strs", "stop_str_max_len", "stop_regex_max_len", "is_normalized",
+    "ebnf_full_assistant",
+)  # fmt: skip
+
+# GenerateReqInput fields (managers/io_struct.py) that change the answer and are not implemented.
+# Routing, tracing and bookkeeping fields (priority, routing_key, log_metrics, ...) change nothing
+# a client reads back and stay ignored.
+REFUSED_GENERATE: dict[str, Any] = {
+    "input_embeds": None,
+    "image_data": None,
+    "video_data": None,
+    "audio_data": None,
+    "token_ids_logprob": None,
+    "return_text_in_logprobs": False,
+    "return_sampling_mask": False,
+    "sampling_logprobs_mode": None,
+    "return_flat_raw_top_logprobs": False,
+    "return_flat_raw_output_top_logprobs": False,
+    "watermark": None,
+    "return_hidden_states": False,
+    "return_routed_experts": False,
+    "return_entropy": False,
+    "return_prompt_token_ids": False,
+    "session_params": None,
+    "lora_path": None,
+    "custom_logit_processor": None,
+    "positional_embed_overrides": None,
+    "max_thinking_tokens": None,
+}
+
+
+def _refuse(struct: msgspec.Struct, table: dict[str, Any], where: str) -> None:
+    for name, default in table.items():
+        value = getattr(struct, name)
+        if value is not None and value != default and value != []:
+            raise BadRequest(f"{where}{name} is not supported by the embedded engine (got {value!r})")
+
+
+class _RefusedSamplingFields(msgspec.Struct, kw_only=True):
+    """Declared only so that setting one is refused (see REFUSED_SAMPLING)."""
+
+    stop: Any = None
+    stop_regex: Any = None
+    min_p: Any = None
+    frequency_penalty: Any = None
+    presence_penalty: Any = None
+    repetition_penalty: Any = None
+    min_new_tokens: Any = None
+    json_schema: Any = None
+    regex: Any = None
+    ebnf: Any = None
+    structural_tag: Any = None
+    custom_params: Any = None
+    beam_width: Any = None
+    watermark: Any = None
+
+
+class SamplingParams(_RefusedSamplingFields, kw_only=True):
     """SGLang sampling parameters; the subset the embedded engine honours.
 
-    temperature 0 means greedy; top_k <= 0 means off. sampling_seed, when given, seeds a
-    per-request generator so the sampled tokens do not depend on batch composition. n > 1 asks
-    for n samples of each prompt (see `split_generate`).
+    temperature 0 means greedy; top_k <= 0 means off (SGLang's "all" value 1 << 30 is off too).
+    sampling_seed, when given, seeds a per-request generator so the sampled tokens do not depend
+    on batch composition. n > 1 asks for n samples of each prompt (see `split_generate`).
+    logit_bias maps token ids (JSON object keys, strings as in SGLang) to a value added to their
+    logits before the temperature.
     """
 
     temperature: float = 1.0
@@ -41,8 +128,23 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     ignore_eos: bool = False
     sampling_seed: int | None = None
     n: int = 1
+    logit_bias: dict[str, float] | None = None
+
+    def bias(self, vocab_size: int) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, value) pairs; BadRequest for a key that is not a token id."""
+        pairs = []
+        for key, value in (self.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise BadRequest(f"logit_bias key {key!r} is not a token id") from None
+            if not 0 <= token < vocab_size:
+                raise BadRequest(f"logit_bias key {token} is outside [0, {vocab_size})")
+            pairs.append((token, float(value)))
+        return tuple(pairs)
 
     def check(self) -> None:
+        _refuse(self, REFUSED_SAMPLING, "sampling_params.")
         if self.temperature < 0:
             raise BadRequest(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
@@ -53,26 +155,61 @@ class SamplingParams(msgspec.Struct, kw_only=True):
             raise BadRequest(f"n must be >= 1, got {self.n}")
 
 
-class GenerateReqInput(msgspec.Struct, kw_only=True):
+class _RefusedGenerateFields(msgspec.Struct, kw_only=True):
+    """Declared only so that setting one is refused (see REFUSED_GENERATE)."""
+
+    input_embeds: Any = None
+    image_data: Any = None
+    video_data: Any = None
+    audio_data: Any = None
+    token_ids_logprob: Any = None
+    return_text_in_logprobs: Any = None
+    return_sampling_mask: Any = None
+    sampling_logprobs_mode: Any = None
+    return_flat_raw_top_logprobs: Any = None
+    return_flat_raw_output_top_logprobs: Any = None
+    watermark: Any = None
+    return_hidden_states: Any = None
+    return_routed_experts: Any = None
+    return_entropy: Any = None
+    return_prompt_token_ids: Any = None
+    session_params: Any = None
+    lora_path: Any = None
+    custom_logit_processor: Any = None
+    positional_embed_overrides: Any = None
+    max_thinking_tokens: Any = None
+
+
+class GenerateReqInput(_RefusedGenerateFields, kw_only=True):
     """Body of POST /generate: one prompt (`input_ids` a list of ints) or a batch (a list of lists,
-    with `rid`, `sampling_params` and `return_logprob` either one value or one per prompt).
-    `text` is declared only to refuse it with a clear message."""
+    with `rid`, `sampling_params`, `return_logprob`, `logprob_start_len` and `top_logprobs_num`
+    either one value or one per prompt). `text` is declared only to refuse it with a clear message.
+
+    With return_logprob, logprob_start_len s >= 0 asks for the prompt's logprobs from position s
+    (SGLang's input_token_logprobs; -1, the default, means the last prompt token only) and
+    top_logprobs_num k > 0 for the k most likely tokens at each prompt and output position."""
 
     input_ids: list[int | list[int]] | None = None
     text: str | list[str] | None = None
     sampling_params: SamplingParams | list[SamplingParams] | None = None
-    return_logprob: bool | list[bool] = False
+    return_logprob: bool | list[bool] | None = False
+    logprob_start_len: int | list[int] | None = None
+    top_logprobs_num: int | list[int] | None = None
     rid: str | list[str] | None = None
     stream: bool = False
 
 
 class GenerateItem(NamedTuple):
-    """One generation a /generate body asks for (a batch member or one of n parallel samples)."""
+    """One generation a /generate body asks for (a batch member or one of n parallel samples).
+    logprob_start_len is resolved (0 <= it < len(input_ids)); both it and top_logprobs_num
+    matter only with return_logprob."""
 
     rid: str
     input_ids: list[int]
     sampling_params: SamplingParams
     return_logprob: bool
+    logprob_start_len: int = 0
+    top_logprobs_num: int = 0
 
 
 # Added (times the copy index) to the sampling_seed of parallel sample j > 0: SGLang would give all
@@ -95,6 +232,7 @@ def split_generate(req: GenerateReqInput) -> tuple[bool, list[GenerateItem]]:
         raise BadRequest("input_ids is required (text input is not supported: token-in, token-out)")
     if not req.input_ids:
         raise BadRequest("input_ids is empty")
+    _refuse(req, REFUSED_GENERATE, "")
     prompts = _prompts(req.input_ids)
     single = not isinstance(req.input_ids[0], list)
     params = _per_prompt(req.sampling_params or SamplingParams(), len(prompts), "sampling_params")
@@ -105,14 +243,36 @@ def split_generate(req: GenerateReqInput) -> tuple[bool, list[GenerateItem]]:
         raise BadRequest("n must be the same in every sampling_params of a batch")
     if isinstance(req.return_logprob, list) and n > 1:
         raise BadRequest("return_logprob cannot be a list when n > 1")
-    logprob = _per_prompt(req.return_logprob, len(prompts), "return_logprob")
+    logprob = [bool(x) for x in _per_prompt(req.return_logprob, len(prompts), "return_logprob")]
+    starts = _per_prompt(req.logprob_start_len, len(prompts), "logprob_start_len")
+    tops = _per_prompt(req.top_logprobs_num, len(prompts), "top_logprobs_num")
     rids = _rids(req.rid, len(prompts), n, single=single)
     items = [
-        GenerateItem(rids[i * n + j], prompt, _parallel_copy(params[i], j), logprob[i])
+        GenerateItem(
+            rids[i * n + j], prompt, _parallel_copy(params[i], j), logprob[i],
+            _logprob_start(starts[i], len(prompt)), _top_count(tops[i]),
+        )  # fmt: skip
         for i, prompt in enumerate(prompts)
         for j in range(n)
     ]
     return single and n == 1, items
+
+
+def _logprob_start(start: int | None, prompt_len: int) -> int:
+    """SGLang's rule: -1 (or unset) means the last prompt token; otherwise it must lie in the prompt."""
+    if start is None or start == -1:
+        return prompt_len - 1
+    if not 0 <= start < prompt_len:
+        raise BadRequest(
+            f"logprob_start_len must be -1 or in [0, {prompt_len}) for a prompt of {prompt_len} tokens, got {start}"
+        )
+    return start
+
+
+def _top_count(count: int | None) -> int:
+    if count is not None and count < 0:
+        raise BadRequest(f"top_logprobs_num must be >= 0, got {count}")
+    return count or 0
 
 
 def _prompts(input_ids: list[int | list[int]]) -> list[list[int]]:

@@ -61,7 +61,7 @@ def run(runner: ModelRunner, seqs: list[Seq], *, on_step=None) -> int:  # noqa: 
         if not active and all(s.join <= step for s in seqs):
             return step
         if active:
-            tokens, logprobs = runner.step([s.row() for s in active])
+            tokens, logprobs, _ = runner.step([s.row() for s in active])
             for s, t, lp in zip(active, tokens, logprobs, strict=True):
                 s.out.append(t)
                 s.logprobs.append(lp)
@@ -103,7 +103,7 @@ def test_dropping_the_cache_mid_run_changes_nothing_under_the_same_weights(runne
 def test_a_failed_step_clears_the_cache_and_the_next_step_reprefills(runners):
     runner = runners[True]
     seq, reference = Seq([1, 2, 3], join=0, n=4), Seq([1, 2, 3], join=0, n=4)
-    ((token,), (logprob,)) = runner.step([seq.row()])
+    ((token,), (logprob,), _) = runner.step([seq.row()])
     seq.out, seq.logprobs = [token], [logprob]
     # seq is decoded (its cache grows) before the prefill of an out-of-range token fails the step
     with pytest.raises(IndexError):
@@ -128,7 +128,7 @@ def test_weight_change_keeps_or_recomputes_the_cached_prefix(tiny_model_dir, tin
     model_a, model_b = (AutoModelForCausalLM.from_pretrained(str(d)).eval() for d in (tiny_model_dir, tiny_model_dir_b))
     seq, k = Seq([3, 1, 4, 1, 5], join=0, n=10), 4
     for _ in range(k):
-        tokens, logprobs = runner.step([seq.row()])
+        tokens, logprobs, _ = runner.step([seq.row()])
         seq.out += tokens
         seq.logprobs += logprobs
     runner.apply_weights(runner.read_checkpoint(str(tiny_model_dir_b)))

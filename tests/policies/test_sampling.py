@@ -58,7 +58,7 @@ def test_sample_matches_the_previous_implementation(dtype, kind, truncate):
             r._replace(generator=None if r.generator is None else random.Random(seed * 1000 + i))
             for i, r in enumerate(rows)
         ]
-        new_tokens, new_logprobs = sample(logits, rows)
+        new_tokens, new_logprobs, _ = sample(logits, rows)
         old_tokens, old_logprobs = old_sample(logits, twin)
         assert new_tokens == old_tokens
         assert new_logprobs == old_logprobs  # bit-identical

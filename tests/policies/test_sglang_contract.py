@@ -41,6 +41,7 @@ import sglang_source as sgl
 from aiohttp import web
 
 from policies.engine import client as client_module
+from policies.engine import wire
 from policies.engine.client import PAUSE_MODES, SGLANG_SAMPLING_KEYS, EngineClient
 from policies.engine.sglang_launch import RUNTIME_OWNED_FLAGS, parse_sglang_passthrough, sglang_command
 
@@ -454,6 +455,50 @@ def test_tensor_payload_is_what_sglangs_flattened_bucket_loader_reads(src, sent)
     data = weight_ipc.Exporter([("w", torch.zeros(2, 3))], dtype=torch.bfloat16).serialize()
     Recording(io.BytesIO(data)).load()
     assert ("types", "SimpleNamespace") in used and used <= allowed, sorted(used - allowed)
+
+
+def test_every_sglang_sampling_param_is_honoured_refused_or_text_only(src):
+    """The embedded server's side: each SamplingParams field of SGLang is implemented, refused with
+    a 400 when set (at SGLang's own default it is accepted), or changes only text."""
+    sglang = sgl.class_fields(src, sgl.SAMPLING_PARAMS, "SamplingParams")
+    honoured = {f.encode_name for f in msgspec.structs.fields(wire.SamplingParams)} - set(wire.REFUSED_SAMPLING)
+    unaccounted = set(sglang) - honoured - set(wire.REFUSED_SAMPLING) - set(wire.IGNORED_SAMPLING)
+    problems = [f"SamplingParams.{n} ({sglang[n]}) is not honoured, refused or text-only" for n in sorted(unaccounted)]
+    problems += _default_problems(src, sgl.SAMPLING_PARAMS, "SamplingParams", wire.REFUSED_SAMPLING)
+    problems += [f"honoured {n} is not an SGLang field" for n in sorted(honoured - set(sglang))]
+    assert not problems, f"sglang {src.version}:\n" + "\n".join(problems)
+
+
+def test_refused_and_logprob_generate_fields_are_sglangs(src):
+    sglang = sgl.class_fields(src, sgl.IO_STRUCT, "GenerateReqInput")
+    honoured = {"input_ids", "text", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num",
+                "rid", "stream"}  # fmt: skip
+    assert honoured | {f.encode_name for f in msgspec.structs.fields(wire.GenerateReqInput)} == honoured | set(
+        wire.REFUSED_GENERATE
+    )
+    declared = honoured | set(wire.REFUSED_GENERATE)
+    problems = [f"{n} is not a GenerateReqInput field" for n in sorted(declared - set(sglang))]
+    problems += _default_problems(src, sgl.IO_STRUCT, "GenerateReqInput", wire.REFUSED_GENERATE)
+    assert not problems, f"sglang {src.version}:\n" + "\n".join(problems)
+
+
+def test_logprob_meta_keys_are_sglangs(src):
+    written = sgl.meta_info_keys(src)
+    for key in ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs", "output_top_logprobs"):
+        assert key in written, f"sglang {src.version} writes no meta_info[{key!r}]"
+
+
+def _default_problems(src, path: str, cls: str, table: dict[str, object]) -> list[str]:  # noqa: ANN001
+    """A refused field is accepted at its default: that default must be SGLang's (None always is)."""
+    problems = []
+    for name, default in table.items():
+        try:
+            theirs = sgl.field_default(src, path, cls, name)
+        except LookupError:
+            continue  # no literal default (a field() call): only None and `default` are accepted
+        if theirs not in (None, default):
+            problems.append(f"{cls}.{name}: SGLang's default is {theirs!r}, the engine accepts {default!r}")
+    return problems
 
 
 def test_pause_modes_are_sglang_modes(src):
