@@ -38,6 +38,7 @@ import msgspec
 from buffers.buffer import StalenessBuffer
 from buffers.types import Group
 from policies.trainer import StepStats
+from policies.trainer_api import Trainer
 from runtime.core import trace
 from runtime.core.ledger import Ledger
 from runtime.core.waits import WaitClock
@@ -45,13 +46,6 @@ from runtime.core.waits import WaitClock
 
 class StalenessViolation(AssertionError):
     pass
-
-
-class Trainer(Protocol):
-    def step(self, batch: list[Group], version: int) -> StepStats: ...
-    def save_weights(self, out_dir: Path) -> Path: ...
-    def save_checkpoint(self, out_dir: Path) -> None: ...
-    def close(self) -> None: ...
 
 
 class Publisher(Protocol):

@@ -1,4 +1,4 @@
-"""The policy trainer in a child process, behind the same ``step`` / ``save_weights`` interface.
+"""The policy trainer in a child process: ``Trainer`` over a socket pair (policies/trainer_api.py).
 
 Why a process and not a thread: a small model's training step is mostly Python (module calls,
 autograd bookkeeping), so a trainer thread holds the GIL and starves the event loop that drives
@@ -6,9 +6,11 @@ the engines; generation and training would not overlap. In its own process the s
 own core while this process keeps serving HTTP. (On the Ray backend the learner is its own actor
 process for the same reason.)
 
-Calls are synchronous and one at a time (the learner makes them from its compute thread). The
-child dies with its parent (PR_SET_PDEATHSIG on Linux) and a child that dies turns into a
-``TrainerDied`` error on the next call, never a hang.
+Wire: the constructor's arguments once (pickled: the config sections are the caller's own
+objects), then one ``trainer_api.Request`` after another as msgpack bytes, each answered by a
+``Reply``. Calls are synchronous and one at a time (the learner makes them from its compute
+thread). The child dies with its parent (PR_SET_PDEATHSIG on Linux) and a child that dies turns
+into a ``TrainerDied`` error on the next call, never a hang.
 """
 
 from __future__ import annotations
@@ -25,66 +27,73 @@ from typing import Any
 
 import msgspec
 
-from buffers.types import Group
+from policies import trainer_api
 from policies.engine.process import PROJECT_ROOT, die_with_parent_preexec
-from policies.trainer import StepStats
-
-PASSTHROUGH = frozenset({"weight_group_endpoint", "init_weight_group", "broadcast_weights", "destroy_weight_group",
-                         "ipc_weights"})
 
 
 class TrainerDied(RuntimeError):
     pass
 
 
-class TrainerProcess:
+class TrainerProcess(trainer_api.RemoteTrainer):
     """``python -m policies.trainer_process`` over a socket pair: a plain subprocess rather than
     multiprocessing's spawn, which would re-import the caller's ``__main__`` (a user's script)."""
 
-    def __init__(self, model_path: str | Path, *, threads: int = 1, gpus: str | None = None, **trainer_kwargs: Any):
-        """``gpus``: CUDA_VISIBLE_DEVICES for the child (its ``cuda`` device is the first of them)."""
+    def __init__(self, model_path: str | Path, *, threads: int = 1, gpus: str | None = None,
+                 env: dict[str, str] | None = None, wait: bool = True, **trainer_kwargs: Any):
+        """``gpus``: CUDA_VISIBLE_DEVICES for the child (its ``cuda`` device is the first of them).
+        ``env``: more of the child's environment. ``wait``: return once the trainer is built (else
+        call ``started``: the ranks of one group are built together, each waiting for the others)."""
         ours, theirs = socket.socketpair()
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        child_env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **(env or {}))
         if gpus is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpus
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), env.get("PYTHONPATH")) if p)
+            child_env["CUDA_VISIBLE_DEVICES"] = gpus
+        child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(PROJECT_ROOT), child_env.get("PYTHONPATH")) if p)
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "policies.trainer_process", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env, preexec_fn=die_with_parent_preexec(),
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=child_env, preexec_fn=die_with_parent_preexec(),
         )
         theirs.close()
         self._conn = Connection(ours.detach())
         self._lock = threading.Lock()
-        self._call("init", (str(model_path), dict(trainer_kwargs, threads=threads)))
+        self.where = f"the trainer process {self._proc.pid}"
+        self._conn.send((str(model_path), dict(trainer_kwargs, threads=threads)))
+        if wait:
+            self.started()
 
-    def step(self, batch: list[Group], version: int) -> StepStats:
-        return msgspec.msgpack.decode(self._call("step", (msgspec.msgpack.encode(batch), version)), type=StepStats)
+    def started(self) -> None:
+        """Until the child has built its trainer; its construction error, if it failed."""
+        reply = msgspec.msgpack.decode(self.receive(), type=trainer_api.Reply)
+        if reply.error is not None:
+            raise trainer_api.RemoteFailure(f"the trainer failed to start in {self.where}:\n{reply.error}")
 
-    def save_weights(self, out_dir: Path) -> Path:
-        return Path(self._call("save_weights", str(out_dir)))
+    def _exchange(self, raw: bytes, request: trainer_api.Request) -> bytes:
+        with self._lock:
+            self.send(raw)
+            return self.receive()
 
-    def save_checkpoint(self, out_dir: Path) -> None:
-        self._call("save_checkpoint", str(out_dir))
+    def send(self, raw: bytes) -> None:
+        try:
+            self._conn.send_bytes(raw)
+        except OSError:
+            raise self._died() from None
 
-    def load_checkpoint(self, ckpt_dir: str | Path) -> None:
-        self._call("load_checkpoint", str(ckpt_dir))
+    def receive(self) -> bytes:
+        try:
+            return self._conn.recv_bytes()
+        except (EOFError, OSError):
+            raise self._died() from None
 
-    # the collective weight transport (PolicyTrainer's methods of the same names)
-    def weight_group_endpoint(self, host: str = "127.0.0.1") -> tuple[str, int]:
-        return tuple(self._call("call", ("weight_group_endpoint", (host,))))
+    @property
+    def connection(self) -> Connection:
+        return self._conn
 
-    def init_weight_group(self, *args: Any) -> list[bytes]:
-        return self._call("call", ("init_weight_group", args))
-
-    def broadcast_weights(self) -> int:
-        return self._call("call", ("broadcast_weights", ()))
-
-    def destroy_weight_group(self) -> None:
-        self._call("call", ("destroy_weight_group", ()))
-
-    # the same-GPU transport
-    def ipc_weights(self, dtype: str) -> bytes:
-        return self._call("call", ("ipc_weights", (dtype,)))
+    def _died(self) -> TrainerDied:
+        try:
+            code = self._proc.wait(timeout=5)  # (it closed its end as it died: reap it for the code)
+        except subprocess.TimeoutExpired:
+            code = None
+        return TrainerDied(f"trainer process {self._proc.pid} died (exit code {code})")
 
     @property
     def pid(self) -> int:
@@ -96,54 +105,25 @@ class TrainerProcess:
         self._proc.wait(timeout=10)
         self._conn.close()
 
-    def _call(self, method: str, arg: Any = None) -> Any:
-        with self._lock:
-            try:
-                self._conn.send((method, arg))
-                ok, value = self._conn.recv()
-            except (EOFError, OSError):
-                code = self._proc.poll()
-                raise TrainerDied(f"trainer process {self._proc.pid} died (exit code {code})") from None
-        if not ok:
-            raise RuntimeError(f"trainer {method} failed in the trainer process:\n{value}")
-        return value
-
 
 def _serve(conn: Connection) -> None:
-    import traceback
-
     from policies.trainer import PolicyTrainer
 
-    trainer: PolicyTrainer | None = None
+    model_path, kwargs = conn.recv()
+    try:
+        trainer = PolicyTrainer(model_path, **kwargs)
+    except Exception:  # noqa: BLE001 - reported to the parent with our traceback
+        import traceback
+
+        conn.send_bytes(msgspec.msgpack.encode(trainer_api.Reply(error=traceback.format_exc())))
+        return
+    conn.send_bytes(msgspec.msgpack.encode(trainer_api.Reply()))
     while True:
         try:
-            method, arg = conn.recv()
+            raw = conn.recv_bytes()
         except EOFError:
             return
-        try:
-            if method == "init":
-                model_path, kwargs = arg
-                trainer = PolicyTrainer(model_path, **kwargs)
-                result: Any = True
-            elif trainer is None:
-                raise RuntimeError("trainer used before init")
-            elif method == "step":
-                batch, version = arg
-                result = msgspec.msgpack.encode(trainer.step(msgspec.msgpack.decode(batch, type=list[Group]), version))
-            elif method == "save_weights":
-                result = str(trainer.save_weights(Path(arg)))
-            elif method == "save_checkpoint":
-                result = trainer.save_checkpoint(Path(arg))
-            elif method == "load_checkpoint":
-                result = trainer.load_checkpoint(Path(arg))
-            elif method == "call" and arg[0] in PASSTHROUGH:
-                name, args = arg
-                result = getattr(trainer, name)(*args)
-            else:
-                raise ValueError(f"unknown method {method!r}")
-            conn.send((True, result))
-        except Exception:  # noqa: BLE001 - reported to the caller with the child's traceback
-            conn.send((False, traceback.format_exc()))
+        conn.send_bytes(trainer_api.serve(trainer, raw))
 
 
 if __name__ == "__main__":

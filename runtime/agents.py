@@ -24,9 +24,10 @@ from typing import Any
 import msgspec
 
 from actors.broadcaster import WeightBroadcaster
-from actors.learner import Learner, Trainer
+from actors.learner import Learner
 from actors.rollout import SampleRunner
 from buffers.buffer import StalenessBuffer
+from policies.trainer_api import Trainer
 from runtime.config import Config, ConfigError, NonNeg, NonNegF, Pos, PosF
 from runtime.core.ledger import Ledger
 

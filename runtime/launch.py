@@ -30,7 +30,7 @@ import msgspec
 from actors.broadcaster import WeightBroadcaster
 from actors.evaluator import Evaluator
 from actors.generator import Generator
-from actors.learner import Learner, Trainer
+from actors.learner import Learner
 from actors.reward import RewardScorer
 from actors.rollout import SampleRunner
 from buffers.buffer import StalenessBuffer
@@ -38,6 +38,7 @@ from launchers.recipes.task import Task
 from policies.engine.process import EngineProcess
 from policies.engine.sglang_process import with_engine
 from policies.model import qwen3_config, write_random_checkpoint
+from policies.trainer_api import Trainer
 from policies.trainer_process import TrainerProcess
 from runtime import checkpoint, cli, placement, run_task, weight_transport
 from runtime.chaos import Chaos

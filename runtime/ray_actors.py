@@ -9,10 +9,12 @@
                               only starts, watches and stops it. The host's death (``ray.kill``, a
                               lost node) reads as the engine process having exited, so the engine
                               set's health checks restart it with a new host in the same bundle.
-    TrainerActor              hosts ``PolicyTrainer``; RayTrainer is the learner's handle on it, with
-                              TrainerProcess's interface. Calls block the learner's compute thread
-                              (never the event loop) and are bounded: a dead actor or a call past its
-                              timeout ends the run with one line (``RunFailed``), never a hang.
+    TrainerActor              hosts one rank's ``PolicyTrainer``; RayTrainer is the learner's handle on
+                              the run's N ranks (one per learner GPU, or --actor-num-cpu-ranks), the
+                              ``policies.trainer_api.Trainer`` every host implements. Calls block the
+                              learner's compute thread (never the event loop) and are bounded: a dead
+                              actor or a call past its timeout ends the run with one line
+                              (``RunFailed``), never a hang.
 
 RayHosts builds both in their seats of the run's placement group (``runtime.placement``). Only the
 Ray backend imports this module.
@@ -26,22 +28,18 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import msgspec
 import ray
 from ray.exceptions import RayActorError, RayError, RayTaskError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from buffers.types import Group
+from policies import trainer_api
 from policies.engine.process import EngineStartError
 from policies.engine.sglang_process import engine_process
 from runtime.core.errors import RunFailed
 from runtime.placement import Layout, Seat
-
-if TYPE_CHECKING:
-    from policies.trainer import StepStats
 
 log = logging.getLogger(__name__)
 
@@ -190,97 +188,76 @@ class RayEngineProcess:
 
 @ray.remote
 class TrainerActor:
-    """``PolicyTrainer`` in its own actor; batches and stats travel as msgpack bytes."""
+    """One rank of the trainer in its own actor: built by ``start``, then serving ``trainer_api``
+    requests as msgpack bytes (``trainer_api.serve``)."""
 
-    def __init__(self, model_path: str, kwargs: dict[str, Any]):
+    def __init__(self) -> None:
+        self.trainer: Any = None
+
+    def endpoint(self) -> tuple[str, int]:
+        """This node's address and a port free on it: the ranks' rendezvous, hosted by rank 0."""
+        from policies.weight_sync import free_port
+
+        host = ray.util.get_node_ip_address()
+        return host, free_port(host)
+
+    def start(self, model_path: str, kwargs: dict[str, Any]) -> None:
         from policies.trainer import PolicyTrainer
 
         self.trainer = PolicyTrainer(model_path, **kwargs)
 
-    def step(self, batch: bytes, version: int) -> bytes:
-        return msgspec.msgpack.encode(self.trainer.step(msgspec.msgpack.decode(batch, type=list[Group]), version))
-
-    def save_weights(self, out_dir: str) -> str:
-        return str(self.trainer.save_weights(Path(out_dir)))
-
-    def save_checkpoint(self, out_dir: str) -> None:
-        self.trainer.save_checkpoint(Path(out_dir))
-
-    def load_checkpoint(self, ckpt_dir: str) -> None:
-        self.trainer.load_checkpoint(Path(ckpt_dir))
-
-    # the collective weight transport: this actor is rank 0, reachable at its node's address
-    def weight_group_endpoint(self, host: str) -> tuple[str, int]:
-        return self.trainer.weight_group_endpoint(ray.util.get_node_ip_address())
-
-    def init_weight_group(self, *args: Any) -> list[bytes]:
-        return self.trainer.init_weight_group(*args)
-
-    def broadcast_weights(self) -> int:
-        return self.trainer.broadcast_weights()
-
-    def destroy_weight_group(self) -> None:
-        self.trainer.destroy_weight_group()
-
-    # the same-GPU transport: engines colocated on this actor's GPU map the handle it returns
-    def ipc_weights(self, dtype: str) -> bytes:
-        return self.trainer.ipc_weights(dtype)
+    def call(self, raw: bytes) -> bytes:
+        return trainer_api.serve(self.trainer, raw)
 
 
-class RayTrainer:
-    """TrainerProcess's interface over a TrainerActor; every call is bounded by ``timeout_s``."""
+class RayTrainer(trainer_api.RemoteTrainer):
+    """``Trainer`` over ``world_size`` TrainerActors, rank r in ``actor_options[r]``'s seat; every call
+    goes to every rank and is bounded by ``timeout_s``: a dead actor or a call past its timeout ends
+    the run with one line (``RunFailed``), never a hang."""
 
-    def __init__(self, model_path: str | Path, *, actor_options: dict[str, Any], timeout_s: float, threads: int = 1,
-                 **trainer_kwargs: Any):
+    where = "the trainer actor"
+
+    def __init__(self, model_path: str | Path, *, actor_options: list[dict[str, Any]], timeout_s: float,
+                 threads: int = 1, **trainer_kwargs: Any):
         self._timeout_s = timeout_s
-        # it loads while the engines start; a trainer that cannot load fails its first call
-        self._actor = TrainerActor.options(**actor_options).remote(str(model_path),
-                                                                  dict(trainer_kwargs, threads=threads))
-
-    def step(self, batch: list[Group], version: int) -> StepStats:
-        from policies.trainer import StepStats  # here, not at the top: engine hosts need no torch
-
-        return msgspec.msgpack.decode(self._call("step", msgspec.msgpack.encode(batch), version), type=StepStats)
-
-    def save_weights(self, out_dir: Path) -> Path:
-        return Path(self._call("save_weights", str(out_dir)))
-
-    def save_checkpoint(self, out_dir: Path) -> None:
-        self._call("save_checkpoint", str(out_dir))
-
-    def load_checkpoint(self, ckpt_dir: str | Path) -> None:
-        self._call("load_checkpoint", str(ckpt_dir))
+        self._actors = [TrainerActor.options(**o).remote() for o in actor_options]
+        world = len(self._actors)
+        if world > 1:  # rank 0's node hosts the ranks' rendezvous
+            address, port = self._wait([self._actors[0].endpoint.remote()], "endpoint")[0]
+            trainer_kwargs.update(world_size=world, dist_url=f"tcp://{address}:{port}")
+        # they load while the engines start; a trainer that cannot load fails the first call
+        self._started: list[Any] | None = [
+            a.start.remote(str(model_path), dict(trainer_kwargs, threads=threads, **({"rank": r} if world > 1 else {})))
+            for r, a in enumerate(self._actors)]
 
     def weight_group_endpoint(self, host: str = "127.0.0.1") -> tuple[str, int]:
-        return tuple(self._call("weight_group_endpoint", host))
+        """Rank 0's node, which hosts the weight-update group (its engines may be on other nodes)."""
+        return self.call(trainer_api.WeightGroupEndpoint(self._wait([self._actors[0].endpoint.remote()],
+                                                                    "endpoint")[0][0]))
 
-    def init_weight_group(self, *args: Any) -> list[bytes]:
-        return self._call("init_weight_group", *args)
+    def _exchange(self, raw: bytes, request: trainer_api.Request) -> bytes:
+        if self._started is not None:
+            started, self._started = self._started, None
+            self._wait(started, "start")
+        replies = self._wait([a.call.remote(raw) for a in self._actors], type(request).__name__)
+        return trainer_api.first_failure(replies)
 
-    def broadcast_weights(self) -> int:
-        return self._call("broadcast_weights")
-
-    def destroy_weight_group(self) -> None:
-        self._call("destroy_weight_group")
-
-    def ipc_weights(self, dtype: str) -> bytes:
-        return self._call("ipc_weights", dtype)
+    def _wait(self, refs: list[Any], what: str) -> list[Any]:
+        # futures rather than ray.get, which warns (once) about blocking when called in an async
+        # actor, even from this worker thread
+        futures = [r.future() for r in refs]
+        try:
+            return [f.result(timeout=self._timeout_s) for f in futures]
+        except RayActorError as e:
+            raise RunFailed(f"the trainer actor died during {what}: {_first_line(e)}") from None
+        except TimeoutError:
+            raise RunFailed(f"the trainer's {what} took over {self._timeout_s:g}s (--stall-timeout)") from None
+        except RayTaskError as e:
+            raise trainer_api.RemoteFailure(f"trainer {what} failed in the trainer actor:\n{e}") from None
 
     def close(self) -> None:
-        ray.kill(self._actor, no_restart=True)
-
-    def _call(self, method: str, *args: Any) -> Any:
-        # a future rather than ray.get, which warns (once) about blocking when called in an async
-        # actor, even from this worker thread
-        result = getattr(self._actor, method).remote(*args).future()
-        try:
-            return result.result(timeout=self._timeout_s)
-        except RayActorError as e:
-            raise RunFailed(f"the trainer actor died during {method}: {_first_line(e)}") from None
-        except TimeoutError:
-            raise RunFailed(f"the trainer's {method} took over {self._timeout_s:g}s (--stall-timeout)") from None
-        except RayTaskError as e:
-            raise RuntimeError(f"trainer {method} failed in the trainer actor:\n{e}") from None
+        for a in self._actors:
+            ray.kill(a, no_restart=True)
 
 
 class RayHosts:
@@ -302,10 +279,11 @@ class RayHosts:
         return RayEngineProcess(model_path, actor_options=self._options(seat, f"engine{index}.{k}"), **kwargs)
 
     def trainer(self, model_path: str | Path, **kwargs: Any) -> RayTrainer:
+        """One actor per learner rank, each in its own seat (``<tag>:trainer``, then ``:trainer1``...)."""
         if self.layout.learner.num_gpus:
-            kwargs["device"] = "cuda"  # the actor sees the GPUs of its seat (CUDA_VISIBLE_DEVICES)
-        return RayTrainer(model_path, actor_options=self._options(self.layout.learner, "trainer"),
-                          timeout_s=self.trainer_timeout_s, **kwargs)
+            kwargs["device"] = "cuda"  # each actor sees the GPU of its seat (CUDA_VISIBLE_DEVICES)
+        options = [self._options(seat, "trainer" + (str(r) if r else "")) for r, seat in enumerate([self.layout.learner])]
+        return RayTrainer(model_path, actor_options=options, timeout_s=self.trainer_timeout_s, **kwargs)
 
     def _options(self, seat: Seat, name: str) -> dict[str, Any]:
         return dict(name=f"{self.tag}:{name}", num_cpus=seat.num_cpus, num_gpus=seat.num_gpus, max_restarts=0,
