@@ -5,7 +5,9 @@ a ``module:function`` path. A group is the list of samples one ``generate`` call
 with ``reward`` set by the episode. The episode sees every agent through an ``AgentHandle``:
 ``await ep.agents["solver"].generate(prompt_ids, n=4)`` samples ``n`` answers on that agent's own
 engines, every token stamped with the version of *that agent's* weights that produced it and its
-behavior logprob. Agents see each other's outputs because the episode passes them along.
+behavior logprob. Agents see each other's outputs because the episode passes them along. With ``turns=fn`` each of
+the ``n`` samples is a multi-turn episode of ``fn`` (``actors.generate_fn``: the same plug-point
+as ``--custom-generate-function-path``, tools and limits included), its reward set by ``fn``.
 
 A trained ``generate`` call takes one of the slots the driver reserved for the episode in that
 agent's buffer (``actors.episode_driver``), so the group's tokens are no older than the version
@@ -23,9 +25,11 @@ import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from actors.conversation import EpisodeLimits
+from actors.generate_fn import Episodes, GenerateFn
 from actors.rollout import SampleRunner
 from buffers.buffer import StalenessBuffer, Ticket
-from buffers.types import Sample
+from buffers.types import Prompt, Sample
 from runtime.core.ledger import Ledger, State
 
 Outcome = Mapping[str, Sequence[Sequence[Sample]]]  # agent name -> its groups, rewards set
@@ -80,10 +84,13 @@ class AgentHandle:
     def encode(self, text: str) -> list[int]:
         return self.agent.tokenizer.encode(text)
 
-    async def generate(self, prompt_ids: Sequence[int], n: int | None = None) -> list[Sample]:
+    async def generate(self, prompt_ids: Sequence[int], n: int | None = None, *, turns: GenerateFn | None = None,
+                       limits: EpisodeLimits | None = None) -> list[Sample]:
         """``n`` (default: the agent's ``n_samples_per_prompt``) answers to one prompt: one group.
         Each sample has ``response_ids``, ``response_text``, ``behavior_logprobs`` and
-        ``token_versions``; set its ``reward`` and return the group from the episode to train on it."""
+        ``token_versions``; set its ``reward`` and return the group from the episode to train on it.
+        ``turns``: each answer is a multi-turn episode of this function (module docstring), under
+        ``limits`` (default: one turn's bound is the agent's response length)."""
         n = self.agent.n_samples if n is None else n
         if n < 1:
             raise EpisodeError(f"agent {self.name}: generate needs n >= 1, got {n}")
@@ -99,7 +106,12 @@ class AgentHandle:
             self.agent.ledger.advance(gid, State.GENERATING)
             self.generated[gid] = (ticket, list(prompt_ids))
         runner = self.agent.eval_runner if self.evaluation else self.agent.runner
-        await runner.run_group(samples)
+        if turns is None:
+            await runner.run_group(samples)
+            return samples
+        limits = limits or EpisodeLimits(turn_max_tokens=runner.max_new_tokens)
+        episodes = Episodes(turns, runner=runner, tokenizer=self.agent.tokenizer, limits=limits)
+        await episodes.run_group(Prompt(index=-1, input_ids=list(prompt_ids)), samples, base_version=self.version)
         return samples
 
     def unused(self) -> list[Ticket]:

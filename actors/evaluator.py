@@ -14,6 +14,7 @@ import asyncio
 
 import msgspec
 
+from actors.generate_fn import Episodes
 from actors.reward import RewardScorer
 from actors.rollout import SampleRunner
 from buffers.types import Prompt, Sample
@@ -39,11 +40,13 @@ class Evaluator:
     at all ``enabled`` is False and the scheduler does not evaluate."""
 
     def __init__(self, *, runner: SampleRunner, scorer: RewardScorer, n_samples: int = 1,
-                 prompts: list[Prompt] | None = None, sets: dict[str, list[Prompt]] | None = None):
+                 prompts: list[Prompt] | None = None, sets: dict[str, list[Prompt]] | None = None,
+                 episodes: Episodes | None = None):
         if prompts is not None and sets is not None:
             raise ValueError("give prompts or sets, not both")
         self.sets = {k: v for k, v in (sets if sets is not None else {"": prompts or []}).items() if v}
         self.runner, self.scorer, self.n_samples = runner, scorer, n_samples
+        self.episodes = episodes  # --custom-generate-function-path: each sample is an episode of it
 
     @property
     def enabled(self) -> bool:
@@ -60,9 +63,12 @@ class Evaluator:
             # rounds of EVAL_BATCH samples, like the generator's groups; they share calls (an
             # evaluation is only ever cancelled as a whole)
             samples = [s for _, s in pairs]
-            await asyncio.gather(*(self.runner.run_group(samples[i:i + EVAL_BATCH], share="eval")
-                                   for i in range(0, len(samples), EVAL_BATCH)))
-            await self.scorer.score_many([(p, s) for p, s in pairs if s.trainable])
+            if self.episodes is not None:
+                await self._episodes(pairs, version)
+            else:
+                await asyncio.gather(*(self.runner.run_group(samples[i:i + EVAL_BATCH], share="eval")
+                                       for i in range(0, len(samples), EVAL_BATCH)))
+                await self.scorer.score_many([(p, s) for p, s in pairs if s.trainable])
         samples = [s for _, s in pairs]
         versions = [v for s in samples for v in s.token_versions] or [version]
         by_set: dict[str, list[float]] = {name: [] for name in self.sets}
@@ -76,3 +82,13 @@ class Evaluator:
             min_token_version=min(versions), max_token_version=max(versions), wall_s=loop.time() - t0,
             sets=means,
         )
+
+    async def _episodes(self, pairs: list[tuple[Prompt, Sample]], version: int) -> None:
+        assert self.episodes is not None
+        episodes = self.episodes
+
+        async def one(p: Prompt, s: Sample) -> None:
+            if await episodes.run_group(p, [s], base_version=version) and s.trainable:
+                await self.scorer.score_many([(p, s)])
+
+        await asyncio.gather(*(one(p, s) for p, s in pairs))

@@ -27,6 +27,7 @@ from collections.abc import Callable, Hashable, Sequence
 
 import msgspec
 
+from actors.generate_fn import Episodes
 from actors.reward import RewardScorer
 from actors.rollout import SampleRunner
 from buffers.buffer import StalenessBuffer, Ticket
@@ -65,13 +66,14 @@ class Generator:
     def __init__(self, *, prompts: Callable[[int], Prompt], buffer: StalenessBuffer, ledger: Ledger,
                  runner: SampleRunner, scorer: RewardScorer, n_samples: int, cursor: int = 0,
                  resume: Sequence[LiveGroupState] = (), redo: Sequence[RedoGroup] = (),
-                 expiry: str = "recompute"):
+                 expiry: str = "recompute", episodes: Episodes | None = None):
         if expiry not in ("recompute", "drop", "mask"):
             raise ValueError(f"expiry must be recompute, drop or mask, got {expiry!r}")
         if buffer.extra and (expiry == "mask") != buffer.mask_stale:  # the buffer carries, or expires, late groups
             raise ValueError(f"expiry {expiry!r} needs a buffer built with mask_stale={expiry == 'mask'}")
         self.prompts, self.buffer, self.ledger = prompts, buffer, ledger
         self.runner, self.scorer = runner, scorer
+        self.episodes = episodes  # --custom-generate-function-path: each sample is an episode of it
         self.n_samples = n_samples
         self.cursor = cursor  # index of the next prompt to admit: the data cursor
         self.clock = WaitClock("generator")
@@ -196,9 +198,13 @@ class Generator:
         self.ledger.advance(gid, State.GENERATING)
         with trace.lane("groups") as lane:  # one row per group: its generation, then its scoring
             with lane.span("generate", group=gid, admitted_version=ticket.admitted_version):
-                await self.runner.run_group(samples, attempt=self._attempts[gid], share=share)
+                if self.episodes is not None:
+                    unscored = await self.episodes.run_group(prompt, samples, base_version=ticket.admitted_version)
+                else:
+                    await self.runner.run_group(samples, attempt=self._attempts[gid], share=share)
+                    unscored = [s for s in samples if s.status != Status.FAILED]
             with lane.span("score", group=gid):
-                await self.scorer.score_many([(prompt, s) for s in samples if s.status != Status.FAILED])
+                await self.scorer.score_many([(prompt, s) for s in unscored])
         self.ledger.advance(gid, State.SCORED)
         group = Group(group_id=gid, prompt=prompt, samples=samples, admitted_version=ticket.admitted_version,
                       deadline_version=ticket.deadline_version)

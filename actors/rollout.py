@@ -60,7 +60,8 @@ class SampleRunner:
     async def run(self, sample: Sample) -> None:
         await self.run_group([sample])
 
-    async def run_group(self, samples: list[Sample], *, attempt: int = 0, share: Hashable | None = None) -> None:
+    async def run_group(self, samples: list[Sample], *, attempt: int = 0, share: Hashable | None = None,
+                        limit: int | None = None) -> None:
         """Drive ``samples`` (a group's, or any few) to completion, one batched /generate per round.
 
         Each round sends every still-pending sample as one member of a batch request (SGLang's
@@ -72,17 +73,20 @@ class SampleRunner:
         ``share``: a key under which this caller's rounds may ride in one call with other callers'
         (None: its own calls). Only for callers never cancelled apart from the others, and none
         of use before all of them are (``actors.shared_calls``).
+        ``limit``: the response length at which generation stops (default ``max_new_tokens``); one
+        turn of a multi-turn episode (``actors.conversation``) passes its own.
         """
+        limit = self.max_new_tokens if limit is None else limit
         start = time.monotonic()
         for s in samples:
             s.timing.submitted = start
         errors = failovers = 0
-        while todo := self._pending(samples):
+        while todo := self._pending(samples, limit):
             inputs, params, rids = [], [], []
             for s in todo:
                 key = (self.seed, s.group_id, s.index, s.n_segments) + ((attempt,) if attempt else ())
                 seed = hash(key) % 2**31
-                params.append(dict(self.sampling_params, max_new_tokens=self.max_new_tokens - len(s.response_ids),
+                params.append(dict(self.sampling_params, max_new_tokens=limit - len(s.response_ids),
                                    sampling_seed=seed))
                 inputs.append(s.prompt_ids + s.response_ids)
                 # a readable rid: engine logs and the trace name the sample
@@ -114,9 +118,9 @@ class SampleRunner:
             if s.status != Status.FAILED:
                 s.response_text = self.decode(s.response_ids)
 
-    def _pending(self, samples: list[Sample]) -> list[Sample]:
+    def _pending(self, samples: list[Sample], limit: int) -> list[Sample]:
         for s in samples:
-            if s.status == Status.PENDING and len(s.response_ids) >= self.max_new_tokens:
+            if s.status == Status.PENDING and len(s.response_ids) >= limit:
                 s.status = Status.TRUNCATED
         return [s for s in samples if s.status == Status.PENDING]
 

@@ -45,8 +45,22 @@ class Timing(msgspec.Struct):
     scored: float = 0.0
 
 
+class Turn(msgspec.Struct, array_like=True, frozen=True):
+    """Where one turn of a multi-turn episode starts in ``Sample.response_ids``, and whose it is."""
+
+    start: int  # offset of its first token in ``response_ids``
+    env: bool  # True: tokens the environment inserted (tool output, a user turn): loss mask 0
+
+
 class Sample(msgspec.Struct):
-    """One response to a prompt. Per-token lists are aligned with ``response_ids``."""
+    """One response to a prompt. Per-token lists are aligned with ``response_ids``.
+
+    A multi-turn episode (``actors.conversation``) is one sample too: ``response_ids`` holds the
+    policy's turns (trained, each token with its version and behavior logprob) interleaved with
+    the environment's (loss mask 0, logprob 0.0, dated with the version of the policy turn before
+    them so no token is ever newer than the policy that trains on it); ``turns`` says where each
+    turn starts. A single-turn sample has no ``turns``.
+    """
 
     group_id: int
     index: int  # position within its group
@@ -61,6 +75,7 @@ class Sample(msgspec.Struct):
     failure: str = ""  # why, when ``status`` is FAILED
     timing: Timing = msgspec.field(default_factory=Timing)
     n_segments: int = 0  # engine answers this response was built from (>1: it spanned an abort)
+    turns: list[Turn] = msgspec.field(default_factory=list)  # multi-turn only: where each turn starts
 
     def add_segment(self, token_ids: list[int], logprobs: list[float], versions: int | list[int]) -> None:
         """Append one engine answer's tokens with the version that produced each (one int: all)."""
@@ -73,6 +88,19 @@ class Sample(msgspec.Struct):
         self.token_versions.extend(versions)
         self.loss_mask.extend([1] * len(token_ids))
         self.n_segments += 1
+
+    def add_env(self, token_ids: list[int], version: int) -> None:
+        """Append tokens the environment inserted: context for later turns, never trained."""
+        self.response_ids.extend(token_ids)
+        self.behavior_logprobs.extend([0.0] * len(token_ids))
+        self.token_versions.extend([version] * len(token_ids))
+        self.loss_mask.extend([0] * len(token_ids))
+
+    def truncate(self, n: int) -> None:
+        """Keep the first ``n`` response tokens (and the turns that start before them)."""
+        for lst in (self.response_ids, self.behavior_logprobs, self.token_versions, self.loss_mask):
+            del lst[n:]
+        self.turns = [t for t in self.turns if t.start < n]
 
     def fail(self, reason: str) -> None:
         """Exclude this sample from training, keeping the reason."""

@@ -92,6 +92,13 @@ class RolloutConfig(Section):
     dynamic_sampling_filter_path: str = ""
     reward_timeout: PosF = 10.0  # seconds per sample before the reward counts as failed
     rollout_seed: int = 42
+    # multi-turn episodes (actors/generate_fn.py): module:function run on each sample; then
+    # --rollout-max-response-len bounds one policy turn and these bound the episode
+    custom_generate_function_path: str = ""
+    max_turns: Pos = 8  # policy turns per episode
+    rollout_max_context_len: NonNeg = 0  # prompt + every turn, in tokens; 0: --max-position-embeddings
+    tool_timeout: PosF = 10.0  # seconds for one tool call (Conversation.call_tool)
+    generate_timeout: PosF = 120.0  # seconds for one sample's whole episode
 
     @property
     def steps_per_rollout(self) -> int:
@@ -378,6 +385,9 @@ def check(cfg: Config) -> None:
         )
     if r.rollout_top_k == 0 or r.rollout_top_k < -1:
         raise ConfigError("--rollout-top-k", f"must be -1 (off) or >= 1, got {r.rollout_top_k}")
+    if r.custom_generate_function_path and ":" not in r.custom_generate_function_path:
+        raise ConfigError("--custom-generate-function-path", f"must be module:function, got "
+                          f"{r.custom_generate_function_path!r}")
     if r.custom_rm_path and ":" not in r.custom_rm_path:
         raise ConfigError("--custom-rm-path", f"must be module:function, got {r.custom_rm_path!r}")
     if r.custom_rm_path and r.rm_type:

@@ -15,6 +15,7 @@ The algorithm, as wired below:
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import shutil
@@ -28,7 +29,10 @@ from typing import Any, Protocol
 import msgspec
 
 from actors.broadcaster import WeightBroadcaster
+from actors.chat_endpoint import ChatEndpoint
+from actors.conversation import EpisodeLimits
 from actors.evaluator import Evaluator
+from actors.generate_fn import Episodes
 from actors.generator import Generator
 from actors.learner import Learner
 from actors.reward import RewardScorer
@@ -94,6 +98,21 @@ def sampling_params(*, temperature: float, top_p: float, top_k: int, max_new_tok
             "stop_token_ids": stop_token_ids}
 
 
+def episodes_of(cfg: Config, task: Task, runner: SampleRunner, endpoint: ChatEndpoint | None) -> Episodes | None:
+    """``--custom-generate-function-path``: every sample run as a multi-turn episode of it."""
+    r = cfg.rollout
+    if not r.custom_generate_function_path:
+        return None
+    fn = load_function(r.custom_generate_function_path, flag="--custom-generate-function-path")
+    if not inspect.iscoroutinefunction(fn):
+        raise ConfigError("--custom-generate-function-path", f"{r.custom_generate_function_path} must be an async "
+                          "function: async def generate(conv: Conversation) -> float | None")
+    context = r.rollout_max_context_len or (0 if cfg.ckpt.hf_checkpoint else cfg.model.max_position_embeddings)
+    limits = EpisodeLimits(max_turns=r.max_turns, turn_max_tokens=runner.max_new_tokens, max_context_len=context,
+                           tool_timeout_s=r.tool_timeout, episode_timeout_s=r.generate_timeout)
+    return Episodes(fn, runner=runner, tokenizer=task.tokenizer, limits=limits, endpoint=endpoint)
+
+
 def weights_dir() -> Path:
     """Where the learner hands weights to CPU engines: shared memory when the host has it."""
     base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
@@ -140,10 +159,12 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
                            sampling_params=sampling_params(
         temperature=r.rollout_temperature, top_p=r.rollout_top_p, top_k=r.rollout_top_k,
         max_new_tokens=r.rollout_max_response_len, stop_token_ids=task.stop_token_ids))
+    endpoint = ChatEndpoint(model=cfg.run.recipe) if r.custom_generate_function_path else None
     generator = Generator(prompts=task.train_prompt, buffer=buffer, ledger=ledger, runner=rollout,
                           scorer=scorer, n_samples=r.n_samples_per_prompt,
                           cursor=resume.state.cursor if resume else 0, resume=resume.state.live if resume else (),
-                          redo=resume.state.redo if resume else (), expiry=a.partial_expiry)
+                          redo=resume.state.redo if resume else (), expiry=a.partial_expiry,
+                          episodes=episodes_of(cfg, task, rollout, endpoint))
     new_trainer = hosts.trainer if hosts else TrainerProcess
     optim = msgspec.structs.replace(cfg.optimizer, lr_decay_iters=cfg.optimizer.lr_decay_iters or r.num_steps)
     # the KL reference: --ref-load, else the policy the run started from (also after a resume)
@@ -176,11 +197,12 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
         temperature=e.eval_temperature, top_p=e.eval_top_p, top_k=-1 if e.eval_temperature == 0 else r.rollout_top_k,
         max_new_tokens=e.eval_max_response_len or r.rollout_max_response_len, stop_token_ids=task.stop_token_ids))
     evaluator = Evaluator(sets=run_task.held_out(cfg, task), runner=eval_runner, scorer=RewardScorer(
-        reward_fn, timeout_s=r.reward_timeout), n_samples=e.n_samples_per_eval_prompt)
+        reward_fn, timeout_s=r.reward_timeout), n_samples=e.n_samples_per_eval_prompt,
+        episodes=episodes_of(cfg, task, eval_runner, endpoint))
     chaos = Chaos(engines, kill_interval_s=cfg.fault.chaos_kill_interval, hang_at_s=cfg.fault.chaos_hang_at,
                   seed=cfg.fault.chaos_seed)
     actors = Actors(engines=engines, buffer=buffer, ledger=ledger, generator=generator, learner=learner,
-                    broadcaster=broadcaster, evaluator=evaluator, chaos=chaos)
+                    broadcaster=broadcaster, evaluator=evaluator, chaos=chaos, endpoint=endpoint)
     sinks = open_sinks(cfg.log, run_dir=run_dir, config=to_toml_dict(cfg))
     tracer = trace.Tracer(run_dir / "trace.json", max_events=cfg.log.trace_max_events) if cfg.log.trace else None
     scheduler = Scheduler(actors, run_dir=run_dir, eval_interval=e.eval_interval, stall_timeout_s=a.stall_timeout,

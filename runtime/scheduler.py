@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.broadcaster import WeightBroadcaster
+from actors.chat_endpoint import ChatEndpoint
 from actors.evaluator import EvalResult, Evaluator
 from actors.generator import Generator
 from actors.learner import Learner, StepRecord
@@ -74,12 +75,13 @@ class Actors:
     broadcaster: WeightBroadcaster
     evaluator: Evaluator
     chaos: Chaos | None = None
+    endpoint: ChatEndpoint | None = None  # multi-turn agents' OpenAI-compatible endpoint, while the run lasts
 
     def rollout_counters(self) -> dict[str, int]:
         """Fault and recovery counts: engine errors, failovers, restarts, resumes, reward failures."""
         out = dict(self.generator.runner.counters)
         for source in (self.evaluator.runner.counters, self.engines.counters,
-                       self.chaos.counters if self.chaos else {}):
+                       self.chaos.counters if self.chaos else {}, self.endpoint.counters if self.endpoint else {}):
             for kind, n in source.items():
                 out[kind] = out.get(kind, 0) + n
         for kind, n in self.generator.scorer.failures.items():
@@ -120,6 +122,8 @@ class Scheduler:
         try:
             with trace.span("scheduler", "start engines"):
                 await self.a.engines.start()
+            if self.a.endpoint is not None:
+                await self.a.endpoint.start()
             freeze_heap()
             self.started_at = self._last_step_at = time.monotonic()
             self._start_eval(self.a.learner.version)
@@ -164,6 +168,8 @@ class Scheduler:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.a.buffer.close()
+        if self.a.endpoint is not None:
+            await self.a.endpoint.stop()
         await self.a.engines.stop()
         await asyncio.to_thread(self.a.learner.close)
         self.progress.close()

@@ -21,10 +21,10 @@ class Recipe:
 
 
 def _registry() -> dict[str, Recipe]:
-    from launchers.recipes import coevolve, copy_digits, copy_long, long_tail
+    from launchers.recipes import calculator, coevolve, copy_digits, copy_long, long_tail
 
     recipes = (copy_digits.RECIPE, copy_digits.RECIPE_4, copy_long.RECIPE, long_tail.RECIPE, long_tail.RECIPE_WARMUP,
-               coevolve.RECIPE)
+               coevolve.RECIPE, calculator.RECIPE)
     return {r.name: r for r in recipes}
 
 
