@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from actors.conversation import Conversation, EpisodeLimit
-from policies import chat_template
+from policies import chat
 from policies.tool_calls import parse_hermes
 
 
@@ -112,8 +112,8 @@ class ChatEndpoint:
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         reply = await conv.generate(max_new_tokens=int(max_tokens) if max_tokens else None)
         conv.messages_seen = len(body["messages"]) + 1
-        ids = reply.token_ids[:-1] if reply.finish_reason == "stop" else reply.token_ids
-        parsed = parse_hermes(conv.tokenizer.decode(ids, skip_special_tokens=False))
+        # special tokens (an end-of-turn like <|im_end|>) are not content; tool-call tags are not special
+        parsed = parse_hermes(conv.tokenizer.decode(reply.token_ids, skip_special_tokens=True))
         self.counters["tool_calls"] += len(parsed.calls)
         self.counters["tool_calls_malformed"] += parsed.malformed
         calls = [{"id": f"call_{secrets.token_hex(8)}", "type": "function",
@@ -137,8 +137,9 @@ class ChatEndpoint:
             raise BadRequest("every message must be an object with a role")
         try:
             if conv.messages_seen == 0:  # the first request: its messages are the episode's prompt
-                ids = conv.tokenizer.encode(chat_template.render(conv.tokenizer, messages, tools=tools),
-                                            add_special_tokens=False)
+                text = chat.render_messages(conv.tokenizer, chat.check_messages(messages),
+                                            template_kwargs={"tools": tools} if tools else None)
+                ids = conv.tokenizer.encode(text, add_special_tokens=False)
                 if conv.sample.response_ids and ids != conv.sample.prompt_ids:  # a resumed episode, replaying
                     raise BadRequest("the first messages differ from this episode's prompt")
                 conv.sample.prompt_ids = ids
@@ -148,7 +149,7 @@ class ChatEndpoint:
                 raise BadRequest(f"expected the episode's {seen} messages (the last one the assistant's answer) "
                                  "followed by new ones")
             conv.append_messages(messages[seen:])
-        except chat_template.TemplateError as e:
+        except chat.ChatFormatError as e:
             raise BadRequest(f"chat template: {e}") from None
 
 

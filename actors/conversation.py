@@ -34,7 +34,7 @@ import msgspec
 
 from actors.rollout import SampleRunner
 from buffers.types import Prompt, Sample, Status, Turn
-from policies import chat_template
+from policies import chat
 
 
 class EpisodeLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -153,8 +153,8 @@ class Conversation:
         engine ended on its stop token, what the template puts after that token (ChatML's newline)
         is part of this text; after a turn cut by a bound, the end-of-turn text is added first."""
         ended = bool(self.sample.response_ids) and self.sample.response_ids[-1] in self.stop_token_ids
-        self.append_text(chat_template.continuation(self.tokenizer, list(messages),
-                                                    after_turn_end=ended or not self.sample.response_ids))
+        self.append_text(chat.turn_continuation(self.tokenizer, chat.check_messages(list(messages)),
+                                                after_turn_end=ended or not self.sample.response_ids))
 
     # -- tools -----------------------------------------------------------------------------------
     async def call_tool(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:

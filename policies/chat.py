@@ -95,6 +95,34 @@ def continuation_ids(tokenizer: PreTrainedTokenizerBase, before: Sequence[Messag
     return list(tokenizer(full[len(head):], add_special_tokens=False)["input_ids"])
 
 
+# a stand-in history for ``turn_continuation``: a system turn (so the template adds no default one)
+# and one exchange
+_ANSWER = "stand-in-answer"
+_STAND_IN = [{"role": "system", "content": "stand-in-system"}, {"role": "user", "content": "stand-in-user"},
+             {"role": "assistant", "content": _ANSWER}]
+
+
+def turn_continuation(tokenizer: PreTrainedTokenizerBase, messages: Sequence[Message], *,
+                      after_turn_end: bool = True, template_kwargs: Mapping[str, Any] | None = None) -> str:
+    """The text that follows an assistant turn the *engine* wrote to add ``messages`` and the next
+    generation prompt, for a multi-turn episode (``actors.conversation``) whose history is never
+    rendered again: the template renders a fixed stand-in history plus ``messages``, and the text
+    past the stand-in is kept. Cut where the assistant's end-of-turn token ends, not where the
+    rendered history ends: the engine stopped on that token, so the separator the template writes
+    after it (ChatML's newline, the one verl#6719 drops) belongs to the new text.
+    ``after_turn_end`` False: the turn was cut by a length bound, and its end-of-turn text comes first."""
+    head = render_messages(tokenizer, _STAND_IN, add_generation_prompt=False, template_kwargs=template_kwargs)
+    full = render_messages(tokenizer, _STAND_IN + list(messages), template_kwargs=template_kwargs)
+    if not full.startswith(head):
+        raise ChatFormatError("the chat template renders the earlier turns differently once a turn is added")
+    answer_end = head.rindex(_ANSWER) + len(_ANSWER)
+    if not after_turn_end:
+        return full[answer_end:]
+    eos = tokenizer.eos_token or ""
+    at = head.find(eos, answer_end) if eos else -1
+    return full[at + len(eos) if at >= 0 else len(head):]
+
+
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model_dir: str | Path | None = None) -> list[int]:
     """Token ids that end an answer: the generation config's ``eos_token_id`` (an int or a list;
     chat models list their end-of-turn token there) and the tokenizer's EOS."""

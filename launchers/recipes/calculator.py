@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable
+from typing import Any
 
 from actors.conversation import Conversation, ToolTimeout
 from buffers.types import Prompt, Sample
@@ -66,8 +68,8 @@ def _product(factors: list[int]) -> int:
     return out
 
 
-async def generate(conv: Conversation) -> float:
-    """One episode (module docstring); returns its reward."""
+async def generate(conv: Conversation, calculate: Callable[[str], Any] = calculate) -> float:
+    """One episode (module docstring); returns its reward. ``calculate``: the tool (tests slow it down)."""
     reply = await conv.generate()
     parsed = parse_hermes(reply.text)
     call = None
