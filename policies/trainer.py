@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from buffers.types import Group, Sample
+from policies import lora as adapters
 from policies import weight_ipc, weight_sync
 from policies.advantages import grpo_advantages
 from policies.correction import bucket_stats, importance_weight
@@ -44,6 +45,8 @@ class StepStats(msgspec.Struct):
     n_tokens: int
     n_samples: int
     lr: float = 0.0  # the learning rate of this step (policies/lr_schedule.py)
+    sync_bytes: int = 0  # what one weight sync sends: the adapter with LoRA, else every weight
+    full_bytes: int = 0  # what a sync of every weight would send (beside sync_bytes)
     # per staleness bucket, keys like "s0/is_mean" (policies.correction.bucket_stats)
     correction: dict[str, float] = msgspec.field(default_factory=dict)
 
@@ -96,7 +99,7 @@ class PolicyTrainer:
 
     def __init__(self, model_path: str | Path, *, grpo: GrpoConfig, optim: OptimizerConfig,
                  temperature: float, pad_id: int, threads: int = 1, device: str = "cpu", version: int = 0,
-                 ref_path: str | Path | None = None):
+                 ref_path: str | Path | None = None, lora: adapters.LoraSpec | None = None):
         torch.set_num_threads(threads)
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -104,13 +107,18 @@ class PolicyTrainer:
         self.grpo, self.temperature, self.pad_id = grpo, max(temperature, 1e-6), pad_id
         self.version = version
         self.model = load_causal_lm(model_path).to(self.device).train()
+        self.lora = lora
+        if lora is not None:  # only the adapter trains (policies/lora.py)
+            self.model = adapters.wrap(self.model, lora)
+        adapter_bytes, self.full_bytes = adapters.sync_bytes(self.model)
+        self.sync_bytes = adapter_bytes if lora is not None else self.full_bytes
         # the KL anchor (--ref-load); default: the weights it starts from
         self.ref = load_causal_lm(ref_path or model_path).to(self.device).eval() if grpo.use_kl_loss else None
         self._sender: weight_sync.Sender | None = None  # the weight-update group, once joined
         self._exporter: weight_ipc.Exporter | None = None  # the IPC buffer, from the first ipc sync on
         self.clip_grad = optim.clip_grad
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=optim.lr, weight_decay=optim.weight_decay,
+            [p for p in self.model.parameters() if p.requires_grad], lr=optim.lr, weight_decay=optim.weight_decay,
             betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps,
         )
         self.lr_schedule = LrSchedule(lr=optim.lr, min_lr=optim.min_lr, style=optim.lr_decay_style,
@@ -162,6 +170,7 @@ class PolicyTrainer:
             tis_mean=float(masked_mean(w, tb.mask)), tis_clipfrac=float(masked_mean(bounded.float(), tb.mask)),
             kl=kl.item(), entropy=ent.item(), grad_norm=float(grad_norm), lr=lr,
             n_tokens=int(tb.mask.sum()), n_samples=len(samples),
+            sync_bytes=self.sync_bytes, full_bytes=self.full_bytes,
             correction=bucket_stats(w, bounded, tb.staleness, tb.mask),
         )
 
@@ -216,6 +225,8 @@ class PolicyTrainer:
 
     def _served_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """What engines load: the state dict, a tied output head once (as HF checkpoints save it)."""
+        if self.lora is not None:  # refused at start (runtime/config.py): adapters travel as files
+            raise RuntimeError("a LoRA policy publishes its adapter as files, not through a collective transport")
         state = self.model.state_dict()
         if getattr(self.model.config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
@@ -225,7 +236,10 @@ class PolicyTrainer:
         """Nothing to release in-process (``TrainerProcess`` has a process to stop)."""
 
     def save_weights(self, out_dir: Path) -> Path:
-        """Write the current weights as one safetensors file engines can load in place."""
+        """Write the current weights as one safetensors file engines can load in place; with LoRA,
+        the adapter alone, in peft's format (engines load it through /load_lora_adapter)."""
+        if self.lora is not None:
+            return adapters.save_adapter(self.model, out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self._served_tensors()}
         save_file(state, str(out_dir / "model.safetensors"))
@@ -234,8 +248,12 @@ class PolicyTrainer:
     def save_checkpoint(self, out_dir: Path) -> None:
         """What a resume needs from the trainer: the policy as an HF directory (``model/``, loadable
         by transformers), the KL reference when there is one (``reference/``: it must stay the
-        initial policy, not the resumed one), the optimizer state and torch's RNG (``trainer.pt``)."""
-        self.model.save_pretrained(out_dir / "model")
+        initial policy, not the resumed one), the optimizer state and torch's RNG (``trainer.pt``).
+        With LoRA also ``adapter/`` and ``base/`` (``policies.lora.save_checkpoint``)."""
+        if self.lora is not None:
+            adapters.save_checkpoint(self.model, out_dir)
+        else:
+            self.model.save_pretrained(out_dir / "model")
         if self.ref is not None:
             self.ref.save_pretrained(out_dir / "reference")
         torch.save({"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
@@ -243,7 +261,10 @@ class PolicyTrainer:
 
     def load_checkpoint(self, ckpt_dir: Path) -> None:
         """Restore the optimizer, RNG and reference of ``save_checkpoint`` (the policy itself was
-        loaded from ``ckpt_dir/model`` when this trainer was built)."""
+        loaded from ``ckpt_dir/model`` when this trainer was built; with LoRA from ``ckpt_dir/base``,
+        and its adapter is restored here)."""
+        if self.lora is not None:
+            adapters.load_adapter(self.model, ckpt_dir / "adapter")
         state = torch.load(ckpt_dir / "trainer.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])

@@ -238,6 +238,19 @@ class OptimizerConfig(Section):
     clip_grad: NonNegF = 1.0  # 0: off
 
 
+class LoraConfig(Section):
+    """LORA: train a LoRA adapter (peft) instead of every weight; engines load only the adapter."""
+
+    lora_rank: NonNeg = 0  # 0: full fine-tuning
+    lora_alpha: PosF = 32.0  # the adapter's scale is alpha / rank
+    lora_dropout: Annotated[float, Meta(ge=0, lt=1)] = 0.0
+    target_modules: list[str] = []  # module names to adapt, e.g. q_proj,v_proj; empty: every linear layer
+
+    @property
+    def enabled(self) -> bool:
+        return self.lora_rank > 0
+
+
 class AsyncConfig(Section):
     """ASYNC: freshness against throughput, and the timeouts that keep the loop from hanging."""
 
@@ -309,6 +322,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
     grpo: GrpoConfig = msgspec.field(default_factory=GrpoConfig)
     optimizer: OptimizerConfig = msgspec.field(default_factory=OptimizerConfig)
+    lora: LoraConfig = msgspec.field(default_factory=LoraConfig)
     async_: AsyncConfig = msgspec.field(default_factory=AsyncConfig, name="async")
     fault: FaultConfig = msgspec.field(default_factory=FaultConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
@@ -319,7 +333,7 @@ SECTIONS: dict[str, type[Section]] = {
 }
 GROUP_TITLES = {
     "run": "RUN", "model": "MODEL", "ckpt": "CKPT", "rollout": "ROLLOUT", "eval": "EVAL",
-    "perf": "PERF", "placement": "PLACEMENT", "grpo": "GRPO", "optimizer": "OPTIMIZER", "async": "ASYNC",
+    "perf": "PERF", "placement": "PLACEMENT", "grpo": "GRPO", "optimizer": "OPTIMIZER", "lora": "LORA", "async": "ASYNC",
     "fault": "FAULT", "log": "LOGGING", "engine": "ENGINE",
 }
 
@@ -435,12 +449,16 @@ def check(cfg: Config) -> None:
     if o.lr_decay_style != "constant" and o.lr_warmup_iters >= (o.lr_decay_iters or r.num_steps):
         raise ConfigError("--lr-warmup-iters", f"{o.lr_warmup_iters} leaves no steps to decay over before step "
                           f"{o.lr_decay_iters or r.num_steps} (--lr-decay-iters, default the run's last step)")
+    if cfg.lora.enabled and cfg.placement.weight_transport not in ("auto", "shm"):
+        raise ConfigError("--weight-transport", f"{cfg.placement.weight_transport} sends every weight; with "
+                          "--lora-rank the adapter travels as files (auto or shm)")
     _check_placement(cfg)
     _check_engine(cfg)
     lg = cfg.log
     for wanted, package, name in ((lg.use_tensorboard, "tensorboard", "--use-tensorboard"),
                                   (lg.use_wandb, "wandb", "--use-wandb"),
-                                  (cfg.run.progress == "rich", "rich", "--progress")):
+                                  (cfg.run.progress == "rich", "rich", "--progress"),
+                                  (cfg.lora.enabled, "peft", "--lora-rank")):
         if wanted and importlib.util.find_spec(package) is None:
             raise ConfigError(name, f"needs the {package} package, which is not installed (pip install {package})")
     if lg.metrics_sink and ":" not in lg.metrics_sink:

@@ -141,8 +141,8 @@ class HealthChecks:
         if path is None and version != m.initial_version:  # refit alone by broadcast
             assert m.collective is not None
             version, _ = await m.collective.send([((slot.index, slot.incarnation), client)], None)
-        elif version != m.initial_version:
-            await client.update_weights_from_disk(path, weight_version=str(version))
+        elif (version, path) != (m.initial_version, m.model_path):  # (a resumed LoRA run: its adapter)
+            await m.load(client, path, version, unload=[])
         reported = await client.get_weight_version()
         if reported != str(version):
             raise EngineError(client.base_url, "/model_info", f"reports version {reported} after refit to {version}")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from policies.engine.client import EngineClient
+from policies.engine.client import EngineClient, EngineError
 from policies.engine.process import EngineProcess
 from runtime.ipc_weights import IpcWeights
 from runtime.weight_transport import CollectiveWeights
@@ -57,8 +57,16 @@ class Slot:
 class Members:
     def __init__(self, *, model_path: str | Path, n: int, log_dir: Path, threads: int, max_running_requests: int,
                  timeout_s: float, start_timeout_s: float, weight_version: int, dtype: str,
-                 process_factory: Callable[..., EngineProcess] | None):
+                 process_factory: Callable[..., EngineProcess] | None, adapters: bool = False,
+                 adapter: str | None = None):
+        """``adapters``: weights arrive as LoRA adapters (peft directories) for the base at
+        ``model_path``, loaded through /load_lora_adapter; ``adapter``: the one version
+        ``weight_version`` needs, loaded before the engines serve (a resumed LoRA run)."""
         self.model_path = str(model_path)
+        self.adapters = adapters
+        # the adapters every serving engine has loaded, newest (the one requests name) last; the one
+        # before it stays loaded until the next sync, so a request named just before a sync is served
+        self.adapter_names: list[str] = []
         # (index, model_path, **EngineProcess's keywords) -> engine ``index``'s process, for another
         # backend's host with EngineProcess's interface (the Ray backend's RayHosts.engine);
         # None: an EngineProcess, a subprocess of this process
@@ -70,7 +78,7 @@ class Members:
         self.start_timeout_s = start_timeout_s
         self.initial_version = weight_version
         # what a replacement must load before it serves: (version, weights dir)
-        self.current: tuple[int, str | None] = (weight_version, self.model_path)  # None: broadcast
+        self.current: tuple[int, str | None] = (weight_version, adapter or self.model_path)  # None: broadcast
         # the trainer's own transport when it is one (no files): a broadcast, or CUDA IPC (colocated)
         self.collective: CollectiveWeights | IpcWeights | None = None
         self.slots = [Slot(i, self.new_process(i)) for i in range(n)]
@@ -92,6 +100,27 @@ class Members:
         if self.process_factory is None:
             return EngineProcess(self.model_path, **kwargs)
         return self.process_factory(i, self.model_path, **kwargs)
+
+    async def load(self, client: EngineClient, path: str, version: int, *, unload: list[str]) -> None:
+        """Bring one engine to ``version`` from the files at ``path``: a checkpoint, or with
+        ``adapters`` a LoRA adapter (loaded under its version's name, dated with
+        /update_weight_version, then the adapters in ``unload`` unloaded)."""
+        if not self.adapters:
+            await client.update_weights_from_disk(path, weight_version=str(version))
+            return
+        await client.load_lora_adapter(adapter_name(version), path)
+        await client.update_weight_version(str(version))
+        for name in unload:
+            try:
+                await client.unload_lora_adapter(name)
+            except EngineError as e:
+                if e.status != 400:  # 400: not loaded there (an engine restarted since): nothing to free
+                    raise
+
+    @property
+    def lora_path(self) -> str | None:
+        """The adapter requests name (None: no adapter loaded)."""
+        return self.adapter_names[-1] if self.adapter_names else None
 
     # -- views -----------------------------------------------------------------------------------
     @property
@@ -136,3 +165,8 @@ class Members:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def adapter_name(version: int) -> str:
+    """The name a policy version's LoRA adapter is loaded under on every engine."""
+    return f"policy-v{version}"

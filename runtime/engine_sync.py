@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from policies.engine.client import EngineClient, EngineError
-from runtime.engine_members import Members, Slot
+from runtime.engine_members import Members, Slot, adapter_name
 
 
 class WeightSyncs:
@@ -37,8 +37,10 @@ class WeightSyncs:
                     return await self._broadcast(version, pause_mode, sent)
                 await self.on_each("pause", lambda c: c.pause(pause_mode))
                 paused = time.monotonic()
-                await self.on_each("weight update", lambda c: c.update_weights_from_disk(
-                    str(path), weight_version=str(version)))
+                unload = m.adapter_names[:-1]
+                await self.on_each("weight update", lambda c: m.load(c, str(path), version, unload=unload))
+                if m.adapters:
+                    m.adapter_names = m.adapter_names[-1:] + [adapter_name(version)]
                 m.current = (version, str(path))
                 await self.on_each("continue", lambda c: c.resume())
                 return time.monotonic() - paused

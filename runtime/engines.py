@@ -21,7 +21,7 @@ from policies.engine.process import EngineProcess
 from runtime.config import FaultConfig
 from runtime.core import trace
 from runtime.engine_health import HealthChecks
-from runtime.engine_members import Members, RestartRecord, Slot
+from runtime.engine_members import Members, RestartRecord, Slot, adapter_name
 from runtime.engine_sync import WeightSyncs
 
 DEATH_GRACE_S = 1.0  # a dying process closes its sockets a moment before it can be reaped
@@ -33,11 +33,12 @@ class EngineSet(Members):
     def __init__(self, *, model_path: str | Path, n: int, log_dir: Path, threads: int = 1,
                  max_running_requests: int = 512, timeout_s: float = 120.0, start_timeout_s: float = 180.0,
                  fault: FaultConfig | None = None, weight_version: int = 0, dtype: str = "float32",
-                 process_factory: Callable[..., EngineProcess] | None = None):
+                 process_factory: Callable[..., EngineProcess] | None = None, adapters: bool = False,
+                 adapter: str | None = None):
         super().__init__(model_path=model_path, n=n, log_dir=log_dir, threads=threads,
                          max_running_requests=max_running_requests, timeout_s=timeout_s,
                          start_timeout_s=start_timeout_s, weight_version=weight_version, dtype=dtype,
-                         process_factory=process_factory)
+                         process_factory=process_factory, adapters=adapters, adapter=adapter)
         self.checks = HealthChecks(self, fault or FaultConfig())
         self.syncs = WeightSyncs(self, self.checks.fail)
         self.generated_tokens = 0
@@ -73,6 +74,11 @@ class EngineSet(Members):
         now = time.monotonic()
         for s, url in zip(self.slots, urls, strict=True):
             s.client = EngineClient(url, timeout_s=self.timeout_s)
+        version, path = self.current
+        if path != self.model_path:  # refit before serve: a resumed LoRA run's adapter
+            await asyncio.gather(*(self.load(s.client, path, version, unload=[]) for s in self.slots))
+            self.adapter_names = [adapter_name(version)]
+        for s in self.slots:
             s.state, s.last_progress = "serving", now
 
     async def stop(self) -> None:
@@ -113,10 +119,11 @@ class EngineSet(Members):
         slot.in_flight += len(input_ids)
         try:
             with trace.span(f"engine{slot.index}", "request", rids=len(rids), first_rid=rids[0]) as req:
+                lora = self.lora_path
                 if len(input_ids) == 1:  # the plain form: what every SGLang version takes
-                    outs = [await client.generate(input_ids[0], sampling_params[0], rid=rids[0])]
+                    outs = [await client.generate(input_ids[0], sampling_params[0], rid=rids[0], lora_path=lora)]
                 else:
-                    outs = await client.generate_batch(input_ids, sampling_params, rids=rids)
+                    outs = await client.generate_batch(input_ids, sampling_params, rids=rids, lora_path=lora)
                 req.set(weight_version=outs[0].weight_version, tokens=sum(len(o.output_ids) for o in outs))
         except EngineError as e:
             if slot.incarnation == incarnation and slot.state == "serving" and e.status is None \

@@ -39,6 +39,7 @@ from actors.reward import RewardScorer
 from actors.rollout import SampleRunner
 from buffers.buffer import StalenessBuffer
 from launchers.recipes.task import Task
+from policies import lora as adapters
 from policies.engine.process import EngineProcess
 from policies.engine.sglang_process import with_engine
 from policies.model import qwen3_config, write_random_checkpoint
@@ -46,7 +47,7 @@ from policies.trainer_api import Trainer
 from policies.trainer_process import TrainerProcess
 from runtime import checkpoint, cli, placement, run_task, weight_transport
 from runtime.chaos import Chaos
-from runtime.config import Config, ConfigError, to_toml_dict
+from runtime.config import Config, ConfigError, LoraConfig, to_toml_dict
 from runtime.core import trace
 from runtime.core.ledger import Ledger
 from runtime.engines import EngineSet
@@ -92,6 +93,14 @@ def initial_checkpoint(cfg: Config, task: Task, run_dir: Path) -> str:
     return str(write_random_checkpoint(run_dir / "initial_model", config, tok, seed=cfg.run.seed))
 
 
+def lora_spec(c: LoraConfig) -> adapters.LoraSpec | None:
+    """The adapter to train (--lora-rank > 0), else None: full fine-tuning."""
+    if not c.enabled:
+        return None
+    return adapters.LoraSpec(rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
+                             target_modules=c.target_modules or "all-linear")
+
+
 def sampling_params(*, temperature: float, top_p: float, top_k: int, max_new_tokens: int,
                     stop_token_ids: list[int]) -> dict[str, Any]:
     return {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
@@ -128,6 +137,10 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
     resume = checkpoint.load(cfg.ckpt.load) if cfg.ckpt.load else None
     initial = initial_checkpoint(cfg, task, run_dir) if not resume or cfg.grpo.use_kl_loss else None
     model_path = str(resume.model_dir) if resume else initial
+    lora = lora_spec(cfg.lora)
+    adapter = None
+    if lora is not None and resume:  # engines and trainer adapt the base; the adapter is version v's
+        model_path, adapter = str(Path(resume.path) / "base"), str(Path(resume.path) / "adapter")
     version = resume.state.version if resume else 0
     decode = task.decode
 
@@ -140,9 +153,10 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
     engines = EngineSet(model_path=model_path, n=r.rollout_num_engines, log_dir=run_dir / "logs",
                         threads=cfg.perf.engine_threads, max_running_requests=cfg.perf.engine_max_running_requests,
                         timeout_s=a.engine_timeout, start_timeout_s=a.engine_start_timeout, fault=cfg.fault,
-                        weight_version=version, dtype=engine_dtype, process_factory=with_engine(
+                        weight_version=version, dtype=engine_dtype, adapters=lora is not None, adapter=adapter,
+                        process_factory=with_engine(
         hosts.engine if hosts else None, engine=cfg.engine.engine, host=cfg.engine.engine_host,
-        passthrough=cfg.engine.sglang_args))
+        passthrough=(adapters.sglang_flags(lora) if lora else {}) | cfg.engine.sglang_args))
     buffer = StalenessBuffer(groups_per_step=r.groups_per_step, max_staleness=a.max_staleness,
                              capacity=a.capacity(r.groups_per_step),
                              extra=(a.over_sampling_batch_size or r.rollout_batch_size) - r.rollout_batch_size,
@@ -170,10 +184,10 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
     # the KL reference: --ref-load, else the policy the run started from (also after a resume)
     trainer = new_trainer(model_path, grpo=cfg.grpo, optim=optim, temperature=r.rollout_temperature,
                           pad_id=task.tokenizer.pad_token_id, threads=cfg.perf.learner_threads, version=version,
-                          ref_path=cfg.ckpt.ref_load or initial)
+                          ref_path=cfg.ckpt.ref_load or initial, lora=lora)
     if resume:
         trainer.load_checkpoint(resume.path)
-    transport = weight_transport.choose(p.weight_transport, learner_gpus=learner_gpus, engine_gpus=engine_gpus,
+    transport = weight_transport.choose("shm" if lora else p.weight_transport, learner_gpus=learner_gpus, engine_gpus=engine_gpus,
                                         colocate=p.colocate)
     if transport in ("nccl", "gloo"):
         engines.collective = weight_transport.CollectiveWeights(

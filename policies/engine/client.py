@@ -65,6 +65,13 @@ class WeightUpdateResult(msgspec.Struct, frozen=True):
     num_paused_requests: int = 0
 
 
+class LoRAUpdateOutput(msgspec.Struct, frozen=True):
+    """SGLang's answer to /load_lora_adapter and /unload_lora_adapter."""
+
+    success: bool
+    error_message: str | None = None
+
+
 # ---- response shapes (SGLang's; unknown fields ignored) -----------------------------------
 
 
@@ -146,7 +153,9 @@ class EngineClient:
         rid: str | None = None,
         return_logprob: bool = True,
         timeout_s: float | None = None,
+        lora_path: str | None = None,
     ) -> GenerateOutput:
+        """``lora_path``: the name of a loaded LoRA adapter to generate with (None: the base model)."""
         if _parallel(_checked([sampling_params])) != 1:
             raise ValueError("n > 1 answers several outputs: use generate_batch")
         body: dict[str, Any] = {
@@ -156,6 +165,8 @@ class EngineClient:
         }
         if rid is not None:
             body["rid"] = rid
+        if lora_path is not None:
+            body["lora_path"] = lora_path
         raw = await self._call("POST", "/generate", body, timeout_s)
         resp = self._decode("/generate", raw, _GenerateResponse)
         return self._to_output(resp, return_logprob)
@@ -168,6 +179,7 @@ class EngineClient:
         rids: list[str] | None = None,
         return_logprob: bool = True,
         timeout_s: float | None = None,
+        lora_path: str | None = None,
     ) -> list[GenerateOutput]:
         """Several prompts in one /generate (SGLang's batch form); one output per prompt, in order.
 
@@ -192,6 +204,8 @@ class EngineClient:
         }
         if rids is not None:
             body["rid"] = list(rids)
+        if lora_path is not None:  # one adapter for the whole batch
+            body["lora_path"] = lora_path
         raw = await self._call("POST", "/generate", body, timeout_s)
         resps = self._decode("/generate", raw, list[_GenerateResponse])
         if len(resps) != len(input_ids) * n:
@@ -351,6 +365,25 @@ class EngineClient:
             if exc.status != 404:
                 raise
 
+    async def load_lora_adapter(self, lora_name: str, lora_path: str) -> None:
+        """Load the peft adapter directory ``lora_path`` under ``lora_name`` (SGLang needs
+        --enable-lora; the embedded engine merges it into its weights); EngineError if refused."""
+        await self._lora_call("/load_lora_adapter", {"lora_name": lora_name, "lora_path": lora_path})
+
+    async def unload_lora_adapter(self, lora_name: str) -> None:
+        await self._lora_call("/unload_lora_adapter", {"lora_name": lora_name})
+
+    async def _lora_call(self, route: str, body: dict[str, Any]) -> None:
+        try:
+            raw = await self._call("POST", route, body)
+        except EngineError as exc:
+            if exc.status == 400:  # refused: SGLang's error_message is in the body
+                raise EngineError(self.base_url, route, f"refused: {exc.reason}", status=400) from None
+            raise
+        result = self._decode(route, raw, LoRAUpdateOutput)
+        if not result.success:
+            raise EngineError(self.base_url, route, f"refused: {result.error_message}")
+
     async def destroy_weights_update_group(self, group_name: str) -> None:
         await self._weights_call("/destroy_weights_update_group", {"group_name": group_name}, None)
 
@@ -440,7 +473,7 @@ def _error_text(payload: bytes) -> str:
     except msgspec.DecodeError:
         decoded = None
     if isinstance(decoded, dict):
-        for key in ("error", "message", "detail"):
+        for key in ("error", "message", "error_message", "detail"):
             if isinstance(decoded.get(key), str):
                 return decoded[key]
             if isinstance(decoded.get(key), dict) and isinstance(decoded[key].get("message"), str):

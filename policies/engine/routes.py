@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from policies.engine import colocated, distributed
+from policies.engine import colocated, distributed, lora_routes
 from policies.engine.app_state import ENGINE_KEY, Engine
 from policies.engine.request import Completion
 from policies.engine.scheduler import ENGINE_ERROR
@@ -70,6 +70,7 @@ def build_app(engine: Engine) -> web.Application:
     )
     distributed.add_routes(app, engine.scheduler.runner.device)
     colocated.add_routes(app)
+    lora_routes.add_routes(app)
     return app
 
 
@@ -103,7 +104,9 @@ async def generate(request: web.Request) -> web.Response:
     """One prompt answers one object; a batch (or n > 1) answers a list, one per output, in order.
     Members of a batch are independent requests (each abortable by its rid); the answer is sent
     when the last one ends."""
-    single, items = split_generate(decode(await request.read(), GenerateReqInput))
+    req = decode(await request.read(), GenerateReqInput)
+    lora_routes.check_request(request.app, req.lora_path)
+    single, items = split_generate(req)
     scheduler = _engine(request).scheduler
     pending = await scheduler.submit(items)
     try:
@@ -264,6 +267,7 @@ async def update_weights_from_disk(request: web.Request) -> web.Response:
         pairs, version=req.weight_version, abort_all=req.abort_all_requests
     )
     engine.model_path = req.model_path
+    lora_routes.forget_base(request.app)
     log.info("loaded weights from %s (version %s)", req.model_path, engine.scheduler.weight_version)
     return _json(
         {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": frozen}

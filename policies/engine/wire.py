@@ -197,6 +197,7 @@ class GenerateReqInput(_RefusedGenerateFields, kw_only=True):
     top_logprobs_num: int | list[int] | None = None
     rid: str | list[str] | None = None
     stream: bool = False
+    lora_path: str | list[str | None] | None = None  # adapter names (policies/engine/lora_routes.py)
 
 
 class GenerateItem(NamedTuple):

@@ -54,13 +54,17 @@ def test_engines_killed_and_hung_mid_run_are_restarted_and_nothing_is_lost(backe
     assert not engines_of(run_dir)
 
 
+@pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["full", "lora"])
 @pytest.mark.parametrize("backend", LOCAL_AND_SLOW_RAY, indirect=True)  # on Ray: two start-ups, ~35 s
-def test_a_run_sigkilled_after_a_checkpoint_resumes_without_losing_or_repeating_a_group(backend, tmp_path):
+def test_a_run_sigkilled_after_a_checkpoint_resumes_without_losing_or_repeating_a_group(backend, lora, tmp_path):
     """SIGKILL of the launcher's whole process group: on local it takes the engines and the trainer
     with it; on Ray the cluster ends the dead driver's actors (and their engine servers) and frees
-    its placement group, and the resumed run is placed on the same cluster."""
+    its placement group, and the resumed run is placed on the same cluster. With LoRA the resumed
+    engines start on the checkpoint's base and load its adapter before serving (refit before serve);
+    the trainer's side of a LoRA resume is exact to the bit (tests/policies/test_lora.py)."""
     steps, save = 30, tmp_path / "ckpt"
-    flags = ["--num-rollout", str(steps), "--save", str(save), "--save-interval", "5"]
+    flags = ["--num-rollout", str(steps), "--save", str(save), "--save-interval", "5",
+             *(["--lora-rank", "8"] if lora else [])]
     first = tmp_path / "first"
     proc = start(first, backend, "--eval-interval", "0", *flags, stdout=subprocess.DEVNULL,
                  start_new_session=True)
@@ -100,3 +104,7 @@ def test_a_run_sigkilled_after_a_checkpoint_resumes_without_losing_or_repeating_
     trained = before + [g for rec in after_recs for g in rec["groups"]]
     assert len(trained) == len(set(trained)) == steps * GROUPS_PER_STEP == ledger["trained"]
     assert set(trained) <= set(range(ledger["admitted"]))  # every trained group was admitted, once
+    if lora and backend.name == "local":
+        log = (second / "logs" / "engine0.log").read_text()
+        first_load = log[log.index("merged LoRA adapter"):].splitlines()[0]
+        assert f"policy-v{checkpoint} from {save / f'step{checkpoint}' / 'adapter'}" in first_load

@@ -93,6 +93,8 @@ ANSWERS: dict[str, Any] = {  # SGLang-shaped answers (http_server.py handlers); 
     "/begin_weight_update": {"success": True, "message": "ok"},
     "/end_weight_update": {"success": True, "message": "ok"},
     "/update_weights_from_tensor": {"success": True, "message": "Success"},
+    "/load_lora_adapter": {"success": True, "error_message": None, "loaded_adapters": {"policy-v3": "/dev/shm/a"}},
+    "/unload_lora_adapter": {"success": True, "error_message": None, "loaded_adapters": {}},
     "/release_memory_occupation": None,  # SGLang's handler returns nothing: an empty 200
     "/resume_memory_occupation": None,
 }
@@ -118,6 +120,7 @@ async def _exercise_generate(c: EngineClient) -> None:
     out = await c.generate([1, 2, 3], RUNTIME_SAMPLING, rid="r1")
     assert out.output_ids == [5, 6] and out.weight_version == "3"
     await c.generate([1, 2, 3], {"max_new_tokens": 4}, return_logprob=False)
+    await c.generate([1, 2, 3], RUNTIME_SAMPLING, rid="r3", lora_path="policy-v3")  # a LoRA run's requests
 
 
 async def _exercise_generate_batch(c: EngineClient) -> None:
@@ -126,6 +129,7 @@ async def _exercise_generate_batch(c: EngineClient) -> None:
     assert [o.output_ids for o in outs] == [[5, 6], [5, 6]]
     outs = await c.generate_batch([[1, 2, 3]], {"max_new_tokens": 4, "n": 2}, return_logprob=False)
     assert len(outs) == 2
+    await c.generate_batch([[1, 2, 3], [4, 5]], RUNTIME_SAMPLING, rids=["r1", "r2"], lora_path="policy-v3")
 
 
 async def _exercise_pause(c: EngineClient) -> None:
@@ -185,6 +189,8 @@ EXERCISES: dict[str, Callable[[EngineClient], Awaitable[Any]]] = {
     "update_weights_from_tensor": _exercise_update_weights_from_tensor,
     "release_memory_occupation": _exercise_memory,
     "resume_memory_occupation": _exercise_memory,
+    "load_lora_adapter": lambda c: c.load_lora_adapter("policy-v3", "/dev/shm/a"),
+    "unload_lora_adapter": lambda c: c.unload_lora_adapter("policy-v2"),
 }
 NOT_EXERCISED = {"close"}  # closes the session; sends nothing
 
@@ -568,6 +574,24 @@ def test_collective_responses_are_produced(src):
     assert not problems, f"sglang {src.version}:\n" + "\n".join(problems)
     fields = {f.encode_name: f for f in msgspec.structs.fields(client_module._CollectiveResult)}
     assert all(not fields[name].required for name in COLLECTIVE_EXTENSIONS)
+
+
+def test_lora_responses_are_sglangs_and_its_launch_flags_exist(src):
+    """/load_lora_adapter and /unload_lora_adapter answer a LoRAUpdateOutput (decoded through a
+    variable route in `_lora_call`): the client reads only its fields. A LoRA run launches SGLang
+    with policies.lora.sglang_flags: each must be a server flag, the target "all" one it accepts."""
+    from policies import lora
+
+    fields = sgl.class_fields(src, sgl.IO_STRUCT, "LoRAUpdateOutput")
+    read = {f.encode_name for f in msgspec.structs.fields(client_module.LoRAUpdateOutput)}
+    assert read <= set(fields), f"sglang {src.version}: LoRAUpdateOutput has {sorted(fields)}, client reads {read}"
+    server = sgl.server_flags(src)
+    flags = lora.sglang_flags(lora.LoraSpec(rank=8, alpha=16.0))
+    missing = [f"--{name}" for name in flags if f"--{name}" not in server]
+    assert not missing, f"sglang {src.version} has no server flags {missing}"
+    assert server["--enable-lora"][0] in (False, None)  # a bare flag: sglang_command writes True as one
+    lora_fields = src.read(sgl.ARG_FIELDS_DIR + "lora.py") if src.has(sgl.ARG_FIELDS_DIR + "lora.py") else ""
+    assert "LORA_TARGET_ALL_MODULES" in lora_fields or '"all"' in src.read(sgl.SERVER_ARGS)
 
 
 def test_version_spans_match_what_sglang_writes(src):
