@@ -77,7 +77,6 @@ REFUSED_GENERATE: dict[str, Any] = {
     "return_entropy": False,
     "return_prompt_token_ids": False,
     "session_params": None,
-    "lora_path": None,
     "custom_logit_processor": None,
     "positional_embed_overrides": None,
     "max_thinking_tokens": None,
@@ -174,7 +173,6 @@ class _RefusedGenerateFields(msgspec.Struct, kw_only=True):
     return_entropy: Any = None
     return_prompt_token_ids: Any = None
     session_params: Any = None
-    lora_path: Any = None
     custom_logit_processor: Any = None
     positional_embed_overrides: Any = None
     max_thinking_tokens: Any = None

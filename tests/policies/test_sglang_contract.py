@@ -478,7 +478,7 @@ def test_every_sglang_sampling_param_is_honoured_refused_or_text_only(src):
 def test_refused_and_logprob_generate_fields_are_sglangs(src):
     sglang = sgl.class_fields(src, sgl.IO_STRUCT, "GenerateReqInput")
     honoured = {"input_ids", "text", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num",
-                "rid", "stream"}  # fmt: skip
+                "rid", "stream", "lora_path"}  # fmt: skip
     assert honoured | {f.encode_name for f in msgspec.structs.fields(wire.GenerateReqInput)} == honoured | set(
         wire.REFUSED_GENERATE
     )
