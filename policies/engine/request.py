@@ -91,7 +91,8 @@ def build_request(item: GenerateItem, runner: ModelRunner) -> Request:
     params = RowParams(sp.temperature, sp.top_p, sp.top_k, generator, sp.bias(runner.vocab_size), top)
     # prompt logprobs cost a forward of the prompt: only when asked for more than SGLang's default
     # (the last prompt token alone, whose entry is always None)
-    start = item.logprob_start_len if item.return_logprob and item.logprob_start_len < len(item.input_ids) - 1 else None
+    wanted = item.return_logprob and 0 <= item.logprob_start_len < len(item.input_ids) - 1
+    start = item.logprob_start_len if wanted else None
     # the decoded body's list is this request's own: no copy
     return Request(
         item.rid, item.input_ids, sp.max_new_tokens, frozenset(stop), params, new_future(), logprob_start=start

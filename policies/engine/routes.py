@@ -134,7 +134,7 @@ def _version_spans(versions: list[str], current: str) -> list[dict[str, Any]]:
 def _logprob_meta(done: Completion, item: GenerateItem) -> dict[str, Any]:
     """SGLang's logprob fields: [logprob, token id, text] triples (text is always None here: no
     tokenizer); the prompt's list starts at logprob_start_len, its first entry without a logprob."""
-    start = item.logprob_start_len
+    start = item.logprob_start_len if item.logprob_start_len >= 0 else len(item.input_ids) - 1
     prompt = done.prompt_logprobs
     meta: dict[str, Any] = {
         "input_token_logprobs": [[None, item.input_ids[start], None]]

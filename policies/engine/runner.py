@@ -11,9 +11,10 @@ whose keys/values then join the batch cache (see batch_cache.py for the layout a
 absent from a step leave the cache. So rows join and leave between steps (continuous batching)
 and the scheduler never manages cache slots: the runner derives them from the rows it is given.
 
-For Qwen3 with SDPA (what policies/model.py builds) the cache is a SlotCache and the decode is
-SlotDecoder's fixed-shape step, replayed as a CUDA graph on a GPU (HF's eager forward is launch-bound
-there: ~30 ms per step of Python for ~5 ms of kernels); other models use BatchCache and HF's forward.
+For Qwen3, Qwen2, Llama and Mistral with SDPA (what policies/model.py builds, and most HF causal
+LMs) the cache is a SlotCache and the decode is SlotDecoder's fixed-shape step, replayed as a CUDA
+graph on a GPU (HF's eager forward is launch-bound there: ~30 ms per step of Python for ~5 ms of
+kernels); other models use BatchCache and HF's forward.
 
 Without the cache (`use_kv_cache=False`, the reference path) every step recomputes every row from
 scratch. Both paths give each row the logits of its sequence run alone: rows are left-padded with
@@ -36,8 +37,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from policies.engine import batch_cache
-from policies.engine.batch_cache import BatchCache, SlotCache
+from policies.engine.batch_cache import BatchCache
 from policies.engine.sampling import Row, RowParams, Sampled, position_logprobs, sample
+from policies.engine.slot_cache import SlotCache
 from policies.engine.slot_decoder import SlotDecoder
 
 log = logging.getLogger("engine.runner")

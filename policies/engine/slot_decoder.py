@@ -1,4 +1,4 @@
-"""The fixed-shape decode step of a Qwen3-shaped model over a SlotCache (CUDA graphs on a GPU).
+"""The fixed-shape decode step of a Qwen3- or Llama-shaped model over a SlotCache (CUDA graphs on a GPU).
 
 Used by ModelRunner (runner.py) for the models it supports; see SlotDecoder's docstring for why.
 """
@@ -7,32 +7,45 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 import torch
 
 from policies.engine import batch_cache
-from policies.engine.batch_cache import SlotCache
-from policies.engine.sampling import Row
+from policies.engine.slot_cache import SlotCache
+
+if TYPE_CHECKING:
+    from policies.engine.sampling import Row
 
 log = logging.getLogger("engine.runner")
 
+# HF model types whose decoder layers are pre-norm attention (q/k/v/o projections, optional per-head
+# q/k RMSNorm as in Qwen3) + MLP, with rotary embeddings from the model's own rotary_emb
+MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
+# rotary embeddings whose cos/sin depend on the position alone (dynamic types rescale with the length)
+STATIC_ROPE = ("default", "linear", "llama3")
+
 
 class SlotDecoder:
-    """The decode step of a Qwen3-shaped model over a SlotCache, replayed as CUDA graphs on CUDA.
+    """The decode step of a Qwen3/Llama-shaped model over a SlotCache, replayed as CUDA graphs on CUDA.
 
     Why: HF's eager forward is ~1,400 small kernels per decode step for 28 layers, each launched
     from Python; at a few hundred rows the GPU finishes them far faster than the CPU issues them
     (~30 ms per step of launch overhead against ~5 ms of kernels on an H100). A CUDA graph
     replays the whole step with one launch. That needs fixed shapes and addresses: the rows of a
-    step are padded to a bucket size (one graph per bucket, captured the first time it is met),
-    the cache is a preallocated SlotCache, and the per-step inputs (token, position, the row's
-    first and next column) are copied into one fixed device tensor before the replay.
+    step are padded to a bucket size, the columns attended to are cut to a width bucket (a multiple
+    of WIDTH_STEP past the longest live row, never the whole buffer: at long contexts reading K/V is
+    most of a step, and reading a buffer grown for later tokens wasted up to half of it), one graph
+    per (rows, width) pair, captured the first time it is met; the cache is a preallocated
+    SlotCache, and the per-step inputs (token, position, the row's first and next column) are
+    copied into one fixed device tensor before the replay. Every graph writes its logits into one
+    shared buffer (a [rows, vocab] output per graph would cost ~150 MB each at 512 rows).
 
     The step is HF's own computation, module by module (its embedding, RMSNorms, projections,
     rotary embedding and MLPs are called as they are), except the cache write and the attention:
-    each row's new key/value is written at its column, and attention runs over the buffer's
-    columns with a mask that keeps [start, end] of each row, so each row still gets the logits
-    of its sequence run alone (padding columns and padded rows change nothing but rounding).
+    each row's new key/value is written at its column, and attention runs over the width bucket
+    with a mask that keeps [start, end] of each row, so each row still gets the logits of its
+    sequence run alone (padding columns and padded rows change nothing but rounding).
     Grouped-query attention folds the query heads sharing a KV head into the query length
     (q [rows, kv_heads, group, head_dim]), the same dot products without copying K/V per group.
 
@@ -40,6 +53,8 @@ class SlotDecoder:
     use the GPU meanwhile. Weight loads copy into the parameters in place, so graphs stay valid;
     a reallocated cache (new generation) drops them. If capture fails, decoding goes on eagerly.
     """
+
+    WIDTH_STEP = 256  # width buckets: few graphs, at most WIDTH_STEP - 1 columns read past the longest row
 
     def __init__(self, model: torch.nn.Module, *, device: torch.device, cuda_graphs: bool) -> None:
         config = model.config
@@ -49,6 +64,7 @@ class SlotDecoder:
         self.head_dim = attn.head_dim
         self.kv_heads = config.num_key_value_heads
         self.group = config.num_attention_heads // config.num_key_value_heads
+        self.qk_norm = hasattr(attn, "q_norm")
         self.rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
         dtype = self.inner.embed_tokens.weight.dtype
         self.cache = SlotCache(
@@ -56,29 +72,31 @@ class SlotDecoder:
         )
         self.device = device
         self.cuda_graphs = cuda_graphs
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._generation = -1
         self._inputs: torch.Tensor | None = None  # [4, rows capacity]: ids, positions, starts, ends
+        self._logits: torch.Tensor | None = None  # [rows capacity, vocab]: every graph's output
         self._pool = None
 
     def release(self) -> None:
         """Free the slot buffers and every captured graph (and its memory pool)."""
         self._graphs.clear()
         self._pool = None
-        self._inputs = None
+        self._inputs = self._logits = None
         self.cache.release()
 
     @staticmethod
     def supports(model: torch.nn.Module) -> bool:
-        """Qwen3 with SDPA attention and plain rotary embeddings (what policies/model.py builds)."""
+        """Qwen3/Qwen2/Llama/Mistral with SDPA attention, static rotary embeddings, no sliding window."""
         config = model.config
         inner = getattr(model, "model", None)
         return (
-            config.model_type == "qwen3"
+            config.model_type in MODEL_TYPES
             and config._attn_implementation == "sdpa"
             and inner is not None
-            and getattr(inner.rotary_emb, "rope_type", None) == "default"
+            and getattr(inner.rotary_emb, "rope_type", None) in STATIC_ROPE
             and not getattr(inner, "has_sliding_layers", False)
+            and getattr(config, "sliding_window", None) is None
             and batch_cache.supports(config)
         )
 
@@ -90,8 +108,13 @@ class SlotDecoder:
         step = 8 if n <= 64 else max(16, 1 << (n.bit_length() - 4))
         return -(-n // step) * step
 
+    def width_bucket(self) -> int:
+        """Columns a step attends to: past every row's next column, rounded up, within the buffer."""
+        need = max(self.cache.ends, default=0) + 1
+        return min(-(-need // self.WIDTH_STEP) * self.WIDTH_STEP, self.cache.width_capacity)
+
     def decode(self, rows: list[Row]) -> torch.Tensor:
-        """Feed rows 0..n-1 of the cache (in this order) their last token; returns [n, V] logits."""
+        """Feed each row (all cached, `cache.keep` done) its last token; returns [n, V] logits, row-aligned."""
         n, cache = len(rows), self.cache
         cache.make_room()
         b = self.bucket(n) if self.cuda_graphs else n
@@ -100,35 +123,39 @@ class SlotDecoder:
             self._graphs.clear()
             self._pool = None
             self._inputs = torch.zeros(4, cache.rows_capacity, dtype=torch.long, device=self.device)
+            self._logits = None
             self._generation = cache.generation
-        pad = [0] * (b - n)  # padded rows: token 0 at column 0 of a free slot, attending to it alone
-        host = torch.tensor(
-            [
-                [r.tokens[-1] for r in rows] + pad,
-                [len(r.tokens) - 1 for r in rows] + pad,
-                cache.starts + pad,
-                cache.ends + pad,
-            ]
-        )
+        w = self.width_bucket()
+        slots = [cache.slot_of(r.key) for r in rows]
+        ids, positions = [0] * b, [0] * b  # padded slots: token 0 at column 0, attending to it alone
+        for slot, r in zip(slots, rows, strict=True):
+            ids[slot], positions[slot] = r.tokens[-1], len(r.tokens) - 1
+        pad = [0] * (b - n)
+        host = torch.tensor([ids, positions, cache.starts + pad, cache.ends + pad])
         inputs = self._inputs[:, :b]
         inputs.copy_(host, non_blocking=self.device.type == "cuda")
         if not self.cuda_graphs:
-            logits = self.forward(inputs)
-        elif b in self._graphs:
-            graph, out = self._graphs[b]
-            graph.replay()
-            logits = out
+            logits = self.forward(inputs, w)
+        elif (b, w) in self._graphs:
+            self._graphs[b, w].replay()
+            logits = self._logits[:b]
         else:
-            logits = self._capture(inputs, b)
+            logits = self._capture(inputs, b, w)
         cache.commit_decode()
-        return logits[:n]
+        if slots == list(range(n)):
+            return logits[:n]
+        return logits.index_select(0, torch.tensor(slots, device=logits.device))
 
-    def _capture(self, inputs: torch.Tensor, b: int) -> torch.Tensor:
+    def _capture(self, inputs: torch.Tensor, b: int, w: int) -> torch.Tensor:
         """Run this step eagerly on a side stream (the warm-up capture needs), then capture it for later steps."""
+        if self._logits is None:
+            self._logits = torch.empty(
+                self.cache.rows_capacity, self.model.config.vocab_size, dtype=self.cache.dtype, device=self.device
+            )
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            logits = self.forward(inputs)
+            logits = self.forward(inputs, w, out=self._logits[:b])
         torch.cuda.current_stream(self.device).wait_stream(side)
         try:
             if self._pool is None:
@@ -136,38 +163,47 @@ class SlotDecoder:
             graph = torch.cuda.CUDAGraph()
             # capturing runs nothing: the step's real work (cache writes included) was the eager run above
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                out = self.forward(inputs)
-            self._graphs[b] = (graph, out)
+                self.forward(inputs, w, out=self._logits[:b])
+            self._graphs[b, w] = graph
         except Exception:
             log.exception("CUDA graph capture failed: decoding without graphs")
             self.cuda_graphs = False
             self._graphs.clear()
         return logits
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The decode step for inputs [4, b] (fixed shapes: b rows over the cache's columns)."""
+    def forward(self, inputs: torch.Tensor, w: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The decode step for inputs [4, b] over the first w columns (fixed shapes); logits [b, V]
+        (written into `out` when given)."""
         ids, positions, starts, ends = inputs
-        b, kv, m = inputs.shape[1], self.cache.kv, self.inner
-        columns = torch.arange(kv.shape[4], device=kv.device)
-        mask = ((columns >= starts[:, None]) & (columns <= ends[:, None]))[:, None, None, :]  # [b, 1, 1, W]
-        slots = torch.arange(b, device=kv.device)
+        b, m = inputs.shape[1], self.inner
+        columns = torch.arange(w, device=inputs.device)
+        mask = ((columns >= starts[:, None]) & (columns <= ends[:, None]))[:, None, None, :]  # [b, 1, 1, w]
+        slots = torch.arange(b, device=inputs.device)
         hidden = m.embed_tokens(ids[:, None])  # [b, 1, hidden]
         cos, sin = m.rotary_emb(hidden, positions[:, None])
         shape = (b, 1, -1, self.head_dim)
-        for i, layer in enumerate(m.layers):
+        for layer, kv in zip(m.layers, self.cache.kv, strict=True):
             attn = layer.self_attn
             residual = hidden
             x = layer.input_layernorm(hidden)
-            q = attn.q_norm(attn.q_proj(x).view(shape)).transpose(1, 2)
-            k = attn.k_norm(attn.k_proj(x).view(shape)).transpose(1, 2)
+            q, k = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape)
+            if self.qk_norm:
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             v = attn.v_proj(x).view(shape).transpose(1, 2)
-            q, k = self.rope(q, k, cos, sin)
-            keys, values = kv[i, 0, :b], kv[i, 1, :b]  # [b, kv_heads, W, head_dim]
+            keys, values = kv[0, :b, :, :w], kv[1, :b, :, :w]  # [b, kv_heads, w, head_dim]
             keys[slots, :, ends] = k[:, :, 0]
             values[slots, :, ends] = v[:, :, 0]
             q = q.reshape(b, self.kv_heads, self.group, self.head_dim)  # head h = kv_head * group + g
-            out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
-            hidden = residual + attn.o_proj(out.reshape(b, 1, -1))
+            o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+            hidden = residual + attn.o_proj(o.reshape(b, 1, -1))
             residual = hidden
             hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
-        return self.model.lm_head(m.norm(hidden))[:, 0]
+        normed = m.norm(hidden)[:, 0]
+        head = self.model.lm_head
+        if out is None:
+            return head(normed)
+        torch.mm(normed, head.weight.t(), out=out)
+        if head.bias is not None:
+            out += head.bias
+        return out

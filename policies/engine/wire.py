@@ -200,14 +200,14 @@ class GenerateReqInput(_RefusedGenerateFields, kw_only=True):
 
 class GenerateItem(NamedTuple):
     """One generation a /generate body asks for (a batch member or one of n parallel samples).
-    logprob_start_len is resolved (0 <= it < len(input_ids)); both it and top_logprobs_num
-    matter only with return_logprob."""
+    logprob_start_len is -1 (SGLang's default: the last prompt token) or a prompt position; it and
+    top_logprobs_num matter only with return_logprob."""
 
     rid: str
     input_ids: list[int]
     sampling_params: SamplingParams
     return_logprob: bool
-    logprob_start_len: int = 0
+    logprob_start_len: int = -1
     top_logprobs_num: int = 0
 
 
@@ -260,7 +260,7 @@ def split_generate(req: GenerateReqInput) -> tuple[bool, list[GenerateItem]]:
 def _logprob_start(start: int | None, prompt_len: int) -> int:
     """SGLang's rule: -1 (or unset) means the last prompt token; otherwise it must lie in the prompt."""
     if start is None or start == -1:
-        return prompt_len - 1
+        return -1
     if not 0 <= start < prompt_len:
         raise BadRequest(
             f"logprob_start_len must be -1 or in [0, {prompt_len}) for a prompt of {prompt_len} tokens, got {start}"

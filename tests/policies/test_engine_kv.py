@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+import transformers
 from transformers import AutoModelForCausalLM
 
 from policies.engine.request import make_generator
@@ -161,7 +162,7 @@ def test_both_decode_paths_are_exercised(runners, tiny_model_dir):
 def test_slot_cache_cuts_dead_columns_and_regrows(tiny_model_dir, monkeypatch):
     """Tiny capacities force every SlotCache event: regrowth of rows and width with the live rows
     copied over, reordered rows, and a left shift of the columns once the longest row has left."""
-    from policies.engine.batch_cache import SlotCache
+    from policies.engine.slot_cache import SlotCache
 
     for name, value in (("MIN_ROWS", 1), ("ROW_ALIGN", 1), ("MIN_WIDTH", 2)):
         monkeypatch.setattr(SlotCache, name, value)
@@ -199,3 +200,30 @@ def test_releasing_memory_frees_the_slot_buffers_and_decoding_goes_on_unchanged(
     run(runner, released, on_step=release)
     run(runners[False], full)
     assert_same(released, full)
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize(
+    ("kind", "device"),
+    [("llama", "cpu"), ("qwen2", "cpu")] + [pytest.param(k, "cuda", marks=CUDA) for k in ("qwen3", "llama", "qwen2")],
+)
+def test_each_model_family_decodes_on_the_slot_path_like_a_full_recompute(kind, device):
+    """Models without Qwen3's q/k norm (Llama: SmolLM2's shape scaled down, 3 query heads per KV
+    head; Qwen2: q/k/v biases) take the fixed-shape decode step too, and agree with recomputation
+    (the reference path); on a GPU the step is a CUDA graph replay (float32, so tokens match)."""
+    shape = dict(vocab_size=40, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)  # fmt: skip
+    configs = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_config(configs[kind](**shape), attn_implementation="sdpa")
+    model = model.to(device).eval()
+    slot = ModelRunner(model, device=torch.device(device))
+    full = ModelRunner(model, device=torch.device(device), use_kv_cache=False)
+    assert slot._decoder is not None and slot._decoder.qk_norm == (kind == "qwen3")
+    cached, reference = script(), script()
+    run(slot, cached)
+    run(full, reference)
+    assert_same(cached, reference)
+    assert slot._decoder.cuda_graphs == (device == "cuda") and (device == "cpu" or slot._decoder._graphs)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One lent single-GPU machine call for the engine at RL lengths (nvidia-h200):
+#   profile: the GPU engine tests, then benchmarks/engine_gpu_profile.py and the engine alone at
+#            512 x (128 + 1,024)
+#   final:   the GPU tests (engine, CUDA IPC, transports), benchmarks/engine_gpu_lengths.py (every
+#            shape, HF generate beside it), then the colocated loop at Qwen3-0.6B's shape
+#   run(kind="nvidia-h200", carry=[".whl"], command="bash benchmarks/engine_gpu_session.sh final")
+# .whl/: msgspec, psutil, rich (+ markdown-it-py, mdurl, pygments) and pytest (+ pluggy,
+# iniconfig, packaging, pytest-timeout) for Python 3.12 (see ../shared/device/wheels.sh).
+set -uo pipefail
+mode=${1:-final}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+gpu_tests=(tests/policies/test_engine_kv.py tests/policies/test_engine_swap_versions.py)
+if [ "$mode" = profile ]; then
+  python3 -m pytest -q -p no:cacheprovider -o addopts="" -k "cuda" "${gpu_tests[@]}" 2>&1 | tail -6
+  (cd benchmarks && timeout 300 python3 engine_gpu_profile.py 2>&1) | grep -v "Loading weights" | tee "$out/profile.txt"
+  timeout 240 python3 benchmarks/engine_gpu_lengths.py --shapes 512x128x1024 --skip-hf 2>&1 | tail -8
+  exit 0
+fi
+python3 -m pytest -q -p no:cacheprovider -o addopts="" "${gpu_tests[@]}" tests/runtime/test_ipc_transport.py \
+  tests/runtime/test_weight_transport.py 2>&1 | tail -8
+timeout 420 python3 benchmarks/engine_gpu_lengths.py --out "$out" 2>&1 | grep -v "Loading weights" | tail -14
+# the colocated loop: learner and engine on the one GPU, CUDA IPC weights, KV released around each step
+timeout 240 python3 -m runtime.launch --run-dir /tmp/coloc --num-rollout 20 --eval-interval 0 --progress lines \
+  --colocate --actor-num-gpus-per-node 1 --weight-transport ipc --max-staleness 1 \
+  --num-layers 28 --hidden-size 1024 --num-attention-heads 16 --num-query-groups 8 --ffn-hidden-size 3072 \
+  --vocab-size 151936 --max-position-embeddings 512 2>&1 | tail -4
+python3 -c "import json; s = json.load(open('/tmp/coloc/summary.json')); print({k: s.get(k) for k in ('status', 'steps', 'staleness_max_observed', 'engine_restarts')})"
+cp /tmp/coloc/summary.json "$out/coloc_summary.json" 2>/dev/null || true
