@@ -130,7 +130,7 @@ class Conversation:
     def _reply(self, start: int, end: int) -> Reply:
         ids = self.sample.response_ids[start:end]
         finish = "stop" if ids and ids[-1] in self.stop_token_ids else "length"
-        return Reply(ids, self.tokenizer.decode(ids, skip_special_tokens=False), finish)
+        return Reply(ids, self.runner.decode(ids), finish)
 
     # -- environment turns -----------------------------------------------------------------------
     def append(self, token_ids: Sequence[int]) -> None:

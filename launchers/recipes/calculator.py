@@ -7,13 +7,14 @@ One episode (``generate``, run by --custom-generate-function-path on every sampl
     environment   ``<tool_response> 3 9 0 1 </tool_response>``                   (masked)
     policy turn   ``3 9 0 1 <eos>``
 A policy may also answer at once (no call), or write a call that does not parse (counted; the
-environment answers ``error``). Reward in [0, 1]: 0.3 x the call's expression, position by
-position against the problem (0 without a call) + 0.7 x the final answer's score (the default
-task's: 0.8 x share of digit positions right + 0.2 x right length then ``<eos>``). The call's share
-is a shaping term: a random-init policy never writes a whole right call by chance, and without it
-neither half of the skill (copy the problem into the call, copy the result into the answer) pays
-before the other. Answering without the tool, a small model does not learn 2-digit products in
-minutes: the right leading digit and length are worth about 0.3 at best; with the tool, 1.0.
+environment answers ``error``). Reward in [0, 1]: 0.4 x the call's expression, position by
+position against the problem (0 without a call; a broken call's expression counts too) + 0.6 x the
+final answer's score (the default task's: 0.8 x share of digit positions right + 0.2 x right
+length then ``<eos>``). The call's share is a shaping term: a random-init policy never writes a
+whole right call by chance, and without it neither half of the skill (copy the problem into the
+call, copy the result into the answer) pays before the other. Answering without the tool, a
+small model does not learn 2-digit products in minutes: the right leading digit and length are
+worth about 0.2 at best; with the tool, 1.0.
 
 The tokenizer carries a chat template written in its words, so the OpenAI-compatible endpoint
 renders ``[{"role": "user", "content": "4 7 * 8 3"}]`` and a tool message to exactly the tokens
@@ -46,6 +47,7 @@ TEMPLATE = (
     "{% elif m.role == 'tool' %}" + RESPONSE + " {{ m.content }} " + END_RESPONSE + " {% endif %}"
     "{% endfor %}"
 )
+CALL_WEIGHT = 0.4  # the shaping term's share of the reward (module docstring)
 TOOL = {"type": "function", "function": {
     "name": "calculator", "description": "evaluate an arithmetic expression of digits separated by spaces",
     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}}}
@@ -72,27 +74,34 @@ async def generate(conv: Conversation, calculate: Callable[[str], Any] = calcula
     """One episode (module docstring); returns its reward. ``calculate``: the tool (tests slow it down)."""
     reply = await conv.generate()
     parsed = parse_hermes(reply.text)
-    call = None
-    if parsed.calls or parsed.malformed:
-        conv.counters["tool_calls_malformed"] += parsed.malformed
-        call = _expression(parsed.calls[0].arguments) if parsed.calls else None
-        try:
-            result = await conv.call_tool(calculate, call) if call is not None else "error"
-        except ToolTimeout:
-            result = "error"
-        conv.append_text(f"{RESPONSE} {result} {END_RESPONSE}")
-        reply = await conv.generate()
-    return reward(conv.prompt, call, reply.text)
+    if not (parsed.calls or parsed.malformed):  # answered without the tool
+        return reward(conv.prompt, None, reply.text)
+    conv.counters["tool_calls_malformed"] += parsed.malformed
+    expression = _expression(parsed.calls[0].arguments) if parsed.calls else None
+    try:
+        result = await conv.call_tool(calculate, expression) if expression is not None else "error"
+    except ToolTimeout:
+        result = "error"
+    conv.append_text(f"{RESPONSE} {result} {END_RESPONSE}")
+    answer = await conv.generate()
+    return reward(conv.prompt, attempted(reply.text), answer.text)
 
 
 def transcript_reward(prompt: Prompt, sample: Sample) -> float:
     """The same reward read from a finished transcript: for agents that return None (say, one
     driving the OpenAI endpoint, ``examples/openai_agent.py``)."""
     text = sample.response_text
-    parsed = parse_hermes(text.split(RESPONSE)[0])
-    call = _expression(parsed.calls[0].arguments) if parsed.calls else None
-    answer = text.rsplit(END_RESPONSE, 1)[-1] if END_RESPONSE in text else text
-    return reward(prompt, call, answer)
+    if END_RESPONSE not in text:
+        return reward(prompt, None, text)
+    first, _, rest = text.partition(RESPONSE)
+    return reward(prompt, attempted(first), rest.rsplit(END_RESPONSE, 1)[-1])
+
+
+def attempted(turn: str) -> str:
+    """The expression a call turn wrote, well-formed or not: the words after the call's head, up
+    to its tail or ``<eos>`` (the shaping term scores a broken call's expression too)."""
+    body = turn.split(CALL_HEAD, 1)[-1]
+    return body.split(CALL_TAIL, 1)[0].split(EOS, 1)[0]
 
 
 def _expression(arguments: str) -> str | None:
@@ -101,10 +110,11 @@ def _expression(arguments: str) -> str | None:
 
 
 def reward(prompt: Prompt, call: str | None, answer: str) -> float:
+    """``CALL_WEIGHT`` x the call's expression, position by position, + the rest x the answer's score."""
     problem, product = prompt.label.split("=")
     call_words = call.split() if call is not None else []
     call_share = sum(a == b for a, b in zip(call_words, problem.split())) / len(problem.split())
-    return 0.3 * call_share + 0.7 * answer_score(answer, product)
+    return CALL_WEIGHT * call_share + (1 - CALL_WEIGHT) * answer_score(answer, product)
 
 
 def answer_score(text: str, label: str) -> float:

@@ -15,6 +15,7 @@ from actors.rollout import SampleRunner
 from buffers.types import Sample, Status
 from launchers.recipes import calculator
 from policies.engine import EngineClient, EngineProcess
+from policies.engine.client import EngineLost
 from policies.model import qwen3_config, write_random_checkpoint
 from policies.trainer import collate
 from tests.actors.fakes import TOKEN_BASE, FakeEngines
@@ -255,3 +256,25 @@ def test_the_context_bound_ends_an_episode_and_no_turn_passes_it():
     run(ep.run_group(prompt, [s], base_version=0))
     assert len(s.prompt_ids) + len(s.response_ids) <= 30
     assert s.status == Status.FAILED and ep.counters["episode_max_context_len"] == 1
+
+
+def test_an_engine_lost_under_a_turn_fails_over_and_the_transcript_keeps_every_token():
+    class LosesOnce(FakeEngines):
+        """Named fake: the second request of the episode dies with its engine (EngineLost)."""
+
+        calls = 0
+
+        async def generate_batch(self, input_ids, sampling_params, *, rids=None):
+            LosesOnce.calls += 1
+            if LosesOnce.calls == 2:
+                raise EngineLost("fake", "/generate", "engine died")
+            return await super().generate_batch(input_ids, sampling_params, rids=rids)
+
+    eng = Recording(LosesOnce(stop_prob=0.0))
+    prompt, (s,) = group()
+    ep = episodes(three_turns, eng)
+    run(ep.run_group(prompt, [s], base_version=0))
+    assert s.trainable and ep.counters["failovers_resumed"] == 1
+    assert len(eng.calls) == 3  # the lost request was sent again, from the same transcript
+    assert [t.env for t in s.turns] == [False, True, False, True, False]
+    assert sum(s.loss_mask) == 18 and eng.calls[1][0] == s.prompt_ids + s.response_ids[:s.turns[2].start]

@@ -183,3 +183,37 @@ def test_slots_an_episode_leaves_unused_or_unreturned_are_dropped_with_a_reason(
     counts = b.ledger.counts()
     assert b.version == 5 and counts.balanced
     assert counts.dropped["unused"] >= 5 and counts.dropped["not_returned"] >= 5
+
+
+def test_a_multi_agent_episode_runs_multi_turn_samples_through_the_same_generate_function(tmp_path):
+    """``generate(..., turns=fn)``: each of agent a's samples is a multi-turn episode of ``fn`` (the
+    --custom-generate-function-path mechanism), trained with its environment tokens masked."""
+    a = make_agent("a", tmp_path, steps=6, max_staleness=1)
+    b = make_agent("b", tmp_path, steps=6)
+    env = [7, 7]
+
+    async def two_turns(conv):
+        first = await conv.generate()
+        conv.append(env)
+        await conv.generate()
+        return float(len(first.token_ids) % 3)
+
+    async def episode(ep):
+        group = await ep.agents["a"].generate([1, 2, 3], turns=two_turns)
+        answer = await ep.agents["b"].generate(group[0].response_ids)  # b reads a's whole transcript
+        for s in answer:
+            s.reward = float(len(s.response_ids) % 3)
+        return {"a": [group], "b": [answer]}
+
+    run_agents([a, b], episode, tmp_path)
+    assert a.version == 6 and a.ledger.counts().balanced
+    trained = [(version, s) for version, batch in enumerate(a.learner.trainer.batches) for g in batch
+               for s in g.samples if s.trainable]
+    assert trained
+    for version, s in trained:
+        assert [t.env for t in s.turns] == [False, True, False]
+        at = s.turns[1].start
+        assert s.response_ids[at:at + 2] == env and s.loss_mask[at:at + 2] == [0, 0]
+        policy = [(t, v) for t, v, m in zip(s.response_ids, s.token_versions, s.loss_mask) if m]
+        assert len(policy) == len(s.response_ids) - 2
+        assert all(t == TOKEN_BASE + v and 0 <= version - v <= 1 for t, v in policy)
