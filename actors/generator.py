@@ -12,6 +12,9 @@ any new prompt) or dropped ("drop"); both are counted in ``expired``. A regenera
 with new seeds (its attempt number): the old ones would replay the answers it expired on.
 With "mask" the buffer carries late groups itself (its stale tokens are masked, not discarded), and
 only a ready group with no token left that the bound lets train comes here: it is regenerated.
+A scored group may be dropped by ``group_filter`` (``--dynamic-sampling-filter-path``, e.g. DAPO's
+zero-variance rule): recorded in the ledger as ``filter_<reason>``, its slot freed and refilled
+through admission, like a group with no trainable sample.
 The generator only ever waits on admission: rollout runs ahead of training by up to
 ``max_staleness`` versions. Its ``clock`` counts the time rollout is *idle*: admission is closed
 and no admitted group is still generating (a closed admission while groups generate is not
@@ -23,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import logging
 from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import msgspec
 
@@ -31,10 +36,13 @@ from actors.generate_fn import Episodes
 from actors.reward import RewardScorer
 from actors.rollout import SampleRunner
 from buffers.buffer import StalenessBuffer, Ticket
+from buffers.filters import as_result
 from buffers.types import Group, Prompt, Sample, Status
 from runtime.core import trace
 from runtime.core.ledger import Ledger, State
 from runtime.core.waits import WaitClock
+
+log = logging.getLogger(__name__)
 
 
 class LiveGroupState(msgspec.Struct):
@@ -66,7 +74,8 @@ class Generator:
     def __init__(self, *, prompts: Callable[[int], Prompt], buffer: StalenessBuffer, ledger: Ledger,
                  runner: SampleRunner, scorer: RewardScorer, n_samples: int, cursor: int = 0,
                  resume: Sequence[LiveGroupState] = (), redo: Sequence[RedoGroup] = (),
-                 expiry: str = "recompute", episodes: Episodes | None = None):
+                 expiry: str = "recompute", episodes: Episodes | None = None,
+                 group_filter: Callable[[Group], Any] | None = None):
         if expiry not in ("recompute", "drop", "mask"):
             raise ValueError(f"expiry must be recompute, drop or mask, got {expiry!r}")
         if buffer.extra and (expiry == "mask") != buffer.mask_stale:  # the buffer carries, or expires, late groups
@@ -84,6 +93,8 @@ class Generator:
         self._resume = list(resume)
         self.expiry = expiry
         self.expired: collections.Counter[str] = collections.Counter()
+        self.group_filter = group_filter  # --dynamic-sampling-filter-path (buffers/filters.py)
+        self.filtered: collections.Counter[str] = collections.Counter()  # ledger reason -> groups
         self._redo: collections.deque[RedoGroup] = collections.deque(redo)
         # group id -> its expiries so far (a checkpoint's redo groups expired at least once)
         self._attempts: collections.Counter[int] = collections.Counter(g.group_id for g in redo)
@@ -141,6 +152,25 @@ class Generator:
             self._redo.append(RedoGroup(gid, prompt))
         else:
             self.ledger.dropped(gid, "expired")
+
+    def _filter(self, group: Group) -> str:
+        """The ledger reason to drop ``group`` for, or "" to keep it. A filter that fails keeps
+        the group (counted as ``filter_error``, logged): a broken plug-in must not starve training."""
+        if self.group_filter is None:
+            return ""
+        try:
+            verdict = as_result(self.group_filter(group))
+        except Exception as e:  # noqa: BLE001 - a user plug-in's error is counted, not fatal
+            self.filtered["filter_error"] += 1
+            if self.filtered["filter_error"] in (1, 10, 100, 1000):
+                log.warning("group filter failed (%d so far): %s: %s", self.filtered["filter_error"],
+                            type(e).__name__, e)
+            return ""
+        if verdict.keep:
+            return ""
+        reason = f"filter_{verdict.reason or 'dropped'}"
+        self.filtered[reason] += 1
+        return reason
 
     def _set_blocked(self, blocked: bool) -> None:
         self._blocked = blocked
@@ -208,8 +238,9 @@ class Generator:
         self.ledger.advance(gid, State.SCORED)
         group = Group(group_id=gid, prompt=prompt, samples=samples, admitted_version=ticket.admitted_version,
                       deadline_version=ticket.deadline_version)
-        if group.n_trainable == 0:
-            self.ledger.dropped(gid, "no_trainable_sample")
+        drop = "no_trainable_sample" if group.n_trainable == 0 else self._filter(group)
+        if drop:  # its slot is freed: admission takes another group in its place
+            self.ledger.dropped(gid, drop)
             await self.buffer.cancel(gid)
             return
         self.ledger.advance(gid, State.BUFFERED)

@@ -36,7 +36,7 @@ from typing import Protocol
 import msgspec
 
 from buffers.buffer import StalenessBuffer
-from buffers.types import Group
+from buffers.types import Group, Sample
 from policies.trainer import StepStats
 from policies.trainer_api import Trainer
 from runtime.core import trace
@@ -67,6 +67,7 @@ class StepRecord(msgspec.Struct):
     staleness_mean: float
     group_ids: list[int]
     train_s: float
+    reward_components: dict[str, float] = {}  # mean of each part of a dict reward (--reward-key)
 
 
 @dataclasses.dataclass(eq=False)
@@ -211,5 +212,13 @@ def _record(version: int, batch: list[Group], stats: StepStats, lags: list[int],
         reward_mean=sum(s.reward for s in trainable) / max(1, len(trainable)),
         response_len_mean=sum(len(s.response_ids) for s in trainable) / max(1, len(trainable)),
         staleness_max=max(lags, default=0), staleness_mean=sum(lags) / max(1, len(lags)),
-        group_ids=[g.group_id for g in batch], train_s=train_s,
+        group_ids=[g.group_id for g in batch], train_s=train_s, reward_components=_component_means(trainable),
     )
+
+
+def _component_means(samples: list[Sample]) -> dict[str, float]:
+    parts: dict[str, list[float]] = {}
+    for s in samples:
+        for k, v in s.reward_components.items():
+            parts.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in parts.items()}

@@ -119,9 +119,15 @@ class _Job:
 
 
 class RewardScorer:
-    def __init__(self, fn: Callable[..., Any], *, timeout_s: float):
+    """``group``: ``fn(prompt, samples) -> list`` scores a whole group in one call (``--group-rm``;
+    pairwise or ranking rewards); the call is bounded by ``timeout_s`` and its failure fails the
+    group's samples. ``reward_key``: ``fn`` returns a dict of components (``--reward-key``); the
+    sample trains on that one and keeps them all in ``reward_components``."""
+
+    def __init__(self, fn: Callable[..., Any], *, timeout_s: float, group: bool = False, reward_key: str = ""):
         self.fn = fn
         self.timeout_s = timeout_s
+        self.group, self.reward_key = group, reward_key
         self.failures: collections.Counter[str] = collections.Counter()  # kind -> count
         self._pool = DaemonPool("reward")
         self._is_async = inspect.iscoroutinefunction(fn)
@@ -133,6 +139,12 @@ class RewardScorer:
 
     async def score_many(self, pairs: list[tuple[Prompt, Sample]]) -> None:
         """``score`` for each pair (module docstring: how a group is batched)."""
+        if self.group:
+            groups: dict[int, tuple[Prompt, list[Sample]]] = {}
+            for p, smp in pairs:  # one call per prompt, its samples in the order given
+                groups.setdefault(id(p), (p, []))[1].append(smp)
+            await asyncio.gather(*(self._score_group(p, samples) for p, samples in groups.values()))
+            return
         if self._is_async:
             await asyncio.gather(*(self._score_async(p, s) for p, s in pairs))
             return
@@ -177,10 +189,33 @@ class RewardScorer:
             self._timed_out(pairs[overran][1])
             pairs = pairs[overran + 1 :]
 
+    async def _score_group(self, prompt: Prompt, samples: list[Sample]) -> None:
+        """One call for the group; a failure or a timeout fails every sample of it."""
+        try:
+            if self._is_async:
+                values = await asyncio.wait_for(self.fn(prompt, samples), self.timeout_s)
+            else:  # on a pool thread; an overrunning call is abandoned there
+                values = await asyncio.wait_for(asyncio.shield(self._pool.submit(self.fn, prompt, samples)),
+                                                self.timeout_s)
+        except TimeoutError:
+            for smp in samples:
+                self._timed_out(smp)
+            return
+        except Exception as e:  # noqa: BLE001 - any user error is counted, not fatal
+            values, error = None, e
+        else:
+            error = None
+            if not isinstance(values, (list, tuple)) or len(values) != len(samples):
+                error = ValueError(f"a group reward returns one value per sample ({len(samples)}), got {values!r}")
+        for i, smp in enumerate(samples):
+            self._set(smp, error, None if error else values[i])
+
     def _set(self, sample: Sample, error: Exception | None, value: Any) -> None:
         try:
             if error is not None:
                 raise error
+            if isinstance(value, dict):
+                value = self._components(sample, value)
             value = float(value)
             if not math.isfinite(value):
                 raise ValueError(f"reward is {value}")
@@ -189,6 +224,15 @@ class RewardScorer:
         else:
             sample.reward = value
         sample.timing.scored = time.monotonic()
+
+    def _components(self, sample: Sample, parts: dict[Any, Any]) -> float:
+        """A dict reward: every part kept (and logged), the ``reward_key`` one trained on."""
+        if not self.reward_key:
+            raise TypeError(f"the reward returned a dict {sorted(parts)}; name the one to train on with --reward-key")
+        if self.reward_key not in parts:
+            raise KeyError(f"--reward-key {self.reward_key!r} is not among the reward's parts {sorted(parts)}")
+        sample.reward_components = {str(k): float(v) for k, v in parts.items()}
+        return parts[self.reward_key]
 
     def _timed_out(self, sample: Sample) -> None:
         self._fail(sample, "reward_timeout", f"reward exceeded {self.timeout_s}s")

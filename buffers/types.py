@@ -71,6 +71,7 @@ class Sample(msgspec.Struct):
     behavior_logprobs: list[float] = msgspec.field(default_factory=list)  # engine logprob per token
     response_text: str = ""
     reward: float = 0.0
+    reward_components: dict[str, float] = {}  # a reward returning a dict (--reward-key): all its parts
     status: Status = Status.PENDING
     failure: str = ""  # why, when ``status`` is FAILED
     timing: Timing = msgspec.field(default_factory=Timing)

@@ -38,6 +38,7 @@ from actors.learner import Learner
 from actors.reward import RewardScorer
 from actors.rollout import SampleRunner
 from buffers.buffer import StalenessBuffer
+from launchers.recipes import get_recipe
 from launchers.recipes.task import Task
 from policies import lora as adapters
 from policies.engine.process import EngineProcess
@@ -69,6 +70,14 @@ class Hosts(Protocol):
 
     def engine(self, index: int, model_path: str, **kwargs: Any) -> EngineProcess: ...  # EngineProcess's kwargs
     def trainer(self, model_path: str, **kwargs: Any) -> Trainer: ...  # TrainerProcess's kwargs
+
+
+def prepare_recipe(cfg: Config) -> None:
+    """The recipe's files (a converted model, prompt files), made once and cached."""
+    recipe = get_recipe(cfg.run.recipe)
+    if recipe.prepare is not None:
+        print(f"preparing recipe {recipe.name} (first use converts the model: about a minute)", file=sys.stderr)
+        recipe.prepare()
 
 
 def prepare_run_dir(cfg: Config) -> Path:
@@ -167,7 +176,9 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
         for g in resume.state.live:
             ledger.restart(g.group_id)
         checkpoint.restore_driver_rng(resume.state)
-    scorer = RewardScorer(reward_fn, timeout_s=r.reward_timeout)
+    scorer = RewardScorer(reward_fn, timeout_s=r.reward_timeout, group=r.group_rm, reward_key=r.reward_key)
+    group_filter = (load_function(r.dynamic_sampling_filter_path, flag="--dynamic-sampling-filter-path")
+                    if r.dynamic_sampling_filter_path else None)
     exact = a.partial_rollout_mode == "recompute"
     rollout = SampleRunner(engines=engines, decode=decode, seed=r.rollout_seed, exact_answer_versions=exact,
                            sampling_params=sampling_params(
@@ -178,7 +189,7 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
                           scorer=scorer, n_samples=r.n_samples_per_prompt,
                           cursor=resume.state.cursor if resume else 0, resume=resume.state.live if resume else (),
                           redo=resume.state.redo if resume else (), expiry=a.partial_expiry,
-                          episodes=episodes_of(cfg, task, rollout, endpoint))
+                          episodes=episodes_of(cfg, task, rollout, endpoint), group_filter=group_filter)
     new_trainer = hosts.trainer if hosts else TrainerProcess
     optim = msgspec.structs.replace(cfg.optimizer, lr_decay_iters=cfg.optimizer.lr_decay_iters or r.num_steps)
     # the KL reference: --ref-load, else the policy the run started from (also after a resume)
@@ -211,8 +222,8 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
         temperature=e.eval_temperature, top_p=e.eval_top_p, top_k=-1 if e.eval_temperature == 0 else r.rollout_top_k,
         max_new_tokens=e.eval_max_response_len or r.rollout_max_response_len, stop_token_ids=task.stop_token_ids))
     evaluator = Evaluator(sets=run_task.held_out(cfg, task), runner=eval_runner, scorer=RewardScorer(
-        reward_fn, timeout_s=r.reward_timeout), n_samples=e.n_samples_per_eval_prompt,
-        episodes=episodes_of(cfg, task, eval_runner, endpoint))
+        reward_fn, timeout_s=r.reward_timeout, group=r.group_rm, reward_key=r.reward_key),
+        n_samples=e.n_samples_per_eval_prompt, episodes=episodes_of(cfg, task, eval_runner, endpoint))
     chaos = Chaos(engines, kill_interval_s=cfg.fault.chaos_kill_interval, hang_at_s=cfg.fault.chaos_hang_at,
                   seed=cfg.fault.chaos_seed)
     actors = Actors(engines=engines, buffer=buffer, ledger=ledger, generator=generator, learner=learner,
@@ -266,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
+    try:
+        prepare_recipe(cfg)
+    except ConfigError as e:
+        print(f"python -m runtime.launch: error: {e}", file=sys.stderr)
+        return 2
     run_dir = prepare_run_dir(cfg)
     setup_logging(run_dir)
     print(f"run directory: {run_dir}", file=sys.stderr)

@@ -192,6 +192,7 @@ class Scheduler:
         line: dict[str, Any] = {
             "step": rec.step, "version": rec.version, "time_s": round(now - self.started_at, 4),
             "reward/mean": rec.reward_mean, "response_len/mean": rec.response_len_mean,
+            **{f"reward/{k}": v for k, v in rec.reward_components.items()},
             "staleness/max": rec.staleness_max, "staleness/mean": rec.staleness_mean,
             "learner/wait_frac": self.a.learner.clock.lap(),
             "generator/wait_frac": self.a.generator.clock.lap(), "data/cursor": self.a.generator.cursor,

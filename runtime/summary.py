@@ -16,7 +16,7 @@ def summarize(s: Scheduler, *, status: str, error: str = "") -> dict[str, Any]:
     ledger = a.ledger.counts()
     evals = sorted(s.evals, key=lambda e: e.version)
     syncs = a.broadcaster
-    counters = a.rollout_counters() | dict(s.counters) | dict(a.generator.expired)
+    counters = a.rollout_counters() | dict(s.counters) | dict(a.generator.expired) | dict(a.generator.filtered)
     if a.buffer.mask_stale:
         counters |= {"carried": a.buffer.carried, "masked_tokens": a.buffer.masked_tokens}
     return {

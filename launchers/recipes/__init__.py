@@ -18,13 +18,16 @@ class Recipe:
     # a multi-agent recipe (runtime/agents.py): its [agents.NAME] tables and its [episodes] table
     agents: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     episodes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # files the recipe needs before the run starts (a model to convert, prompts to write); run once
+    # by the launcher after the config is resolved
+    prepare: Callable[[], None] | None = None
 
 
 def _registry() -> dict[str, Recipe]:
-    from launchers.recipes import calculator, coevolve, copy_digits, copy_long, long_tail
+    from launchers.recipes import calculator, chain_sum, coevolve, copy_digits, copy_long, long_tail
 
     recipes = (copy_digits.RECIPE, copy_digits.RECIPE_4, copy_long.RECIPE, long_tail.RECIPE, long_tail.RECIPE_WARMUP,
-               coevolve.RECIPE, calculator.RECIPE)
+               coevolve.RECIPE, calculator.RECIPE, chain_sum.RECIPE)
     return {r.name: r for r in recipes}
 
 

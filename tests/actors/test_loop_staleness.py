@@ -24,7 +24,7 @@ def reward(prompt, sample):
 
 async def loop(*, max_staleness, engine_tick_s, learner_delay_s, steps=12, groups_per_step=3, n=4,
                reward_fn=reward, reward_timeout=5.0, tmp=Path("/tmp"), pause="in_place", extra=0,
-               expiry="recompute", max_new_tokens=12, stop_prob=0.2, out=None):
+               expiry="recompute", max_new_tokens=12, stop_prob=0.2, out=None, group_filter=None):
     engines = FakeEngines(tick_s=engine_tick_s, report_token_versions=pause == "in_place", stop_prob=stop_prob)
     buffer = StalenessBuffer(groups_per_step=groups_per_step, max_staleness=max_staleness, extra=extra,
                              mask_stale=expiry == "mask")
@@ -34,7 +34,7 @@ async def loop(*, max_staleness, engine_tick_s, learner_delay_s, steps=12, group
                           exact_answer_versions=pause == "abort")
     scorer = RewardScorer(reward_fn, timeout_s=reward_timeout)
     gen = Generator(prompts=lambda i: Prompt(i, [1, 2, 3]), buffer=buffer, ledger=ledger, runner=runner,
-                    scorer=scorer, n_samples=n, expiry=expiry)
+                    scorer=scorer, n_samples=n, expiry=expiry, group_filter=group_filter)
     if out is not None:
         out.update(engines=engines, generator=gen, buffer=buffer)
     trainer = FakeTrainer(delay_s=learner_delay_s)

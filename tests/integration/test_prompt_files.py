@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from launchers.file_task import file_task
 from runtime.checkpoint import load
 from runtime.metrics import read_metrics
@@ -20,8 +22,9 @@ ROWS = 6  # fewer than a run takes: the order crosses epochs
 
 def launch(run_dir: Path, *flags: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "runtime.launch", "--run-dir", str(run_dir), "--progress", "lines",
-                           *flags], cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+                           *flags], cwd=ROOT, capture_output=True, text=True, timeout=280, env=env)
 
+@pytest.mark.timeout(600)  # two short runs: ~60 s on an idle 2-core machine, several times that when busy
 def test_prompt_file_run_and_exact_resume(tmp_path: Path) -> None:
     model = build_chat_model(tmp_path / "model")
     data = tmp_path / "train.jsonl"
