@@ -110,7 +110,8 @@ async def engine_table(model_dir: Path, shapes, log_dir: Path) -> dict:  # noqa:
     results = {}
     try:
         await proc.wait_ready(timeout_s=600)
-        await engine_run(proc.url, 64, 16, 16, seed=99)  # warm-up: cuBLAS, allocator, small graphs
+        # warm-up: cuBLAS, the allocator, the attention kernel's compile, small graphs
+        await engine_run(proc.url, 64, 16, 16, seed=99)
         for rows, prompt, new in shapes:
             elapsed, tokens = await engine_run(proc.url, rows, prompt, new, seed=rows + new)
             results[rows, prompt, new] = tokens / elapsed
@@ -138,10 +139,10 @@ def hf_generate(model: torch.nn.Module, rows: int, prompt: int, new: int, steps:
     """(HF's tokens/s over its first `steps` new tokens, its estimated tokens/s at the whole shape).
 
     The estimate: HF's prefill of the prompt plus NEW decode steps whose time is interpolated
-    linearly in the context length between three measured points (K steps each from contexts
-    PROMPT, PROMPT + NEW/2 and PROMPT + NEW - K). HF's step time grows linearly with the context
-    (attention reads it, and its cache is re-concatenated every step), so this is close to a full
-    run, which would take minutes of the lent machine at the longest shape."""
+    linearly in the context length between two measured points (K steps each from contexts PROMPT
+    and PROMPT + NEW - K). HF's step time grows linearly with the context (attention reads it, and
+    its cache is re-concatenated every step), so this is close to a full run, which would take
+    minutes of the lent machine at the longest shape."""
     model.generation_config.eos_token_id = None  # generate exactly the asked number of tokens
     kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, pad_token_id=0)
 
@@ -159,13 +160,9 @@ def hf_generate(model: torch.nn.Module, rows: int, prompt: int, new: int, steps:
 
     measure(prompt)  # warm-up
     prefill, first = measure(prompt)
-    points = [(prompt, first), (prompt + new // 2, measure(prompt + new // 2)[1])]
-    points.append((prompt + new - steps, measure(prompt + new - steps)[1]))
-    total = prefill
-    for t in range(new):
-        c = prompt + t
-        (c0, s0), (c1, s1) = points[:2] if c <= points[1][0] else points[1:]
-        total += s0 + (s1 - s0) * (c - c0) / (c1 - c0)
+    c1 = prompt + new - steps
+    last = measure(c1)[1]
+    total = prefill + sum(first + (last - first) * t / (c1 - prompt) for t in range(new))
     return rows / first, rows * new / total
 
 

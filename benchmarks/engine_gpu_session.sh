@@ -2,8 +2,8 @@
 # One lent single-GPU machine call for the engine at RL lengths (nvidia-h200):
 #   profile: the GPU engine tests, then benchmarks/engine_gpu_profile.py and the engine alone at
 #            512 x (128 + 1,024)
-#   final:   the GPU tests (engine, CUDA IPC, transports), benchmarks/engine_gpu_lengths.py (every
-#            shape, HF generate beside it), then the colocated loop at Qwen3-0.6B's shape
+#   final:   the GPU engine tests, benchmarks/engine_gpu_lengths.py (every
+#            shape, HF generate beside it), then a colocated loop (default recipe, 10 steps)
 #   run(kind="nvidia-h200", carry=[".whl"], command="bash benchmarks/engine_gpu_session.sh final")
 # .whl/: msgspec, psutil, rich (+ markdown-it-py, mdurl, pygments) and pytest (+ pluggy,
 # iniconfig, packaging, pytest-timeout) for Python 3.12 (see ../shared/device/wheels.sh).
@@ -21,13 +21,11 @@ if [ "$mode" = profile ]; then
   timeout 240 python3 benchmarks/engine_gpu_lengths.py --shapes 512x128x1024 --skip-hf 2>&1 | tail -8
   exit 0
 fi
-python3 -m pytest -q -p no:cacheprovider -o addopts="" "${gpu_tests[@]}" tests/runtime/test_ipc_transport.py \
-  tests/runtime/test_weight_transport.py 2>&1 | tail -8
-timeout 420 python3 benchmarks/engine_gpu_lengths.py --out "$out" 2>&1 | grep -v "Loading weights" | tail -14
+python3 -m pytest -q -p no:cacheprovider -o addopts="" -k cuda "${gpu_tests[@]}" \
+  2>&1 | tail -4
+timeout 300 python3 benchmarks/engine_gpu_lengths.py --hf-steps 16 --out "$out" 2>&1 | grep -v -e "Loading weights" \
+  -e "Writing model" | tee "$out/lengths.txt" | tail -12
 # the colocated loop: learner and engine on the one GPU, CUDA IPC weights, KV released around each step
-timeout 240 python3 -m runtime.launch --run-dir /tmp/coloc --num-rollout 20 --eval-interval 0 --progress lines \
-  --colocate --actor-num-gpus-per-node 1 --weight-transport ipc --max-staleness 1 \
-  --num-layers 28 --hidden-size 1024 --num-attention-heads 16 --num-query-groups 8 --ffn-hidden-size 3072 \
-  --vocab-size 151936 --max-position-embeddings 512 2>&1 | tail -4
+timeout 120 python3 -m runtime.launch --run-dir /tmp/coloc --num-rollout 10 --eval-interval 0 --progress lines \
+  --colocate --actor-num-gpus-per-node 1 --weight-transport ipc --max-staleness 1 2>&1 | tail -3
 python3 -c "import json; s = json.load(open('/tmp/coloc/summary.json')); print({k: s.get(k) for k in ('status', 'steps', 'staleness_max_observed', 'engine_restarts')})"
-cp /tmp/coloc/summary.json "$out/coloc_summary.json" 2>/dev/null || true

@@ -121,7 +121,7 @@ class SlotCache:
         width_cap = self.width_capacity
         if width > width_cap:
             grown = max(width, width_cap + width_cap // 4, self.MIN_WIDTH)
-            width_cap = -(-grown // self.WIDTH_ALIGN) * self.WIDTH_ALIGN if grown > self.WIDTH_ALIGN else grown
+            width_cap = -(-grown // self.WIDTH_ALIGN) * self.WIDTH_ALIGN
         n, w = len(self), min(self.width_capacity, width_cap)
         old, self.kv = self.kv, []
         for i in range(self.layers):  # one layer at a time: the old one is freed before the next is made

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from policies.engine import batch_cache
+from policies.engine.decode_attention import FlexDecode, SdpaDecode, agree
 from policies.engine.slot_cache import SlotCache
 
 if TYPE_CHECKING:
@@ -44,10 +45,9 @@ class SlotDecoder:
     The step is HF's own computation, module by module (its embedding, RMSNorms, projections,
     rotary embedding and MLPs are called as they are), except the cache write and the attention:
     each row's new key/value is written at its column, and attention runs over the width bucket
-    with a mask that keeps [start, end] of each row, so each row still gets the logits of its
-    sequence run alone (padding columns and padded rows change nothing but rounding).
-    Grouped-query attention folds the query heads sharing a KV head into the query length
-    (q [rows, kv_heads, group, head_dim]), the same dot products without copying K/V per group.
+    keeping [start, end] of each row (decode_attention.py: flex_attention's block-sparse kernel on
+    a GPU, SDPA with a mask elsewhere), so each row still gets the logits of its sequence run alone
+    (padding columns and padded rows change nothing but rounding).
 
     Graphs are captured with capture_error_mode="thread_local": the weight-receiving thread may
     use the GPU meanwhile. Weight loads copy into the parameters in place, so graphs stay valid;
@@ -72,6 +72,10 @@ class SlotDecoder:
         )
         self.device = device
         self.cuda_graphs = cuda_graphs
+        self._sdpa = SdpaDecode(kv_heads=self.kv_heads, group=self.group)
+        flex = FlexDecode.usable(device, dtype, self.head_dim)
+        self.attention: FlexDecode | SdpaDecode = FlexDecode() if flex else self._sdpa
+        self._check_flex = flex  # the first eager flex step is compared with SDPA
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._generation = -1
         self._inputs: torch.Tensor | None = None  # [4, rows capacity]: ids, positions, starts, ends
@@ -135,7 +139,7 @@ class SlotDecoder:
         inputs = self._inputs[:, :b]
         inputs.copy_(host, non_blocking=self.device.type == "cuda")
         if not self.cuda_graphs:
-            logits = self.forward(inputs, w)
+            logits = self._eager(inputs, w)
         elif (b, w) in self._graphs:
             self._graphs[b, w].replay()
             logits = self._logits[:b]
@@ -155,7 +159,7 @@ class SlotDecoder:
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            logits = self.forward(inputs, w, out=self._logits[:b])
+            logits = self._eager(inputs, w, out=self._logits[:b])
         torch.cuda.current_stream(self.device).wait_stream(side)
         try:
             if self._pool is None:
@@ -166,23 +170,41 @@ class SlotDecoder:
                 self.forward(inputs, w, out=self._logits[:b])
             self._graphs[b, w] = graph
         except Exception:
-            log.exception("CUDA graph capture failed: decoding without graphs")
-            self.cuda_graphs = False
+            if self.attention is not self._sdpa:
+                log.exception("CUDA graph capture with flex attention failed: decoding with SDPA")
+                self.attention = self._sdpa
+            else:
+                log.exception("CUDA graph capture failed: decoding without graphs")
+                self.cuda_graphs = False
             self._graphs.clear()
         return logits
+
+    def _eager(self, inputs: torch.Tensor, w: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward`, falling back to SDPA for good if flex attention fails (the cache writes a failed
+        run made are the same the rerun makes)."""
+        try:
+            return self.forward(inputs, w, out=out)
+        except Exception:
+            if self.attention is self._sdpa:
+                raise
+            log.exception("flex attention failed: decoding with SDPA")
+            self.attention = self._sdpa
+            self._graphs.clear()
+            return self.forward(inputs, w, out=out)
 
     def forward(self, inputs: torch.Tensor, w: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """The decode step for inputs [4, b] over the first w columns (fixed shapes); logits [b, V]
         (written into `out` when given)."""
         ids, positions, starts, ends = inputs
-        b, m = inputs.shape[1], self.inner
-        columns = torch.arange(w, device=inputs.device)
-        mask = ((columns >= starts[:, None]) & (columns <= ends[:, None]))[:, None, None, :]  # [b, 1, 1, w]
+        b, m, attention = inputs.shape[1], self.inner, self.attention
+        capturing = inputs.is_cuda and torch.cuda.is_current_stream_capturing()
+        check = self._check_flex and attention is not self._sdpa and not capturing
+        attention.prepare(starts, ends, w)
         slots = torch.arange(b, device=inputs.device)
         hidden = m.embed_tokens(ids[:, None])  # [b, 1, hidden]
         cos, sin = m.rotary_emb(hidden, positions[:, None])
         shape = (b, 1, -1, self.head_dim)
-        for layer, kv in zip(m.layers, self.cache.kv, strict=True):
+        for i, (layer, kv) in enumerate(zip(m.layers, self.cache.kv, strict=True)):
             attn = layer.self_attn
             residual = hidden
             x = layer.input_layernorm(hidden)
@@ -194,8 +216,12 @@ class SlotDecoder:
             keys, values = kv[0, :b, :, :w], kv[1, :b, :, :w]  # [b, kv_heads, w, head_dim]
             keys[slots, :, ends] = k[:, :, 0]
             values[slots, :, ends] = v[:, :, 0]
-            q = q.reshape(b, self.kv_heads, self.group, self.head_dim)  # head h = kv_head * group + g
-            o = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+            o = attention(q, keys, values, attn.scaling)  # [b, heads, 1, head_dim]
+            if check and i == 0:
+                self._sdpa.prepare(starts, ends, w)
+                if not agree(o, self._sdpa(q, keys, values, attn.scaling)):
+                    raise RuntimeError("flex attention disagrees with SDPA")
+                self._check_flex = False
             hidden = residual + attn.o_proj(o.reshape(b, 1, -1))
             residual = hidden
             hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))

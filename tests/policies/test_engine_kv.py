@@ -164,7 +164,7 @@ def test_slot_cache_cuts_dead_columns_and_regrows(tiny_model_dir, monkeypatch):
     copied over, reordered rows, and a left shift of the columns once the longest row has left."""
     from policies.engine.slot_cache import SlotCache
 
-    for name, value in (("MIN_ROWS", 1), ("ROW_ALIGN", 1), ("MIN_WIDTH", 2)):
+    for name, value in (("MIN_ROWS", 1), ("ROW_ALIGN", 1), ("MIN_WIDTH", 2), ("WIDTH_ALIGN", 1)):
         monkeypatch.setattr(SlotCache, name, value)
     runner = ModelRunner.load(str(tiny_model_dir))
     full_runner = ModelRunner.load(str(tiny_model_dir), use_kv_cache=False)
@@ -227,3 +227,24 @@ def test_each_model_family_decodes_on_the_slot_path_like_a_full_recompute(kind, 
     run(full, reference)
     assert_same(cached, reference)
     assert slot._decoder.cuda_graphs == (device == "cuda") and (device == "cpu" or slot._decoder._graphs)
+
+
+@CUDA
+def test_flex_decode_attention_matches_sdpa_on_a_gpu():
+    """The GPU's block-sparse decode attention against SDPA with a mask, on the slot buffer's strided
+    views: rows with different live ranges (one starting mid-block, one a single column)."""
+    from policies.engine.decode_attention import FlexDecode, SdpaDecode, agree
+
+    rows, kv_heads, group, dim, cap, width = 6, 2, 3, 128, 640, 512
+    g = torch.Generator(device="cuda").manual_seed(0)
+    buf = torch.randn(2, rows, kv_heads, cap, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = torch.randn(rows, kv_heads * group, 1, dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    starts = torch.tensor([0, 130, 0, 300, 17, 511], device="cuda")
+    ends = torch.tensor([40, 400, 511, 300, 255, 511], device="cuda")
+    keys, values = buf[0, :, :, :width], buf[1, :, :, :width]
+    flex, sdpa = FlexDecode(), SdpaDecode(kv_heads=kv_heads, group=group)
+    for attention in (flex, sdpa):
+        attention.prepare(starts, ends, width)
+    got, want = flex(q, keys, values, dim**-0.5), sdpa(q, keys, values, dim**-0.5)
+    assert got.shape == want.shape == (rows, kv_heads * group, 1, dim) and agree(got, want)
+    assert not agree(got[1:], want[:-1])  # the check can fail

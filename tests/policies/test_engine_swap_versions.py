@@ -28,9 +28,11 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 def model_on(device: str, vocab: int, context: int) -> torch.nn.Module:
+    """Tiny, but with head_dim 128 on a GPU: the size its flex-attention decode kernel takes."""
     config = transformers.Qwen3Config(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=context, tie_word_embeddings=True,
+        num_key_value_heads=2, head_dim=128 if device == "cuda" else 16, max_position_embeddings=context,
+        tie_word_embeddings=True,
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
@@ -75,6 +77,7 @@ def test_versions_are_exact_across_a_swap_during_long_answers(device, rows, new,
         assert all(abs(lp - floor) > 1e-3 for lp in logprobs[:switched])
         assert all(abs(lp - floor) < 1e-5 for lp in logprobs[switched:]) and set(tokens[switched:]) == {0}
     assert len({c.token_versions.index("1") for c in done}) == 1  # one boundary: the whole batch swapped at once
-    if device == "cuda":
+    if device == "cuda":  # graphs replayed, flex attention kept (it agreed with SDPA), the cache regrown
         decoder = runner._decoder
-        assert decoder.cuda_graphs and len({w for _, w in decoder._graphs}) >= 2  # several width buckets
+        assert decoder.cuda_graphs and decoder._graphs and decoder.attention.name == "flex"
+        assert decoder.cache.generation >= 3

@@ -8,7 +8,6 @@ import copy
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from policies import lora
