@@ -2,6 +2,7 @@
 # One lent single-GPU machine call for the engine at RL lengths (nvidia-h200):
 #   profile: the GPU engine tests, then benchmarks/engine_gpu_profile.py and the engine alone at
 #            512 x (128 + 1,024)
+#   lean:    the GPU engine tests, then engine_gpu_lengths.py at the two 512-row shapes only
 #   final:   the GPU engine tests, benchmarks/engine_gpu_lengths.py (every
 #            shape, HF generate beside it), then a colocated loop (default recipe, 10 steps)
 #   run(kind="nvidia-h200", carry=[".whl"], command="bash benchmarks/engine_gpu_session.sh final")
@@ -21,8 +22,12 @@ if [ "$mode" = profile ]; then
   timeout 240 python3 benchmarks/engine_gpu_lengths.py --shapes 512x128x1024 --skip-hf 2>&1 | tail -8
   exit 0
 fi
-python3 -m pytest -q -p no:cacheprovider -o addopts="" -k cuda "${gpu_tests[@]}" \
-  2>&1 | tail -4
+python3 -m pytest -q -p no:cacheprovider -o addopts="" -k cuda "${gpu_tests[@]}" 2>&1 | tail -4
+if [ "$mode" = lean ]; then  # what a short lease allows: the two 512-row shapes, HF beside them
+  timeout 110 python3 benchmarks/engine_gpu_lengths.py --shapes 512x128x1024,512x20x256 --hf-steps 8 --out "$out" \
+    2>&1 | grep -v -e "Loading weights" -e "Writing model" | tee "$out/lengths.txt" | tail -10
+  exit 0
+fi
 timeout 300 python3 benchmarks/engine_gpu_lengths.py --hf-steps 16 --out "$out" 2>&1 | grep -v -e "Loading weights" \
   -e "Writing model" | tee "$out/lengths.txt" | tail -12
 # the colocated loop: learner and engine on the one GPU, CUDA IPC weights, KV released around each step
