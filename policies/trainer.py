@@ -27,6 +27,7 @@ from policies.correction import bucket_stats, importance_weight
 from policies.lr_schedule import LrSchedule
 from policies.loss import kl_penalty, masked_mean, ppo_clip
 from policies.model import load_causal_lm
+from policies.sft import sft_loss
 from runtime.config import GrpoConfig, OptimizerConfig
 
 
@@ -124,11 +125,12 @@ class PolicyTrainer:
         self.lr_schedule = LrSchedule(lr=optim.lr, min_lr=optim.min_lr, style=optim.lr_decay_style,
                                       warmup_iters=optim.lr_warmup_iters, decay_iters=optim.lr_decay_iters)
 
-    def _token_logp(self, model: torch.nn.Module, tb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _token_logp(self, model: torch.nn.Module, tb: TokenBatch, temperature: float | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             out = model(input_ids=tb.input_ids, attention_mask=tb.attention_mask)
         logits = out.logits[:, :-1].float()
-        logp_all = torch.log_softmax(logits / self.temperature, dim=-1)
+        logp_all = torch.log_softmax(logits / (temperature or self.temperature), dim=-1)
         logp = logp_all.gather(-1, tb.input_ids[:, 1:, None]).squeeze(-1)
         entropy = -(logp_all.exp() * logp_all).sum(-1)
         return logp, entropy
@@ -136,6 +138,8 @@ class PolicyTrainer:
     def step(self, batch: list[Group], version: int) -> StepStats:
         """One optimizer step on ``batch`` by the policy at ``version`` (the learner's version, which
         dates each token's staleness). Runs synchronously; call it off the event loop."""
+        if self.grpo.loss_type == "sft_loss":
+            return self._sft_step(batch, version)
         samples, advs = [], []
         for g in batch:
             a = grpo_advantages(g.rewards, [s.trainable for s in g.samples],
@@ -158,13 +162,7 @@ class PolicyTrainer:
         ent = masked_mean(entropy, tb.mask)
         if self.grpo.entropy_coef:
             loss = loss - self.grpo.entropy_coef * ent
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        max_norm = self.clip_grad if self.clip_grad > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        lr = self.lr_schedule.apply(self.optimizer, version)
-        self.optimizer.step()
-        self.version = version + 1
+        grad_norm, lr = self._update(loss, version)
         return StepStats(
             loss=loss.item(), pg_clipfrac=float(masked_mean(clipped, tb.mask)),
             tis_mean=float(masked_mean(w, tb.mask)), tis_clipfrac=float(masked_mean(bounded.float(), tb.mask)),
@@ -173,6 +171,29 @@ class PolicyTrainer:
             sync_bytes=self.sync_bytes, full_bytes=self.full_bytes,
             correction=bucket_stats(w, bounded, tb.staleness, tb.mask),
         )
+
+    def _update(self, loss: torch.Tensor, version: int) -> tuple[float, float]:
+        """Backward, clip, step at the scheduled rate; the policy is then at ``version + 1``."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = self.clip_grad if self.clip_grad > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        lr = self.lr_schedule.apply(self.optimizer, version)
+        self.optimizer.step()
+        self.version = version + 1
+        return float(grad_norm), lr
+
+    def _sft_step(self, batch: list[Group], version: int) -> StepStats:
+        """Cross-entropy on the trained (assistant) tokens (``policies.sft``); temperature 1."""
+        samples = [s for g in batch for s in g.samples if s.trainable]
+        tb = collate(samples, [0.0] * len(samples), self.pad_id, version=version).to(self.device)
+        logp, entropy = self._token_logp(self.model, tb, temperature=1.0)
+        loss = sft_loss(logp, tb.mask, per_token=self.grpo.calculate_per_token_loss)
+        grad_norm, lr = self._update(loss, version)
+        return StepStats(loss=loss.item(), pg_clipfrac=0.0, tis_mean=1.0, tis_clipfrac=0.0, kl=0.0,
+                         entropy=float(masked_mean(entropy.detach(), tb.mask)), grad_norm=grad_norm, lr=lr,
+                         n_tokens=int(tb.mask.sum()), n_samples=len(samples), sync_bytes=self.sync_bytes,
+                         full_bytes=self.full_bytes)
 
     def _importance_weight(self, prox_logp: torch.Tensor, tb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.grpo

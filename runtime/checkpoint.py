@@ -69,7 +69,12 @@ class SavesTrainer(Protocol):
 
 class Checkpointer:
     def __init__(self, *, save_dir: Path, interval: int, num_steps: int, learner: SavesTrainer,
-                 buffer: StalenessBuffer, ledger: Ledger, generator: Generator, announce=print):  # noqa: ANN001
+                 buffer: StalenessBuffer, ledger: Ledger, generator: Generator, announce=print,  # noqa: ANN001
+                 tokenizer_dir: str | Path | None = None):
+        """``tokenizer_dir``: the run's HF model directory, whose tokenizer, chat template and
+        generation config each checkpoint's ``model/`` gets too, so that it is a complete HF model
+        directory another run can start from (``--hf-checkpoint``: SFT, then RL)."""
+        self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
         self.save_dir = save_dir
         self.interval = interval
         self.num_steps = num_steps
@@ -91,6 +96,8 @@ class Checkpointer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         await self.learner.save_trainer(tmp)
+        if self.tokenizer_dir is not None:
+            _copy_tokenizer(self.tokenizer_dir, tmp / "model")
         await asyncio.to_thread(_write_and_sync, tmp / "state.msgpack", data)
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
@@ -105,6 +112,16 @@ class Checkpointer:
         done = sorted((p for p in self.save_dir.glob("step*") if p.is_dir()), key=lambda p: int(p.name[4:]))
         for old in done[:-KEEP]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")
+
+
+def _copy_tokenizer(src: Path, model_dir: Path) -> None:
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file() and not (model_dir / name).exists():
+            shutil.copy2(src / name, model_dir / name)
 
 
 def _write_and_sync(path: Path, data: bytes) -> None:

@@ -70,6 +70,7 @@ class RolloutConfig(Section):
     global_batch_size: Pos = 128  # samples per optimizer step
     num_steps_per_rollout: Pos | None = None  # derived when unset
     num_rollout: Pos = 200
+    num_epoch: Pos | None = None  # passes over --prompt-data; sets --num-rollout from the file's rows
     rollout_temperature: NonNegF = 1.0
     rollout_top_p: Prob = 1.0
     rollout_top_k: int = -1
@@ -205,6 +206,9 @@ def _check_engine(cfg: Config) -> None:
 class GrpoConfig(Section):
     """GRPO: the RL objective."""
 
+    # sft_loss: supervised fine-tuning on --prompt-data messages (assistant tokens only); no engines
+    loss_type: Literal["policy_loss", "sft_loss"] = "policy_loss"
+    calculate_per_token_loss: bool = False  # sft_loss: mean over the step's tokens; off: each sample's mean, averaged
     advantage_estimator: Literal["grpo"] = "grpo"
     normalize_advantage_std: bool = True  # divide by the group's std (Dr.GRPO turns this off)
     eps_clip: PosF = 0.2
@@ -415,6 +419,7 @@ def check(cfg: Config) -> None:
     if r.prompt_data and not (cfg.ckpt.hf_checkpoint or cfg.ckpt.ref_load):
         raise ConfigError("--prompt-data", "needs --hf-checkpoint DIR (its tokenizer and chat template "
                           "turn the prompts into tokens)")
+    _check_sft(cfg)
     if len(cfg.eval.eval_prompt_data) % 2:
         raise ConfigError("--eval-prompt-data", f"takes NAME PATH pairs, got {len(cfg.eval.eval_prompt_data)} "
                           "values")
@@ -463,6 +468,23 @@ def check(cfg: Config) -> None:
             raise ConfigError(name, f"needs the {package} package, which is not installed (pip install {package})")
     if lg.metrics_sink and ":" not in lg.metrics_sink:
         raise ConfigError("--metrics-sink", f"must be module:function, got {lg.metrics_sink!r}")
+
+
+def _check_sft(cfg: Config) -> None:
+    """SFT trains on files, one target per input, with no engine to generate or evaluate on."""
+    r = cfg.rollout
+    if r.num_epoch is not None and not r.prompt_data:
+        raise ConfigError("--num-epoch", "counts passes over --prompt-data, which is not given")
+    if cfg.grpo.loss_type != "sft_loss":
+        return
+    if not r.prompt_data:
+        raise ConfigError("--loss-type", "sft_loss trains on --prompt-data rows of messages")
+    if r.n_samples_per_prompt != 1:
+        raise ConfigError("--n-samples-per-prompt", f"SFT has one target per input: 1, got {r.n_samples_per_prompt}")
+    for value, name in ((cfg.eval.eval_prompt_data, "--eval-prompt-data"), (r.custom_generate_function_path,
+                        "--custom-generate-function-path"), (cfg.engine.sglang_args, "--sglang-*")):
+        if value:
+            raise ConfigError(name, "an SFT run starts no engine (--loss-type sft_loss)")
 
 
 def _check_placement(cfg: Config) -> None:

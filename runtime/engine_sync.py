@@ -33,6 +33,9 @@ class WeightSyncs:
         async with m.control:
             m.syncing, m.sync_epoch = True, m.sync_epoch + 1
             try:
+                if not m.slots:  # no engine (an SFT run): nothing to load
+                    m.current = (version, None if path is None else str(path))
+                    return 0.0
                 if path is None:
                     return await self._broadcast(version, pause_mode, sent)
                 await self.on_each("pause", lambda c: c.pause(pause_mode))

@@ -37,8 +37,10 @@ from actors.generator import Generator
 from actors.learner import Learner
 from actors.reward import RewardScorer
 from actors.rollout import SampleRunner
+from actors.sft_samples import SftSamples
 from buffers.buffer import StalenessBuffer
 from launchers.recipes import get_recipe
+from launchers.prompt_data import read_rows
 from launchers.recipes.task import Task
 from policies import lora as adapters
 from policies.engine.process import EngineProcess
@@ -152,6 +154,7 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
         model_path, adapter = str(Path(resume.path) / "base"), str(Path(resume.path) / "adapter")
     version = resume.state.version if resume else 0
     decode = task.decode
+    sft = cfg.grpo.loss_type == "sft_loss"  # no engine: the data is the sample (actors/sft_samples.py)
 
     p = cfg.placement
     learner_gpus, engine_gpus = gpus_asked(p)
@@ -159,7 +162,7 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
         hosts = LocalHosts(placement.plan(p, num_engines=r.rollout_num_engines, learner_threads=1, engine_threads=1), p)
     engine_dtype = cfg.perf.engine_dtype if cfg.perf.engine_dtype != "auto" else (
         "bfloat16" if engine_gpus else "float32")
-    engines = EngineSet(model_path=model_path, n=r.rollout_num_engines, log_dir=run_dir / "logs",
+    engines = EngineSet(model_path=model_path, n=0 if sft else r.rollout_num_engines, log_dir=run_dir / "logs",
                         threads=cfg.perf.engine_threads, max_running_requests=cfg.perf.engine_max_running_requests,
                         timeout_s=a.engine_timeout, start_timeout_s=a.engine_start_timeout, fault=cfg.fault,
                         weight_version=version, dtype=engine_dtype, adapters=lora is not None, adapter=adapter,
@@ -189,11 +192,12 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
                           scorer=scorer, n_samples=r.n_samples_per_prompt,
                           cursor=resume.state.cursor if resume else 0, resume=resume.state.live if resume else (),
                           redo=resume.state.redo if resume else (), expiry=a.partial_expiry,
-                          episodes=episodes_of(cfg, task, rollout, endpoint), group_filter=group_filter)
+                          episodes=SftSamples(task.example) if sft else episodes_of(cfg, task, rollout, endpoint),
+                          group_filter=group_filter)
     new_trainer = hosts.trainer if hosts else TrainerProcess
     optim = msgspec.structs.replace(cfg.optimizer, lr_decay_iters=cfg.optimizer.lr_decay_iters or r.num_steps)
     # the KL reference: --ref-load, else the policy the run started from (also after a resume)
-    trainer = new_trainer(model_path, grpo=cfg.grpo, optim=optim, temperature=r.rollout_temperature,
+    trainer = new_trainer(model_path, grpo=cfg.grpo, optim=optim, temperature=1.0 if sft else r.rollout_temperature,
                           pad_id=task.tokenizer.pad_token_id, threads=cfg.perf.learner_threads, version=version,
                           ref_path=cfg.ckpt.ref_load or initial, lora=lora)
     if resume:
@@ -208,13 +212,14 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
         engines.collective = IpcWeights(trainer, dtype=engine_dtype, timeout_s=a.weight_sync_timeout)
     broadcaster = WeightBroadcaster(engines=engines, buffer=buffer, timeout_s=a.weight_sync_timeout,
                                     pause_mode=a.pause_mode, served_version=version,
-                                    collective=engines.collective is not None)
+                                    collective=engines.collective is not None or sft)  # SFT: no files to write
     learner = Learner(trainer=trainer, buffer=buffer, ledger=ledger, publisher=broadcaster,
                       num_steps=r.num_steps, max_staleness=a.max_staleness, weights_dir=weights, version=version)
     if cfg.ckpt.save:
         learner.after_step = checkpoint.Checkpointer(
             save_dir=Path(cfg.ckpt.save), interval=cfg.ckpt.save_interval, num_steps=r.num_steps, learner=learner,
-            buffer=buffer, ledger=ledger, generator=generator, announce=progress.message).after_step
+            buffer=buffer, ledger=ledger, generator=generator, announce=progress.message,
+            tokenizer_dir=run_task.model_source(cfg) or None).after_step
     if p.colocate:
         time_slice(learner, engines)
     eval_runner = SampleRunner(engines=engines, decode=decode, seed=r.rollout_seed + 1, exact_answer_versions=exact,
@@ -234,6 +239,16 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
                           progress=progress, metrics=MetricsLog(run_dir / "metrics.jsonl", sinks), tracer=tracer)
     learner.on_step = scheduler.on_step
     return scheduler
+
+
+def with_epochs(cfg: Config) -> Config:
+    """``--num-epoch``: --num-rollout from the prompt file's rows (Miles: rows x epochs / rollout batch)."""
+    r = cfg.rollout
+    if r.num_epoch is None:
+        return cfg
+    rows = len(read_rows(r.prompt_data, input_key=r.input_key))
+    rollouts = max(1, rows * r.num_epoch // r.rollout_batch_size)
+    return msgspec.structs.replace(cfg, rollout=msgspec.structs.replace(r, num_rollout=rollouts))
 
 
 async def train(cfg: Config, run_dir: Path, hosts: Hosts | None = None) -> dict[str, Any]:
@@ -273,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     if multi_launch.requested(sys.argv[1:] if argv is None else argv):
         return multi_launch.main(argv)
     cfg = cli.resolve(argv, prog="python -m runtime.launch")
+    try:
+        cfg = with_epochs(cfg)
+    except ConfigError as e:
+        print(f"python -m runtime.launch: error: {e}", file=sys.stderr)
+        return 2
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import transformers
 

@@ -13,6 +13,7 @@ from launchers.file_task import PromptEncoder, eval_sets, file_task, load_tokeni
 from launchers.recipes import get_recipe
 from launchers.recipes.task import Task
 from launchers.rewards import RM_TYPES
+from launchers.sft_task import sft_task
 from runtime.config import Config, ConfigError
 
 
@@ -24,6 +25,10 @@ def model_source(cfg: Config) -> str:
 
 def make_task(cfg: Config) -> Task:
     r = cfg.rollout
+    if cfg.grpo.loss_type == "sft_loss":  # rows of messages, an assistant-only mask each
+        return sft_task(model_dir=model_source(cfg), prompt_data=r.prompt_data, input_key=r.input_key,
+                        apply_chat_template=r.apply_chat_template, template_kwargs=r.apply_chat_template_kwargs,
+                        shuffle=r.rollout_shuffle, seed=r.rollout_seed)
     if not r.prompt_data:
         return get_recipe(cfg.run.recipe).make_task(seed=r.rollout_seed, eval_num_prompts=cfg.eval.eval_num_prompts)
     return file_task(model_dir=model_source(cfg), prompt_data=r.prompt_data, input_key=r.input_key,

@@ -197,6 +197,8 @@ class Scheduler:
             "learner/wait_frac": self.a.learner.clock.lap(),
             "generator/wait_frac": self.a.generator.clock.lap(), "data/cursor": self.a.generator.cursor,
             "learner/train_s": rec.train_s,
+            # whole batches ready behind this step: the data prefetch (an SFT run's is read, not generated)
+            "data/prefetch_queue_depth": self.a.buffer.n_ready // self.a.buffer.groups_per_step,
             "buffer/groups": self.a.buffer.n_ready, "buffer/pending": self.a.buffer.n_pending,
             "buffer/capacity": self.a.buffer.capacity, "buffer/expired": self.a.buffer.expired,
             "buffer/carried": self.a.buffer.carried, "buffer/masked_tokens": self.a.buffer.masked_tokens,
