@@ -482,9 +482,10 @@ def _check_sft(cfg: Config) -> None:
     if r.n_samples_per_prompt != 1:
         raise ConfigError("--n-samples-per-prompt", f"SFT has one target per input: 1, got {r.n_samples_per_prompt}")
     for value, name in ((cfg.eval.eval_prompt_data, "--eval-prompt-data"), (r.custom_generate_function_path,
-                        "--custom-generate-function-path"), (cfg.engine.sglang_args, "--sglang-*")):
+                        "--custom-generate-function-path"), (cfg.engine.sglang_args, "--sglang-*"),
+                        (r.dynamic_sampling_filter_path, "--dynamic-sampling-filter-path")):
         if value:
-            raise ConfigError(name, "an SFT run starts no engine (--loss-type sft_loss)")
+            raise ConfigError(name, "an SFT run generates and scores nothing (--loss-type sft_loss)")
 
 
 def _check_placement(cfg: Config) -> None:

@@ -41,6 +41,8 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
         (["--min-lr", "1", "--lr", "0.1"], "--min-lr"),
         (["--lr-decay-style", "cosine", "--lr-warmup-iters", "5", "--lr-decay-iters", "5"], "--lr-warmup-iters"),
         (["--lr-decay-style", "step"], "--lr-decay-style"),
+        (["--loss-type", "sft_loss"], "--loss-type"),  # no --prompt-data
+        (["--lora-rank", "8", "--weight-transport", "gloo"], "--weight-transport"),
         (["--no-such-flag"], "--no-such-flag"),
     ],
 )
