@@ -107,11 +107,11 @@ class TrainerProcess(trainer_api.RemoteTrainer):
 
 
 def _serve(conn: Connection) -> None:
-    from policies.trainer import PolicyTrainer
+    from policies.train_backend import build_trainer
 
     model_path, kwargs = conn.recv()
     try:
-        trainer = PolicyTrainer(model_path, **kwargs)
+        trainer = build_trainer(model_path, **kwargs)
     except Exception:  # noqa: BLE001 - reported to the parent with our traceback
         import traceback
 

@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from runtime.core.errors import ConfigError
+from runtime.train_config import TrainConfig, check_train
 
 Pos = Annotated[int, Meta(ge=1)]
 NonNeg = Annotated[int, Meta(ge=0)]
@@ -327,6 +328,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     grpo: GrpoConfig = msgspec.field(default_factory=GrpoConfig)
     optimizer: OptimizerConfig = msgspec.field(default_factory=OptimizerConfig)
     lora: LoraConfig = msgspec.field(default_factory=LoraConfig)
+    train: TrainConfig = msgspec.field(default_factory=TrainConfig)
     async_: AsyncConfig = msgspec.field(default_factory=AsyncConfig, name="async")
     fault: FaultConfig = msgspec.field(default_factory=FaultConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
@@ -337,8 +339,8 @@ SECTIONS: dict[str, type[Section]] = {
 }
 GROUP_TITLES = {
     "run": "RUN", "model": "MODEL", "ckpt": "CKPT", "rollout": "ROLLOUT", "eval": "EVAL",
-    "perf": "PERF", "placement": "PLACEMENT", "grpo": "GRPO", "optimizer": "OPTIMIZER", "lora": "LORA", "async": "ASYNC",
-    "fault": "FAULT", "log": "LOGGING", "engine": "ENGINE",
+    "perf": "PERF", "placement": "PLACEMENT", "grpo": "GRPO", "optimizer": "OPTIMIZER", "lora": "LORA",
+    "async": "ASYNC", "fault": "FAULT", "log": "LOGGING", "engine": "ENGINE", "train": "TRAIN",
 }
 
 
@@ -458,6 +460,9 @@ def check(cfg: Config) -> None:
         raise ConfigError("--weight-transport", f"{cfg.placement.weight_transport} sends every weight; with "
                           "--lora-rank the adapter travels as files (auto or shm)")
     _check_placement(cfg)
+    p = cfg.placement
+    check_train(cfg.train, learner_ranks=max(p.actor_num_nodes * p.actor_num_gpus_per_node, 1),
+                lora_rank=cfg.lora.lora_rank)
     _check_engine(cfg)
     lg = cfg.log
     for wanted, package, name in ((lg.use_tensorboard, "tensorboard", "--use-tensorboard"),

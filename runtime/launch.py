@@ -48,7 +48,7 @@ from policies.engine.sglang_process import with_engine
 from policies.model import qwen3_config, write_random_checkpoint
 from policies.trainer_api import Trainer
 from policies.trainer_process import TrainerProcess
-from runtime import checkpoint, cli, placement, run_task, weight_transport
+from runtime import checkpoint, cli, placement, run_task, train_config, weight_transport
 from runtime.chaos import Chaos
 from runtime.config import Config, ConfigError, LoraConfig, to_toml_dict
 from runtime.core import trace
@@ -199,7 +199,7 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
     # the KL reference: --ref-load, else the policy the run started from (also after a resume)
     trainer = new_trainer(model_path, grpo=cfg.grpo, optim=optim, temperature=1.0 if sft else r.rollout_temperature,
                           pad_id=task.tokenizer.pad_token_id, threads=cfg.perf.learner_threads, version=version,
-                          ref_path=cfg.ckpt.ref_load or initial, lora=lora)
+                          ref_path=cfg.ckpt.ref_load or initial, lora=lora, **train_config.trainer_kwargs(cfg.train))
     if resume:
         trainer.load_checkpoint(resume.path)
     transport = weight_transport.choose("shm" if lora else p.weight_transport, learner_gpus=learner_gpus, engine_gpus=engine_gpus,

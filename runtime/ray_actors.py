@@ -202,9 +202,9 @@ class TrainerActor:
         return host, free_port(host)
 
     def start(self, model_path: str, kwargs: dict[str, Any]) -> None:
-        from policies.trainer import PolicyTrainer
+        from policies.train_backend import build_trainer
 
-        self.trainer = PolicyTrainer(model_path, **kwargs)
+        self.trainer = build_trainer(model_path, **kwargs)
 
     def call(self, raw: bytes) -> bytes:
         return trainer_api.serve(self.trainer, raw)

@@ -96,7 +96,7 @@ def save(trainer, out_dir: Path) -> None:
     shards.mkdir(parents=True, exist_ok=True)
     if trainer.opt.on_gpu:
         from megatron.core import dist_checkpointing
-        model_sd = trainer.opt.module.sharded_state_dict()
+        model_sd = trainer.model.sharded_state_dict()  # the bare model: DDP would prefix "module."
         dist_checkpointing.save({"model": model_sd, "optimizer": trainer.opt.optimizer.sharded_state_dict(model_sd)},
                                 str(shards))
     else:
@@ -111,11 +111,11 @@ def load(trainer, ckpt_dir: Path) -> None:
     shards = ckpt_dir / "megatron"
     if trainer.opt.on_gpu:
         from megatron.core import dist_checkpointing
-        model_sd = trainer.opt.module.sharded_state_dict()
+        model_sd = trainer.model.sharded_state_dict()
         state = dist_checkpointing.load(
             {"model": model_sd, "optimizer": trainer.opt.optimizer.sharded_state_dict(model_sd, is_loading=True)},
             str(shards))
-        trainer.opt.module.load_state_dict(state["model"])
+        trainer.model.load_state_dict(state["model"])
         trainer.opt.optimizer.load_state_dict(state["optimizer"])
     else:
         trainer.opt.optimizer.load_state_dict(torch.load(shards / f"optimizer.{dist.get_rank()}.pt",

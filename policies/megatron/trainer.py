@@ -73,7 +73,7 @@ class MegatronTrainer:
         self.opt = MegatronOptim(self.model, optim, on_gpu=on_gpu)
         self.lr_schedule = LrSchedule(lr=optim.lr, min_lr=optim.min_lr, style=optim.lr_decay_style,
                                       warmup_iters=optim.lr_warmup_iters, decay_iters=optim.lr_decay_iters)
-        self.weights = publish.HfWeights(self.opt.module, self.hf_config)
+        self.weights = publish.HfWeights(self.model, self.hf_config)  # the bare stage, not DDP
         self._sender: publish.Sender | None = None
 
     def _load(self, path: str | Path) -> torch.nn.Module:

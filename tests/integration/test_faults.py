@@ -62,9 +62,22 @@ def test_a_run_sigkilled_after_a_checkpoint_resumes_without_losing_or_repeating_
     its placement group, and the resumed run is placed on the same cluster. With LoRA the resumed
     engines start on the checkpoint's base and load its adapter before serving (refit before serve);
     the trainer's side of a LoRA resume is exact to the bit (tests/policies/test_lora.py)."""
+    sigkill_then_resume(backend, tmp_path, lora=lora)
+
+
+@pytest.mark.slow  # ~160 s on a busy 2-core machine; tests/integration/test_megatron_run.py is the short one
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+def test_a_megatron_learner_run_sigkilled_after_a_checkpoint_resumes_the_same_way(backend, tmp_path):
+    """The same guarantee with ``--train-backend megatron``, its weights broadcast over gloo every
+    version (policies/megatron/publish.py) and its resume state from its own checkpoint files."""
+    pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')")
+    sigkill_then_resume(backend, tmp_path, "--train-backend", "megatron", "--weight-transport", "gloo")
+
+
+def sigkill_then_resume(backend, tmp_path, *extra: str, lora: bool = False) -> None:
     steps, save = 30, tmp_path / "ckpt"
     flags = ["--num-rollout", str(steps), "--save", str(save), "--save-interval", "5",
-             *(["--lora-rank", "8"] if lora else [])]
+             *(["--lora-rank", "8"] if lora else []), *extra]
     first = tmp_path / "first"
     proc = start(first, backend, "--eval-interval", "0", *flags, stdout=subprocess.DEVNULL,
                  start_new_session=True)
