@@ -60,10 +60,13 @@ def token_logp_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     a float64 model's entropy)."""
     if sequence_parallel:  # the head needs every position; backward reduce-scatters the gradient
         hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
-    else:  # backward sums the partial gradients of the vocabulary shards
-        hidden = copy_to_tensor_model_parallel_region(hidden)
     s, b, _ = hidden.shape
     flat_h = hidden.transpose(0, 1).reshape(b * s, -1)
+    if not sequence_parallel:
+        # backward sums the vocabulary shards' partial gradients. After the reshape, not before:
+        # megatron's reduce all-reduces ``grad.contiguous()`` and drops the result when the
+        # gradient is not contiguous already (as a transpose's would be)
+        flat_h = copy_to_tensor_model_parallel_region(flat_h)
     flat_t = targets.reshape(b * s)
     logps, entropies = [], []
     for start in range(0, b * s, chunk_tokens):

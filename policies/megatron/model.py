@@ -153,6 +153,27 @@ def _cpu_rope(rope) -> None:
     rope.get_emb = get_emb
 
 
+def _mark_tp_shards(model: torch.nn.Module) -> None:
+    """Workaround: megatron tags a weight as a TP shard (``tensor_model_parallel``, ``partition_dim``)
+    only inside its random initialisation, which ``perform_initialization=False`` skips (weights
+    come from HF). Untagged, every shard counts as a duplicate: the gradient norm (ours on CPU,
+    megatron's optimizer on GPU) would count only TP rank 0's shards. Tagged here as megatron would."""
+    from megatron.core.tensor_parallel import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for m in model.modules():
+        dim = 0 if isinstance(m, ColumnParallelLinear | VocabParallelEmbedding) else \
+            1 if isinstance(m, RowParallelLinear) else None
+        if dim is not None and getattr(m, "weight", None) is not None:
+            set_tensor_model_parallel_attributes(m.weight, is_parallel=True, dim=dim, stride=1)
+        if isinstance(m, ColumnParallelLinear) and getattr(m, "bias", None) is not None:
+            set_tensor_model_parallel_attributes(m.bias, is_parallel=True, dim=0, stride=1)
+
+
 def layer_spec(hf_config):
     spec = get_gpt_layer_local_spec(qk_layernorm=SUPPORTED[hf_config.model_type], normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SdpaAttention
@@ -175,4 +196,6 @@ def build(hf_config, par: Parallelism, *, dtype: torch.dtype, on_gpu: bool, pre_
     )
     if not on_gpu:
         _cpu_rope(model.rotary_pos_emb)
-    return model.to(dtype)  # megatron's torch norms ignore params_dtype and start as float32
+    model = model.to(dtype)  # megatron's torch norms ignore params_dtype and start as float32
+    _mark_tp_shards(model)
+    return model  # megatron's torch norms ignore params_dtype and start as float32

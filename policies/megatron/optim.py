@@ -48,6 +48,12 @@ class MegatronOptim:
             for p in self.module.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad, group=ps.get_data_parallel_group())
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            # q/k layernorms are replicated but each TP rank normalises only its own heads: their
+            # gradients are partial sums (megatron's finalize_model_grads sums them on GPU)
+            for name, p in self.module.named_parameters():
+                if p.grad is not None and ("q_layernorm" in name or "k_layernorm" in name):
+                    dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
         return parts
 
     def _megatron_schedule(self, micro_batches: list, forward: Callable, loss: Callable) -> list[dict]:
@@ -79,10 +85,28 @@ class MegatronOptim:
         if self.on_gpu:
             _, grad_norm, _ = self.optimizer.step()
             return float(grad_norm or 0.0)
-        max_norm = self.clip_grad if self.clip_grad > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm)
+        grad_norm = _clip_model_parallel(list(self.module.parameters()), self.clip_grad)
         self.optimizer.step()
-        return float(grad_norm)
+        return grad_norm
+
+
+def _clip_model_parallel(params: list[torch.nn.Parameter], max_norm: float) -> float:
+    """``clip_grad_norm_`` over the whole model when its weights are split among TP ranks: a TP
+    shard counts on its rank, a replicated weight (a norm) once (megatron's duplicate rule), the
+    squares summed over the model-parallel group; then every rank scales by the same factor."""
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+    grads = [p.grad for p in params if p.grad is not None]
+    owned = [p.grad for p in params if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)]
+    sq = torch.zeros((), dtype=torch.float64)
+    for g in owned:
+        sq += g.detach().double().pow(2).sum()
+    if ps.get_model_parallel_group() is not None and dist.get_world_size(ps.get_model_parallel_group()) > 1:
+        dist.all_reduce(sq, group=ps.get_model_parallel_group())
+    norm = sq.sqrt().item()
+    if max_norm > 0 and norm > max_norm:
+        torch._foreach_mul_(grads, max_norm / (norm + 1e-6))
+    return norm
 
 
 def _zero(model: torch.nn.Module) -> torch.Tensor:

@@ -24,17 +24,23 @@ from policies.megatron.model import Parallelism
 from policies.weight_sync import free_port
 
 
-def init(par: Parallelism, *, device: str, seed: int = 1234, timeout_s: float = 600.0) -> bool:
-    """Set up torch.distributed (if nobody has) and megatron's groups. Returns whether this call
-    created the default group (so ``destroy`` knows whether to tear it down)."""
+def init(par: Parallelism, *, device: str, seed: int = 1234, timeout_s: float = 600.0, rank: int = 0,
+         world_size: int = 1, dist_url: str | None = None) -> bool:
+    """Set up torch.distributed (if nobody has) and megatron's groups. ``rank`` / ``world_size`` /
+    ``dist_url``: this rank of a multi-rank host (the hosts' contract, as ``PolicyTrainer``'s);
+    else ``env://`` when a launcher set ``WORLD_SIZE``, else one rank on a free local port.
+    Returns whether this call created the default group (so ``destroy`` tears it down)."""
     created = False
     if not dist.is_initialized():
         backend = "nccl" if device == "cuda" else "gloo"
-        if "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+        timeout = timedelta(seconds=timeout_s)
+        if dist_url is not None:
+            dist.init_process_group(backend, init_method=dist_url, rank=rank, world_size=world_size, timeout=timeout)
+        elif "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
         else:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                                    timeout=timedelta(seconds=timeout_s))
+                                    timeout=timeout)
         created = True
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

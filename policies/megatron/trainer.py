@@ -47,13 +47,14 @@ from policies.trainer import StepStats, TokenBatch, collate
 class MegatronTrainer:
     """Keyword arguments as ``PolicyTrainer``'s, plus ``parallelism`` (Miles's TP/PP/CP/EP/SP and
     recompute flags), ``micro_batch_size`` / ``max_tokens_per_gpu`` (the micro-batch rule),
-    ``chunk_tokens`` (the output head's chunk) and ``dtype`` (of the weights; float32 default)."""
+    ``chunk_tokens`` (the output head's chunk), ``dtype`` (of the weights; float32 default) and
+    ``rank`` / ``world_size`` / ``dist_url`` (this rank of a multi-rank host: TP x PP x CP x DP)."""
 
     def __init__(self, model_path: str | Path, *, grpo, optim, temperature: float, pad_id: int, threads: int = 1,
                  device: str = "cpu", version: int = 0, ref_path: str | Path | None = None,
                  parallelism: Parallelism | None = None, micro_batch_size: int | None = None,
                  max_tokens_per_gpu: int | None = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, rank: int = 0, world_size: int = 1, dist_url: str | None = None):
         torch.set_num_threads(threads)
         parallelism = parallelism or Parallelism()
         self.hf_config = transformers.AutoConfig.from_pretrained(str(model_path))
@@ -66,7 +67,8 @@ class MegatronTrainer:
         self.temperature = temperature if temperature > 0 else 1.0  # greedy engines score plain logits
         self.version, self.dtype, self.chunk_tokens = version, dtype, chunk_tokens
         self.micro_batch_size, self.max_tokens = micro_batch_size, max_tokens_per_gpu
-        self._created_group = parallel.init(parallelism, device="cuda" if on_gpu else "cpu")
+        self._created_group = parallel.init(parallelism, device="cuda" if on_gpu else "cpu", rank=rank,
+                                            world_size=world_size, dist_url=dist_url)
         self.device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
         self.model = self._load(model_path).train()
         self.ref = self._load(ref_path or model_path).eval() if grpo.use_kl_loss else None

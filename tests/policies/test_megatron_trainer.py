@@ -4,6 +4,11 @@ publishes (HF names, shapes and bucket plan), and a checkpoint that resumes exac
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
 import pytest
 import torch
 import transformers
@@ -13,7 +18,7 @@ pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip
 from policies import weight_sync  # noqa: E402
 from policies.megatron.trainer import MegatronTrainer, micro_batches  # noqa: E402
 from policies.model import qwen3_config  # noqa: E402
-from policies.trainer import PolicyTrainer  # noqa: E402
+from policies.trainer import PolicyTrainer, StepStats  # noqa: E402
 from runtime.config import GrpoConfig, OptimizerConfig  # noqa: E402
 from tests.policies.test_trainer import make_group  # noqa: E402
 
@@ -73,6 +78,33 @@ def test_a_step_equals_the_hf_learners(checkpoint, max_tokens):
         assert moved < 2e-5  # the step moved weights by ~1e-3 (lr)
     finally:
         trainer.close()
+
+
+@pytest.mark.parametrize("tp", [pytest.param(1, marks=pytest.mark.slow, id="dp2"), pytest.param(2, id="tp2")])
+def test_two_ranks_take_the_one_rank_step(checkpoint, tmp_path, tp):
+    """Two processes over gloo, as data-parallel ranks (each trains half the micro-batches) or as
+    tensor-parallel ranks (each holds half of every sharded weight): the step's figures and the
+    updated weights (gathered into the HF export) are the single rank's."""
+    single = megatron(checkpoint, max_tokens_per_gpu=12)
+    try:
+        want = single.step(batch(version_of_second=1), 2)
+        want_weights = dict(single.weights.tensors())
+    finally:
+        single.close()
+    url = f"tcp://127.0.0.1:{weight_sync.free_port()}"
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("megatron_rank.py")), str(checkpoint),
+                               str(tmp_path), str(r), "2", url, str(tp)], stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-3000:]
+    got = msgspec.json.decode((tmp_path / "stats.json").read_bytes(), type=StepStats)
+    for field in ("loss", "pg_clipfrac", "tis_mean", "tis_clipfrac", "entropy", "grad_norm"):
+        assert getattr(got, field) == pytest.approx(getattr(want, field), rel=1e-5, abs=1e-7), field
+    assert got.n_tokens == want.n_tokens
+    out = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model").state_dict()
+    # Adam's first step moves every weight by ~lr (1e-3): float32 reduction order leaves ~1e-6
+    assert max((out[k] - v).abs().max().item() for k, v in want_weights.items()) < 1e-5
 
 
 def test_published_weights_have_the_hf_learners_names_shapes_and_plan(checkpoint):
