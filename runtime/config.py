@@ -462,7 +462,7 @@ def check(cfg: Config) -> None:
     _check_placement(cfg)
     p = cfg.placement
     check_train(cfg.train, learner_ranks=max(p.actor_num_nodes * p.actor_num_gpus_per_node, 1),
-                lora_rank=cfg.lora.lora_rank)
+                lora_rank=cfg.lora.lora_rank, loss_type=cfg.grpo.loss_type)
     _check_engine(cfg)
     lg = cfg.log
     for wanted, package, name in ((lg.use_tensorboard, "tensorboard", "--use-tensorboard"),

@@ -44,7 +44,7 @@ class TrainConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 "--expert-model-parallel-size": self.expert_model_parallel_size}
 
 
-def check_train(t: TrainConfig, *, learner_ranks: int, lora_rank: int = 0) -> None:
+def check_train(t: TrainConfig, *, learner_ranks: int, lora_rank: int = 0, loss_type: str = "policy_loss") -> None:
     """Rules a user can break from the command line, each naming the flag to change."""
     if t.train_backend != "megatron":
         for flag, size in t.parallel_sizes.items():
@@ -56,7 +56,11 @@ def check_train(t: TrainConfig, *, learner_ranks: int, lora_rank: int = 0) -> No
                 raise ConfigError(flag, "needs --train-backend megatron")
         return
     if lora_rank:
-        raise ConfigError("--lora-rank", "LoRA trains on --train-backend fsdp; the megatron backend trains every weight")
+        raise ConfigError("--lora-rank", "LoRA trains on --train-backend fsdp; the megatron backend trains every "
+                          "weight")
+    if loss_type != "policy_loss":
+        raise ConfigError("--loss-type", f"{loss_type} trains on --train-backend fsdp; the megatron backend "
+                          "implements the RL policy loss")
     if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
         raise ConfigError("--train-backend", "megatron needs megatron-core, which is not installed "
                           "(pip install -e '.[megatron]')")

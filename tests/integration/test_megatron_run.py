@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from runtime import cli
+
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')")
 
 
@@ -25,9 +27,17 @@ def test_a_megatron_learner_run_broadcasts_every_version(tmp_path):
     assert summary["evals"][-1]["min_token_version"] == 12  # the final eval ran on the last weights
 
 
-def test_megatron_flags_without_the_backend_exit_2_in_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "runtime.launch", "--pipeline-model-parallel-size", "2",
-                           "--run-dir", str(tmp_path / "r")], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.endswith("--pipeline-model-parallel-size: needs --train-backend megatron")
+
+@pytest.mark.parametrize(("flags", "line"), [
+    (["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size: needs --train-backend megatron"),
+    (["--train-backend", "megatron", "--lora-rank", "4"], "--lora-rank: LoRA trains on --train-backend fsdp"),
+    (["--train-backend", "megatron", "--tensor-model-parallel-size", "2"],
+     "--tensor-model-parallel-size: TP x PP x CP = 2 must divide the learner's 1 rank(s)"),
+    (["--train-backend", "megatron", "--sequence-parallel"], "--sequence-parallel: needs --tensor-model-parallel-size"),
+])
+def test_megatron_layouts_it_cannot_run_exit_2_in_one_line(flags, line, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.resolve([*flags, "--run-dir", "x"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and line in err
