@@ -25,7 +25,7 @@ from launchers.recipes.calculator import TOOL, calculate
 
 async def generate(conv) -> None:  # noqa: ANN001 - actors.conversation.Conversation
     client = openai.AsyncOpenAI(base_url=conv.base_url, api_key=conv.api_key, max_retries=0)
-    problem = conv.prompt.label.split("=")[0]  # "4 7 * 8 3"
+    problem = conv.prompt.label.split("=")[0]  # "4 7 * 8"
     messages: list[dict] = [{"role": "user", "content": problem}]
     async with client:
         for _ in range(conv.limits.max_turns):
@@ -35,7 +35,7 @@ async def generate(conv) -> None:  # noqa: ANN001 - actors.conversation.Conversa
             if not message.tool_calls:
                 return None  # answered: the recipe's reward function reads the transcript
             for call in message.tool_calls:
-                expression = json.loads(call.function.arguments).get("expression", "")
+                expression = json.loads(call.function.arguments).get("expression", problem)
                 result = await conv.call_tool(calculate, expression)  # bounded by --tool-timeout
                 messages.append({"role": "tool", "tool_call_id": call.id, "content": result})
     return None

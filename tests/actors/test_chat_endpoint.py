@@ -105,14 +105,20 @@ def test_the_openai_client_gets_tool_calls_and_every_turn_is_recorded_token_for_
     assert endpoint.counters["tool_calls"] == 1 and endpoint.counters["tool_calls_malformed"] == 0
 
 
-def test_the_example_agent_records_the_transcript_the_recipe_writes_itself():
-    scripts = (words(*CALL), words("3", "9", "0", "1", "<eos>"))
+@pytest.mark.parametrize("call", [[calculator.CALL], CALL], ids=["no-arguments", "expression"])
+def test_the_example_agent_records_the_transcript_the_recipe_writes_itself(call):
+    prompt = TASK.train_prompt(0)
+    a, b = (int("".join(f.split())) for f in prompt.label.split("=")[0].split("*"))
+    product = calculator.calculate(prompt.label.split("=")[0]).split()
+    scripts = (words(*call), words(*product, "<eos>"))
     through_endpoint, unscored, _, _ = run_episode(openai_agent.generate, ScriptedEngines(*scripts))
     assert unscored == [through_endpoint]  # it returns None: the recipe's reward function scores it
     direct, _, _, _ = run_episode(calculator.generate, ScriptedEngines(*scripts))
     assert through_endpoint.response_ids == direct.response_ids and through_endpoint.loss_mask == direct.loss_mask
-    assert through_endpoint.prompt_ids == direct.prompt_ids == TASK.train_prompt(0).input_ids
-    assert calculator.transcript_reward(TASK.train_prompt(0), through_endpoint) == direct.reward
+    assert through_endpoint.prompt_ids == direct.prompt_ids == prompt.input_ids
+    assert calculator.transcript_reward(prompt, through_endpoint) == direct.reward
+    if call == [calculator.CALL]:  # the calculator evaluated the user's problem: the answer copied is right
+        assert product == list(str(a * b)) and direct.reward == 1.0
 
 
 def test_a_malformed_call_is_counted_and_left_as_content():

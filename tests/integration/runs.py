@@ -92,3 +92,14 @@ def assert_ray_released() -> None:
             return
         assert time.monotonic() < deadline, f"a run left behind actors {actors} or resources (free: {free})"
         time.sleep(0.2)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen[str]) -> None:
+    """Read ``proc``'s stderr until its first "checkpoint at step" line; fails if it ends first."""
+    assert proc.stderr is not None
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("checkpoint at step"):
+            return
+    raise AssertionError(f"the run ended without a checkpoint (exit {proc.wait()}):\n{''.join(seen[-30:])}")

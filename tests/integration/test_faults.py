@@ -22,6 +22,7 @@ from tests.integration.runs import (
     engines_of,
     launch,
     start,
+    wait_for_checkpoint,
 )
 
 
@@ -82,13 +83,7 @@ def sigkill_then_resume(backend, tmp_path, *extra: str, lora: bool = False) -> N
     proc = start(first, backend, "--eval-interval", "0", *flags, stdout=subprocess.DEVNULL,
                  start_new_session=True)
     try:
-        seen = []
-        for line in proc.stderr:
-            seen.append(line)
-            if line.startswith("checkpoint at step"):
-                break
-        else:
-            raise AssertionError(f"the run ended without a checkpoint (exit {proc.wait()}):\n{''.join(seen[-30:])}")
+        wait_for_checkpoint(proc)
         time.sleep(random.uniform(0.0, 2.0))  # a random moment after the first checkpoint
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
