@@ -94,12 +94,44 @@ def importance_weight(prox_logp: torch.Tensor, behavior_logp: torch.Tensor, mask
 def effective_sample_size(w: torch.Tensor) -> float:
     """(sum w)^2 / (n sum w^2): 1.0 for equal weights, 1/n when one weight dominates, 0 if all are 0."""
     w = w.double()
-    sq = (w * w).sum().item()
-    return (w.sum().item() ** 2) / (w.numel() * sq) if sq > 0 else 0.0
+    return effective_sample_size_from_sums(w.sum().item(), (w * w).sum().item(), w.numel())
+
+
+def effective_sample_size_from_sums(w: float, w_sq: float, n: float) -> float:
+    return w * w / (n * w_sq) if w_sq > 0 else 0.0
 
 
 def bucket_name(staleness: int) -> str:
     return f"s{staleness}" if staleness < OLDEST_BUCKET else f"s{OLDEST_BUCKET}+"
+
+
+BUCKET_SUMS = ("tokens", "weight", "weight_sq", "bounded")  # the columns of ``bucket_sums``
+
+
+def bucket_sums(weight: torch.Tensor, bounded: torch.Tensor, staleness: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+    """Per staleness bucket (rows s0 .. s{OLDEST_BUCKET}+), float64 sums over trained tokens of
+    ``BUCKET_SUMS``. Sums add across micro-batches and ranks, which is why the figures are made
+    from them (``bucket_figures``)."""
+    trained = mask > 0
+    w = weight[trained].double()
+    cols = torch.stack([torch.ones_like(w), w, w * w, bounded[trained].double()], dim=1)
+    table = torch.zeros(OLDEST_BUCKET + 1, len(BUCKET_SUMS), dtype=torch.float64, device=w.device)
+    return table.index_add_(0, staleness[trained].clamp(max=OLDEST_BUCKET), cols)
+
+
+def bucket_figures(table: torch.Tensor) -> dict[str, float]:
+    """The figures of ``bucket_stats`` from a ``bucket_sums`` table, for buckets that occur."""
+    out: dict[str, float] = {}
+    for s, (tokens, w, w_sq, bounded) in enumerate(table.tolist()):
+        if tokens == 0:
+            continue
+        name = bucket_name(s)
+        out[f"{name}/tokens"] = tokens
+        out[f"{name}/is_mean"] = w / tokens
+        out[f"{name}/clip_frac"] = bounded / tokens
+        out[f"{name}/ess"] = effective_sample_size_from_sums(w, w_sq, tokens)
+    return out
 
 
 def bucket_stats(weight: torch.Tensor, bounded: torch.Tensor, staleness: torch.Tensor,
@@ -111,14 +143,4 @@ def bucket_stats(weight: torch.Tensor, bounded: torch.Tensor, staleness: torch.T
     tokens the bound acted on (truncated or masked); ``b/ess``, ``effective_sample_size`` of the
     bounded weights. Sequence-level weights count once per token, like the loss counts them.
     """
-    trained = mask > 0
-    pooled = staleness.clamp(max=OLDEST_BUCKET)
-    out: dict[str, float] = {}
-    for s in sorted(pooled[trained].unique().tolist()):
-        sel = trained & (pooled == s)
-        w, name = weight[sel].double(), bucket_name(s)
-        out[f"{name}/tokens"] = float(w.numel())
-        out[f"{name}/is_mean"] = w.mean().item()
-        out[f"{name}/clip_frac"] = bounded[sel].double().mean().item()
-        out[f"{name}/ess"] = effective_sample_size(w)
-    return out
+    return bucket_figures(bucket_sums(weight, bounded, staleness, mask))

@@ -8,11 +8,32 @@ epoch. Off-policy drift between the engine (behavior) and the learner is correct
 decoupled objective: with ``--use-tis`` each token's loss is multiplied by the bounded importance
 weight pi_prox / pi_behavior of ``policies.correction`` (level, bound and staleness caps from
 GRPO config), which needs each token's staleness: the learner passes its version to ``step``.
+
+A step at scale (issue 14): the batch is split into micro-batches by ``policies.microbatch``
+(token budget or sample count); each is packed into one row without padding
+(``policies.packing``, attention kept inside each sequence by ``policies.packed_attention``);
+only trained positions reach the output head, whose log-probs and entropies are computed in
+chunks (``policies.logprobs``), so no (tokens x vocab) tensor exists. Gradients accumulate over
+the micro-batches and every per-token term is divided by the whole step's trained-token count,
+so the update is that of the whole batch at once whatever the micro-batching (float64 tests).
+
+Data-parallel contract (for a host running N ranks, each with its own ``PolicyTrainer``):
+- every rank receives the whole step's batch and computes the same plan; ``rank`` trains only its
+  own micro-batches (``microbatch.plan``: the same number on every rank, balanced by tokens);
+- every normaliser (the trained-token count, advantages of each group) comes from the WHOLE
+  batch, so the sum over ranks of each rank's gradient is the single-rank gradient: a host
+  all-reduces gradients by SUM (FSDP's reduce-scatter averages: scale by ``world_size``);
+- ``accumulate`` returns the rank's ``StepSums`` (a float64 vector of partial sums); the host
+  all-reduces its ``values`` by SUM and calls ``apply``, which clips the (reduced) gradients,
+  steps the optimizer and turns the sums into the ``StepStats`` of the whole batch.
+``step`` is ``accumulate`` then ``apply`` on one rank.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import functools
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -21,100 +42,60 @@ from safetensors.torch import save_file
 
 from buffers.types import Group, Sample
 from policies import lora as adapters
-from policies import weight_ipc, weight_sync
+from policies import microbatch, weight_ipc, weight_sync
 from policies.advantages import grpo_advantages
-from policies.correction import bucket_stats, importance_weight
+from policies.correction import importance_weight
+from policies.logprobs import token_logprobs
+from policies.loss import kl_penalty, ppo_clip
 from policies.lr_schedule import LrSchedule
-from policies.loss import kl_penalty, masked_mean, ppo_clip
 from policies.model import load_causal_lm
-from policies.sft import sft_loss
-from runtime.config import GrpoConfig, OptimizerConfig
+from policies.objective import Objective, Optimizer
+from policies.packed_attention import use_packed_attention
+from policies.packing import Packed, TokenBatch, collate, pack
+from policies.sft import token_weights
+from policies.step_stats import StepStats, StepSums
 
+__all__ = ["PolicyTrainer", "StepStats", "StepSums", "TokenBatch", "collate"]
 
-class StepStats(msgspec.Struct):
-    """One step's figures. The ``tis_*`` figures and ``correction`` describe the bounded importance
-    weight as configured whether or not ``--use-tis`` applies it, so a run can see how far off
-    policy its data is before turning the correction on."""
-
-    loss: float
-    pg_clipfrac: float
-    tis_mean: float  # mean bounded weight over trained tokens
-    tis_clipfrac: float  # fraction of trained tokens the bound truncated or masked
-    kl: float
-    entropy: float
-    grad_norm: float
-    n_tokens: int
-    n_samples: int
-    lr: float = 0.0  # the learning rate of this step (policies/lr_schedule.py)
-    sync_bytes: int = 0  # what one weight sync sends: the adapter with LoRA, else every weight
-    full_bytes: int = 0  # what a sync of every weight would send (beside sync_bytes)
-    # per staleness bucket, keys like "s0/is_mean" (policies.correction.bucket_stats)
-    correction: dict[str, float] = msgspec.field(default_factory=dict)
-
-
-@dataclasses.dataclass
-class TokenBatch:
-    """Right-padded sequences; per-token tensors are aligned with ``input_ids[:, 1:]``."""
-
-    input_ids: torch.Tensor  # (B, L) long
-    attention_mask: torch.Tensor  # (B, L) long
-    mask: torch.Tensor  # (B, L-1) float: trained response tokens
-    behavior_logp: torch.Tensor  # (B, L-1) float
-    staleness: torch.Tensor  # (B, L-1) long: learner version - token version; 0 off the response
-    advantages: torch.Tensor  # (B, 1) float
-
-    def to(self, device: torch.device) -> TokenBatch:
-        if device.type == "cpu":
-            return self
-        return TokenBatch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
-
-
-def collate(samples: list[Sample], advantages: list[float], pad_id: int, *, version: int) -> TokenBatch:
-    """Pad ``samples`` into one batch trained at policy ``version`` (which dates each token)."""
-    length = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
-    b = len(samples)
-    ids = torch.full((b, length), pad_id, dtype=torch.long)
-    attn = torch.zeros((b, length), dtype=torch.long)
-    mask = torch.zeros((b, length - 1))
-    blp = torch.zeros((b, length - 1))
-    stale = torch.zeros((b, length - 1), dtype=torch.long)
-    for i, s in enumerate(samples):
-        p, r = len(s.prompt_ids), len(s.response_ids)
-        ids[i, : p + r] = torch.tensor(s.prompt_ids + s.response_ids)
-        attn[i, : p + r] = 1
-        # position j of the shifted tensors predicts token j + 1, so response token k sits at p-1+k
-        mask[i, p - 1 : p - 1 + r] = torch.tensor(s.loss_mask, dtype=torch.float)
-        blp[i, p - 1 : p - 1 + r] = torch.tensor(s.behavior_logprobs, dtype=torch.float)
-        stale[i, p - 1 : p - 1 + r] = version - torch.tensor(s.token_versions, dtype=torch.long)
-    if (stale < 0).any():  # a token newer than the policy training on it: versions are broken
-        raise ValueError(f"a token's version is above the training version {version}")
-    adv = torch.tensor(advantages, dtype=torch.float).unsqueeze(1)
-    return TokenBatch(ids, attn, mask, blp, stale, adv)
+log = logging.getLogger(__name__)
 
 
 class PolicyTrainer:
     """``device``: "cpu" or "cuda" (the process's first visible GPU, which placement assigns). On a
     GPU the fp32 master weights train under bf16 autocast (the engines serve bf16).
     ``version``: the policy version of the loaded weights; each step advances it, so a weight
-    broadcast knows which version it sends. ``ref_path``: the KL reference's weights."""
+    broadcast knows which version it sends. ``ref_path``: the KL reference's weights (default: the
+    policy's). ``temperature``: the engines' sampling temperature,
+    applied to the logits as the engine applies it (greedy, <= 0, scores plain logits).
+    Micro-batching (``policies.microbatch``): ``max_tokens_per_gpu`` (Miles's dynamic batch size;
+    None: off) or else ``micro_batch_size`` samples (None: the whole step at once).
+    ``recompute_activations``: recompute each decoder layer in backward (HF checkpointing).
+    ``rank`` / ``world_size``: this trainer's share of each step (module doc)."""
 
-    def __init__(self, model_path: str | Path, *, grpo: GrpoConfig, optim: OptimizerConfig,
-                 temperature: float, pad_id: int, threads: int = 1, device: str = "cpu", version: int = 0,
+    def __init__(self, model_path: str | Path, *, grpo: Objective, optim: Optimizer, temperature: float,
+                 pad_id: int, threads: int = 1, device: str = "cpu", version: int = 0,
+                 micro_batch_size: int | None = None, max_tokens_per_gpu: int | None = None,
+                 recompute_activations: bool = False, rank: int = 0, world_size: int = 1,
                  ref_path: str | Path | None = None, lora: adapters.LoraSpec | None = None):
         torch.set_num_threads(threads)
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device.index or 0)
-        self.grpo, self.temperature, self.pad_id = grpo, max(temperature, 1e-6), pad_id
+        self.grpo, self.pad_id = grpo, pad_id
+        self.temperature = temperature if temperature > 0 else 1.0
         self.version = version
-        self.model = load_causal_lm(model_path).to(self.device).train()
+        self.micro_batch_size, self.max_tokens = micro_batch_size, max_tokens_per_gpu
+        self.rank, self.world_size = rank, world_size
+        self._warned_over_budget = False
+        self.model = self._load(model_path).train()
+        recompute(self.model, recompute_activations)
         self.lora = lora
         if lora is not None:  # only the adapter trains (policies/lora.py)
             self.model = adapters.wrap(self.model, lora)
         adapter_bytes, self.full_bytes = adapters.sync_bytes(self.model)
         self.sync_bytes = adapter_bytes if lora is not None else self.full_bytes
         # the KL anchor (--ref-load); default: the weights it starts from
-        self.ref = load_causal_lm(ref_path or model_path).to(self.device).eval() if grpo.use_kl_loss else None
+        self.ref = self._load(ref_path or model_path).eval() if grpo.use_kl_loss else None
         self._sender: weight_sync.Sender | None = None  # the weight-update group, once joined
         self._exporter: weight_ipc.Exporter | None = None  # the IPC buffer, from the first ipc sync on
         self.clip_grad = optim.clip_grad
@@ -125,80 +106,127 @@ class PolicyTrainer:
         self.lr_schedule = LrSchedule(lr=optim.lr, min_lr=optim.min_lr, style=optim.lr_decay_style,
                                       warmup_iters=optim.lr_warmup_iters, decay_iters=optim.lr_decay_iters)
 
-    def _token_logp(self, model: torch.nn.Module, tb: TokenBatch, temperature: float | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            out = model(input_ids=tb.input_ids, attention_mask=tb.attention_mask)
-        logits = out.logits[:, :-1].float()
-        logp_all = torch.log_softmax(logits / (temperature or self.temperature), dim=-1)
-        logp = logp_all.gather(-1, tb.input_ids[:, 1:, None]).squeeze(-1)
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
-        return logp, entropy
+    def _load(self, path: str | Path) -> torch.nn.Module:
+        model = load_causal_lm(path).to(self.device)
+        use_packed_attention(model)
+        return model
+
+    @property
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def _logprobs(self, model: torch.nn.Module, packed: Packed, shape: torch.Size, *,
+                  temperature: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs and entropies at ``packed``'s scored positions, as (B, L-1) padded tensors;
+        ``temperature``: the sampling temperature's by default."""
+        with self._autocast:
+            decoder, head = _decoder_and_head(model)
+            hidden = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                             cu_seq_lens_q=packed.cu_seqlens, max_length_q=packed.max_len).last_hidden_state
+        dtype = torch.bfloat16 if self.device.type == "cuda" else head.dtype
+        logp, entropy = token_logprobs(hidden[0, packed.src], head, packed.targets,
+                                       temperature=temperature or self.temperature, compute_dtype=dtype)
+        return packed.scatter(logp, shape), packed.scatter(entropy, shape)
+
+    @torch.no_grad()
+    def token_logprobs(self, tb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's log-probs and entropies of every predicted token of ``tb`` ((B, L-1), 0 on padding)."""
+        valid = tb.attention_mask[:, 1:].bool()
+        logp, entropy = self._logprobs(self.model, pack(tb, positions=valid).to(self.device), tb.mask.shape)
+        return logp.cpu(), entropy.cpu()
 
     def step(self, batch: list[Group], version: int) -> StepStats:
         """One optimizer step on ``batch`` by the policy at ``version`` (the learner's version, which
         dates each token's staleness). Runs synchronously; call it off the event loop."""
-        if self.grpo.loss_type == "sft_loss":
-            return self._sft_step(batch, version)
-        samples, advs = [], []
-        for g in batch:
-            a = grpo_advantages(g.rewards, [s.trainable for s in g.samples],
-                                normalize_std=self.grpo.normalize_advantage_std)
-            samples += g.samples
-            advs += a
-        tb = collate(samples, advs, self.pad_id, version=version).to(self.device)
-        logp, entropy = self._token_logp(self.model, tb)
-        old_logp = logp.detach()  # one step per batch: proximal policy == current (module doc)
-        eps_high = self.grpo.eps_clip_high if self.grpo.eps_clip_high is not None else self.grpo.eps_clip
-        pg, clipped = ppo_clip(logp, old_logp, tb.advantages, eps_low=self.grpo.eps_clip, eps_high=eps_high)
-        w, bounded = self._importance_weight(old_logp, tb)
-        loss = masked_mean(pg * w if self.grpo.use_tis else pg, tb.mask)
-        kl = torch.zeros(())
-        if self.ref is not None:
-            with torch.no_grad():
-                ref_logp, _ = self._token_logp(self.ref, tb)
-            kl = masked_mean(kl_penalty(logp, ref_logp, self.grpo.kl_loss_type), tb.mask)
-            loss = loss + self.grpo.kl_loss_coef * kl
-        ent = masked_mean(entropy, tb.mask)
-        if self.grpo.entropy_coef:
-            loss = loss - self.grpo.entropy_coef * ent
-        grad_norm, lr = self._update(loss, version)
-        return StepStats(
-            loss=loss.item(), pg_clipfrac=float(masked_mean(clipped, tb.mask)),
-            tis_mean=float(masked_mean(w, tb.mask)), tis_clipfrac=float(masked_mean(bounded.float(), tb.mask)),
-            kl=kl.item(), entropy=ent.item(), grad_norm=float(grad_norm), lr=lr,
-            n_tokens=int(tb.mask.sum()), n_samples=len(samples),
-            sync_bytes=self.sync_bytes, full_bytes=self.full_bytes,
-            correction=bucket_stats(w, bounded, tb.staleness, tb.mask),
-        )
+        return self.apply(self.accumulate(batch, version), version)
 
-    def _update(self, loss: torch.Tensor, version: int) -> tuple[float, float]:
-        """Backward, clip, step at the scheduled rate; the policy is then at ``version + 1``."""
+    def accumulate(self, batch: list[Group], version: int) -> StepSums:
+        """Forward and backward of this rank's micro-batches of ``batch``; the gradients are left in
+        the parameters' ``.grad`` (zeroed first), the partial sums returned (module doc)."""
+        sft = self.grpo.loss_type == "sft_loss"
+        if sft:  # cross-entropy on the trained (assistant) tokens (policies.sft); no advantages
+            samples = [s for g in batch for s in g.samples if s.trainable]
+            advs = [0.0] * len(samples)
+        else:
+            samples, advs = _with_advantages(batch, self.grpo)
+        # every token's weight in the loss, from the WHOLE step's counts: the policy loss is the mean
+        # over trained tokens; SFT's is that or (--calculate-per-token-loss off) the mean of sample means
+        weigh = functools.partial(token_weights, per_token=not sft or self.grpo.calculate_per_token_loss,
+                                  step_tokens=sum(sum(s.loss_mask) for s in samples),
+                                  step_samples=sum(1 for s in samples if any(s.loss_mask)))
+        plan = microbatch.plan([len(s.prompt_ids) + len(s.response_ids) for s in samples],
+                               max_tokens=self.max_tokens, micro_batch_size=self.micro_batch_size,
+                               world_size=self.world_size)
+        if plan.over_budget and not self._warned_over_budget:
+            self._warned_over_budget = True
+            log.warning("%d samples are longer than --max-tokens-per-gpu %d: each trains alone in its micro-batch "
+                        "(said once per run)", plan.over_budget, self.max_tokens)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        sums = StepSums(device=self.device)
+        for idx in plan.ranks[self.rank]:
+            if not idx:
+                self._empty_pass()
+                continue
+            tb = collate([samples[i] for i in idx], [advs[i] for i in idx], self.pad_id, version=version)
+            sums += self._micro_batch(tb.to(self.device), pack(tb).to(self.device), weigh, sft=sft)
+        return sums
+
+    def apply(self, sums: StepSums, version: int) -> StepStats:
+        """Clip the accumulated gradients, step, and advance to ``version + 1``; ``sums``: every rank's."""
         max_norm = self.clip_grad if self.clip_grad > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         lr = self.lr_schedule.apply(self.optimizer, version)
         self.optimizer.step()
         self.version = version + 1
-        return float(grad_norm), lr
+        return sums.stats(float(grad_norm), lr=lr, sync_bytes=self.sync_bytes, full_bytes=self.full_bytes)
 
-    def _sft_step(self, batch: list[Group], version: int) -> StepStats:
-        """Cross-entropy on the trained (assistant) tokens (``policies.sft``); temperature 1."""
-        samples = [s for g in batch for s in g.samples if s.trainable]
-        tb = collate(samples, [0.0] * len(samples), self.pad_id, version=version).to(self.device)
-        logp, entropy = self._token_logp(self.model, tb, temperature=1.0)
-        loss = sft_loss(logp, tb.mask, per_token=self.grpo.calculate_per_token_loss)
-        grad_norm, lr = self._update(loss, version)
-        return StepStats(loss=loss.item(), pg_clipfrac=0.0, tis_mean=1.0, tis_clipfrac=0.0, kl=0.0,
-                         entropy=float(masked_mean(entropy.detach(), tb.mask)), grad_norm=grad_norm, lr=lr,
-                         n_tokens=int(tb.mask.sum()), n_samples=len(samples), sync_bytes=self.sync_bytes,
-                         full_bytes=self.full_bytes)
+    def _micro_batch(self, tb: TokenBatch, packed: Packed, weigh: Callable[[torch.Tensor], torch.Tensor], *,
+                     sft: bool) -> StepSums:
+        """Backward of this micro-batch's share of the step's loss; returns its partial sums."""
+        logp, entropy = self._logprobs(self.model, packed, tb.mask.shape, temperature=1.0 if sft else None)
+        sums = StepSums(device=self.device)
+        m = tb.mask
+        if sft:
+            per_token = -logp
+            sums.add(weight=m.sum())  # no importance weight: 1 on every token
+        else:
+            per_token = self._policy_terms(logp, entropy, tb, packed, sums)
+        loss = (per_token * weigh(m)).sum()  # this micro-batch's share of the whole step's loss
+        loss.backward()
+        sums.add(loss=loss.detach(), entropy=(entropy.detach() * m).sum(), tokens=m.sum(), samples=m.shape[0])
+        return sums
 
-    def _importance_weight(self, prox_logp: torch.Tensor, tb: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        g = self.grpo
-        return importance_weight(prox_logp, tb.behavior_logp, tb.mask, tb.staleness, level=g.tis_level,
-                                 mode=g.tis_mode, low=g.tis_clip_low, high=g.tis_clip, caps=g.tis_clip_by_staleness)
+    def _policy_terms(self, logp: torch.Tensor, entropy: torch.Tensor, tb: TokenBatch, packed: Packed,
+                      sums: StepSums) -> torch.Tensor:
+        """The PPO-clip loss per token (importance-weighted, KL, entropy bonus); adds its sums."""
+        g, m = self.grpo, tb.mask
+        old_logp = logp.detach()  # one step per batch: proximal policy == current (module doc)
+        eps_high = g.eps_clip_high if g.eps_clip_high is not None else g.eps_clip
+        pg, clipped = ppo_clip(logp, old_logp, tb.advantages, eps_low=g.eps_clip, eps_high=eps_high)
+        w, bounded = importance_weight(old_logp, tb.behavior_logp, m, tb.staleness, level=g.tis_level,
+                                       mode=g.tis_mode, low=g.tis_clip_low, high=g.tis_clip,
+                                       caps=g.tis_clip_by_staleness)
+        per_token = pg * w if g.use_tis else pg
+        if self.ref is not None:
+            with torch.no_grad():
+                ref_logp, _ = self._logprobs(self.ref, packed, m.shape)
+            kl = kl_penalty(logp, ref_logp, g.kl_loss_type)
+            per_token = per_token + g.kl_loss_coef * kl
+            sums.add(kl=(kl.detach() * m).sum())
+        if g.entropy_coef:
+            per_token = per_token - g.entropy_coef * entropy
+        sums.add(clipped=(clipped * m).sum(), weight=(w * m).sum(), bounded=(bounded * m).sum())
+        sums.add_buckets(w, bounded, tb.staleness, m)
+        return per_token
+
+    def _empty_pass(self) -> None:
+        """A micro-batch with no samples (more micro-batches than samples): a forward and backward
+        that changes no gradient, so a data-parallel rank's collectives still pair with the others'."""
+        ids = torch.full((1, 1), self.pad_id, device=self.device)
+        with self._autocast:
+            decoder, head = _decoder_and_head(self.model)
+            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
+        (hidden.sum() * 0 + head.sum() * 0).backward()
 
     # -- the collective weight transport (policies/weight_sync.py): rank 0 of the update group --
     def weight_group_endpoint(self, host: str = "127.0.0.1") -> tuple[str, int]:
@@ -290,4 +318,33 @@ class PolicyTrainer:
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         if self.ref is not None and (ckpt_dir / "reference").is_dir():
-            self.ref = load_causal_lm(ckpt_dir / "reference").eval()
+            self.ref = self._load(ckpt_dir / "reference").eval()
+
+
+def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The decoder stack (final hidden states, no head) and the output head's weight; under a peft
+    wrapper, those of the model it wraps (the LoRA layers are inside the decoder)."""
+    inner = model.get_base_model() if hasattr(model, "peft_config") else model
+    return inner.base_model, inner.get_output_embeddings().weight
+
+
+def recompute(model: torch.nn.Module, on: bool) -> None:
+    """Recompute each decoder layer's activations in backward (transformers' checkpointing), or not."""
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x renamed gradient_checkpointing_*
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw) if on else \
+            model.activation_checkpointing_disable()
+    elif on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_disable()
+
+
+def _with_advantages(batch: list[Group], grpo: Objective) -> tuple[list[Sample], list[float]]:
+    """Every sample of ``batch`` and its advantage (computed per group, from the whole group)."""
+    samples: list[Sample] = []
+    advs: list[float] = []
+    for g in batch:
+        advs += grpo_advantages(g.rewards, [s.trainable for s in g.samples], normalize_std=grpo.normalize_advantage_std)
+        samples += g.samples
+    return samples, advs

@@ -149,12 +149,23 @@ class PlacementConfig(Section):
 
 
 class PerfConfig(Section):
-    """PERF: threads and engine capacity."""
+    """PERF: threads, engine capacity, and the learner's micro-batches and recompute (policies/microbatch.py)."""
 
     learner_threads: Pos = 1
     engine_threads: Pos = 1
     engine_dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on a GPU, float32 on CPUs
     engine_max_running_requests: Pos = 512
+    micro_batch_size: Pos | None = None  # samples per micro-batch; default: the whole step in one (Miles: 1)
+    use_dynamic_batch_size: bool = False  # micro-batches packed up to --max-tokens-per-gpu tokens instead
+    max_tokens_per_gpu: Pos | None = None  # tokens per micro-batch, with --use-dynamic-batch-size
+    recompute_granularity: Literal["full", "selective"] | None = None  # full: recompute every decoder layer
+
+    @property
+    def trainer_kwargs(self) -> dict[str, Any]:
+        """What ``PolicyTrainer`` takes of this section besides threads."""
+        return {"micro_batch_size": self.micro_batch_size,
+                "max_tokens_per_gpu": self.max_tokens_per_gpu if self.use_dynamic_batch_size else None,
+                "recompute_activations": self.recompute_granularity == "full"}
 
 
 class EngineConfig(Section):
@@ -459,6 +470,7 @@ def check(cfg: Config) -> None:
     if cfg.lora.enabled and cfg.placement.weight_transport not in ("auto", "shm"):
         raise ConfigError("--weight-transport", f"{cfg.placement.weight_transport} sends every weight; with "
                           "--lora-rank the adapter travels as files (auto or shm)")
+    _check_perf(cfg.perf, backend=cfg.train.train_backend)
     _check_placement(cfg)
     p = cfg.placement
     check_train(cfg.train, learner_ranks=max(p.actor_num_nodes * p.actor_num_gpus_per_node, 1),
@@ -491,6 +503,16 @@ def _check_sft(cfg: Config) -> None:
                         (r.dynamic_sampling_filter_path, "--dynamic-sampling-filter-path")):
         if value:
             raise ConfigError(name, "an SFT run generates and scores nothing (--loss-type sft_loss)")
+
+
+def _check_perf(p: PerfConfig, *, backend: str) -> None:
+    if p.use_dynamic_batch_size and p.max_tokens_per_gpu is None:
+        raise ConfigError("--max-tokens-per-gpu", "--use-dynamic-batch-size needs a token budget per micro-batch")
+    if p.max_tokens_per_gpu is not None and not p.use_dynamic_batch_size:
+        raise ConfigError("--max-tokens-per-gpu", "takes effect only with --use-dynamic-batch-size (as in Miles)")
+    if p.recompute_granularity == "selective" and backend == "fsdp":
+        raise ConfigError("--recompute-granularity", "selective (attention only) needs --train-backend megatron; "
+                          "the fsdp learner recomputes whole decoder layers: use full")
 
 
 def _check_placement(cfg: Config) -> None:

@@ -199,7 +199,8 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
     # the KL reference: --ref-load, else the policy the run started from (also after a resume)
     trainer = new_trainer(model_path, grpo=cfg.grpo, optim=optim, temperature=1.0 if sft else r.rollout_temperature,
                           pad_id=task.tokenizer.pad_token_id, threads=cfg.perf.learner_threads, version=version,
-                          ref_path=cfg.ckpt.ref_load or initial, lora=lora, **train_config.trainer_kwargs(cfg.train))
+                          ref_path=cfg.ckpt.ref_load or initial, lora=lora, **cfg.perf.trainer_kwargs,
+                          **train_config.trainer_kwargs(cfg.train, cfg.perf.recompute_granularity))
     if resume:
         trainer.load_checkpoint(resume.path)
     transport = weight_transport.choose("shm" if lora else p.weight_transport, learner_gpus=learner_gpus, engine_gpus=engine_gpus,

@@ -182,7 +182,8 @@ def build_agent(mc: MultiConfig, name: str, ac: AgentConfig, index: int, *, task
     trainer = None if ac.frozen else TrainerProcess(
         model_path, grpo=replace(cfg.grpo, entropy_coef=ac.entropy_coef), optim=replace(
             cfg.optimizer, lr=ac.lr, lr_decay_iters=cfg.optimizer.lr_decay_iters or ac.num_steps),
-        temperature=ac.rollout_temperature, pad_id=tok.pad_token_id, threads=cfg.perf.learner_threads)
+        temperature=ac.rollout_temperature, pad_id=tok.pad_token_id, threads=cfg.perf.learner_threads,
+        **cfg.perf.trainer_kwargs)
     (weights / name).mkdir()
     return Agent.assemble(name, ac, engines=engines, trainer=trainer, tokenizer=tok, runner=runner,
                           eval_runner=eval_runner, weights_dir=weights / name,

@@ -1,7 +1,6 @@
 """Real optimizer steps on a tiny random model: the update's direction and its off-policy weights."""
 
 import pytest
-import torch
 
 from buffers.types import Group, Prompt, Sample, Status
 from policies.advantages import grpo_advantages
@@ -53,8 +52,7 @@ def test_a_step_raises_logprob_of_rewarded_response(copy_task, tmp_path):
 
     def logp(resp):
         tb = collate([group.samples[0 if resp is good else 1]], [0.0], pad_id=0, version=0)
-        with torch.no_grad():
-            lp, _ = trainer._token_logp(trainer.model, tb)
+        lp, _ = trainer.token_logprobs(tb)
         return (lp * tb.mask).sum().item()
 
     before = logp(good), logp(bad)
