@@ -18,6 +18,7 @@ import gc
 import inspect
 import json
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -145,6 +146,26 @@ def throughput(make, shapes, vocab, device) -> dict:
     return out
 
 
+def gpu_loop(run_dir: Path, seconds: float) -> dict:
+    """The default recipe on one GPU, the megatron learner and the engine sharing it."""
+    cmd = [sys.executable, "-m", "runtime.launch", "--train-backend", "megatron", "--actor-num-gpus-per-node", "1",
+           "--rollout-num-gpus", "1", "--colocate", "--num-rollout", "200", "--run-dir", str(run_dir),
+           "--progress", "lines"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds)
+        tail = proc.stderr.strip().splitlines()[-3:]
+    except subprocess.TimeoutExpired as e:
+        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        tail = ["timed out", *err.splitlines()[-3:]]
+    summary = run_dir / "summary.json"
+    out = {"tail": tail}
+    if summary.exists():
+        s = json.loads(summary.read_text())
+        out.update({k: s.get(k) for k in ("steps", "first_eval_reward", "final_eval_reward")},
+                   transport=s.get("weight_sync", {}).get("transport"))
+    return out
+
+
 def guarded(fn, *args) -> dict:
     """One section's result, or its error (the run goes on: one device call must tell all)."""
     try:
@@ -161,6 +182,8 @@ def main() -> None:
     ap.add_argument("--max-tokens-per-gpu", type=int, default=16384)
     ap.add_argument("--learners", default="megatron,hf")
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--loop-seconds", type=float, default=0.0, help="then the default recipe's loop on this GPU "
+                    "with --train-backend megatron (colocated engine, IPC weights), for at most this long")
     args = ap.parse_args()
     device = "cpu" if args.tiny else "cuda"
     cfg = model_config(args.tiny)
@@ -189,6 +212,10 @@ def main() -> None:
             cells += ["OOM", "-"] if r.get("oom") else [f"{r.get('tokens_per_s', 0):,.0f}",
                                                          f"{r.get('peak_gib', 0):.1f}"]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    if args.loop_seconds > 0:
+        result["loop"] = guarded(gpu_loop, args.out / "loop", args.loop_seconds)
+        print("loop", json.dumps(result["loop"]), flush=True)
+        (args.out / "megatron_gpu.json").write_text(json.dumps(result, indent=1))
     table = "\n".join(lines)
     (args.out / "megatron_gpu.md").write_text(table + "\n\n" + json.dumps(result["parity"], indent=1) + "\n")
     print(table)
