@@ -94,9 +94,9 @@ class RolloutConfig(Section):
     dynamic_sampling_filter_path: str = ""
     reward_timeout: PosF = 10.0  # seconds per sample before the reward counts as failed
     rollout_seed: int = 42
-    # multi-turn episodes (actors/generate_fn.py): module:function run on each sample; then
-    # --rollout-max-response-len bounds one policy turn and these bound the episode
-    custom_generate_function_path: str = ""
+    # multi-turn episodes (actors/generate_fn.py): with one, --rollout-max-response-len bounds one
+    # policy turn and the four fields below bound the episode
+    custom_generate_function_path: str = ""  # module:function, async (Conversation) -> reward | None, run per sample
     max_turns: Pos = 8  # policy turns per episode
     rollout_max_context_len: NonNeg = 0  # prompt + every turn, in tokens; 0: --max-position-embeddings
     tool_timeout: PosF = 10.0  # seconds for one tool call (Conversation.call_tool)

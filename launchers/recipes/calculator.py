@@ -18,6 +18,12 @@ copying the tool's answer pays. Why the call takes no expression by default: a r
 that must also copy the problem into the call learned too slowly for a CPU demo (with the
 expression required, 120-250 steps moved the reward only from 0.03 to 0.09-0.1 on 2 loaded cores).
 
+Measured (2 CPU cores shared with other jobs, load ~17; 2026-12-03), defaults: held-out eval reward
+(greedy, 64 prompts) 0.00 at step 0, 0.25 at 60, 0.43 at 140, 0.52 at 240, 0.60 at 400; 400 steps in
+950 s after a ~70 s start, no group dropped or duplicated, 778 malformed calls counted. Every
+episode calls the tool from about step 100; the answer's digits are still being learned at 400.
+With lr 1e-3 and no entropy bonus the eval reward stalled at 0.46 from step 120 on.
+
 The tokenizer carries a chat template written in its words, so the OpenAI-compatible endpoint
 renders ``[{"role": "user", "content": "4 7 * 8 3"}]`` and a tool message to exactly the tokens
 this module appends itself (``examples/openai_agent.py`` is the same agent through the endpoint).
@@ -143,8 +149,10 @@ RECIPE = Recipe(
     description="2-digit multiplication with a calculator tool: multi-turn episodes, tool output masked",
     defaults={
         "rollout": {"custom_generate_function_path": "launchers.recipes.calculator:generate",
-                    "rollout_max_response_len": 7, "max_turns": 2, "num_rollout": 300},
-        "optimizer": {"lr": 1e-3},
+                    "rollout_max_response_len": 7, "max_turns": 2, "num_rollout": 400},
+        # lr 1e-3 without the entropy bonus plateaued at eval 0.46 from step 120 on (the policy
+        # stopped exploring the answer's digits); 5e-4 with it was still climbing (module docstring)
+        "optimizer": {"lr": 5e-4}, "grpo": {"entropy_coef": 0.01},
         "eval": {"eval_num_prompts": 64, "eval_interval": 20},
     },
     make_task=make_task,
