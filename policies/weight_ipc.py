@@ -65,6 +65,13 @@ class Exporter:
             # since the default (file descriptors) needs the receiver to share our authkey
             torch.multiprocessing.set_sharing_strategy("file_system")
 
+    def retarget(self, tensors: list[tuple[str, torch.Tensor]]) -> None:
+        """Read the next ``serialize`` from ``tensors`` (the plan's names and shapes), for a trainer
+        whose served tensors are rebuilt at each sync (the Megatron learner's gathered HF tensors);
+        the buffer, and so the engines' handle, stays the same."""
+        by_name = dict(tensors)
+        self._sources = [by_name[n] for n in self.meta.names]
+
     @torch.no_grad()
     def serialize(self) -> bytes:
         """Copy the current weights into the buffer and return the payload that names it."""

@@ -24,7 +24,6 @@ from megatron.core import parallel_state as ps
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from policies import weight_ipc
 from policies.megatron import convert, publish
 
 
@@ -74,18 +73,6 @@ def save_hf(weights: publish.HfWeights, hf_config, out_dir: Path) -> Path:
         save_file(state, str(out_dir / "model.safetensors"))
         hf_config.save_pretrained(out_dir)
     return out_dir
-
-
-def ipc_export(trainer, dtype: torch.dtype) -> weight_ipc.Exporter:
-    """The trainer's IPC exporter over freshly gathered HF tensors (kept on the trainer: the
-    buffer must outlive the call, module doc of ``weight_ipc``)."""
-    exporter = getattr(trainer, "_exporter", None)
-    tensors = list(trainer.weights.tensors())
-    if exporter is None or exporter.meta.dtypes[0] != str(dtype).removeprefix("torch."):
-        exporter = trainer._exporter = weight_ipc.Exporter(tensors, dtype=dtype)
-    else:
-        exporter._sources = [t for _, t in tensors]
-    return exporter
 
 
 def save(trainer, out_dir: Path) -> None:

@@ -77,6 +77,7 @@ class MegatronTrainer:
                                       warmup_iters=optim.lr_warmup_iters, decay_iters=optim.lr_decay_iters)
         self.weights = publish.HfWeights(self.model, self.hf_config)  # the bare stage, not DDP
         self._sender: publish.Sender | None = None
+        self._exporter = None  # weight_ipc.Exporter, from the first ipc sync on
 
     def _load(self, path: str | Path) -> torch.nn.Module:
         pp, stage = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
@@ -182,13 +183,18 @@ class MegatronTrainer:
             self._sender = None
 
     def ipc_weights(self, dtype: str) -> bytes:
-        """The same-GPU transport: one flat bucket of the HF tensors (``weight_ipc``), refilled
-        from the gathered tensors at each call (the buffer is this trainer's for life)."""
+        """The same-GPU transport: one flat bucket of the HF tensors (``weight_ipc``), the buffer this
+        trainer's for life (the engines keep its handle), refilled from freshly gathered tensors."""
         import msgspec
 
         from policies import weight_ipc, weight_sync
-        export = checkpoint.ipc_export(self, weight_sync.dtype_of(dtype))
-        return msgspec.msgpack.encode(weight_ipc.Export(self.version, export.meta, export.serialize()))
+        tensors = list(self.weights.tensors())
+        if self._exporter is None or self._exporter.meta.dtypes[0] != dtype:
+            self._exporter = weight_ipc.Exporter(tensors, dtype=weight_sync.dtype_of(dtype))
+        else:
+            self._exporter.retarget(tensors)
+        export = weight_ipc.Export(self.version, self._exporter.meta, self._exporter.serialize())
+        return msgspec.msgpack.encode(export)
 
     # -- files ---------------------------------------------------------------------------------
     def save_weights(self, out_dir: Path) -> Path:

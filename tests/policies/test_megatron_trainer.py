@@ -15,7 +15,7 @@ import transformers
 
 pytest.importorskip("megatron.core", reason="megatron-core is not installed (pip install -e '.[megatron]')")
 
-from policies import weight_sync  # noqa: E402
+from policies import weight_ipc, weight_sync  # noqa: E402
 from policies.megatron.trainer import MegatronTrainer, micro_batches  # noqa: E402
 from policies.model import qwen3_config  # noqa: E402
 from policies.trainer import PolicyTrainer, StepStats  # noqa: E402
@@ -119,6 +119,30 @@ def test_published_weights_have_the_hf_learners_names_shapes_and_plan(checkpoint
         assert all(torch.equal(t, by_name[n]) for n, t in ours)
         plan = weight_sync.plan_buckets(ours, dtype=torch.bfloat16, bucket_bytes=20_000)
         assert len(plan) > 1 and sum(len(m.names) for m in plan) == len(theirs)
+    finally:
+        trainer.close()
+
+
+def test_ipc_syncs_carry_each_versions_gathered_weights_in_one_buffer(checkpoint):
+    """The same-GPU transport (exercised on CPU, as weight_ipc's tests do): the payload holds the HF
+    tensors, and after a step the next sync rewrites the same buffer with the new weights."""
+    trainer = megatron(checkpoint)
+    try:
+        def synced():
+            export = msgspec.msgpack.decode(trainer.ipc_weights("float32"), type=weight_ipc.Export)
+            payload = weight_ipc.loads(export.serialized)
+            return export.version, payload["flattened_tensor"], dict(weight_ipc.named_tensors(payload))
+
+        v0, flat0, before = synced()
+        assert before.keys() == dict(trainer.weights.tensors()).keys()
+        first = {k: v.clone() for k, v in before.items()}
+        trainer.step(batch(), 0)
+        v1, flat1, after = synced()
+        assert (v0, v1) == (0, 1) and flat1.data_ptr() == flat0.data_ptr()
+        now = dict(trainer.weights.tensors())
+        assert all(torch.equal(after[k], now[k]) for k in now)
+        assert not torch.equal(after["model.layers.0.self_attn.q_proj.weight"],
+                               first["model.layers.0.self_attn.q_proj.weight"])
     finally:
         trainer.close()
 
