@@ -89,9 +89,8 @@ class RolloutConfig(Section):
     custom_rm_path: str = ""  # module:function; empty: --rm-type, else the recipe's reward
     group_rm: bool = False  # the reward scores a whole group in one call: fn(prompt, samples) -> list
     reward_key: str = ""  # the reward returns a dict of components: train on this one, log them all
-    # module:function(group) -> bool or (bool, reason): False drops the group, counted by reason;
-    # buffers.filters:check_reward_nonzero_std is DAPO's dynamic sampling (all rewards equal: dropped)
-    dynamic_sampling_filter_path: str = ""
+    # fn(group) -> bool or (keep, reason); a dropped group is counted as filter_<reason> and replaced
+    dynamic_sampling_filter_path: str = ""  # module:function; DAPO's: buffers.filters:check_reward_nonzero_std
     reward_timeout: PosF = 10.0  # seconds per sample before the reward counts as failed
     rollout_seed: int = 42
     # multi-turn episodes (actors/generate_fn.py): with one, --rollout-max-response-len bounds one
@@ -127,9 +126,8 @@ class EvalConfig(Section):
     eval_max_response_len: Pos | None = None
     n_samples_per_eval_prompt: Pos = 1
     eval_num_prompts: Pos = 200
-    # NAME PATH [NAME PATH ...]: held-out prompt files, each logged as eval/NAME (read like
-    # --prompt-data); replaces the recipe's held-out prompts
-    eval_prompt_data: list[str] = []
+    # held-out prompt files read like --prompt-data; they replace the recipe's held-out prompts
+    eval_prompt_data: list[str] = []  # NAME PATH [NAME PATH ...]: each set logged as eval/NAME
 
 
 class PlacementConfig(Section):

@@ -80,7 +80,12 @@ RECIPE = Recipe(
         # a real model on two busy CPU cores: one prefill of the held-out set takes tens of seconds
         # and a /health_generate probe waits behind it, past the embedded server's own 20 s limit
         # on it; so no periodic probes (a dead engine still fails its calls and is restarted)
-        "fault": {"health_check_interval": 0.0, "engine_progress_timeout": 600.0},
+        "fault": {"health_check_interval": 0.0, "engine_progress_timeout": 1800.0},
+        # both cores for each of the engine and the trainer (they overlap only while both work);
+        # and room for a slow step before the stall watchdog ends the run (a busy shared machine
+        # made the first step take over 10 minutes)
+        "perf": {"engine_threads": 2, "learner_threads": 2},
+        "async": {"stall_timeout": 1800.0},
     },
     make_task=_no_task,
     prepare=prepare,
