@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from buffers.types import Group, Prompt, Sample, Status  # noqa: E402
 from policies.megatron import convert  # noqa: E402
+from policies.megatron.model import Parallelism  # noqa: E402
 from policies.megatron.trainer import MegatronTrainer  # noqa: E402
 from policies.model import qwen3_config  # noqa: E402
 from policies.trainer import PolicyTrainer  # noqa: E402
@@ -132,7 +133,8 @@ def throughput(make, shapes, vocab, device) -> dict:
                 gc.collect()
                 torch.cuda.empty_cache()
             print(key, out[key], flush=True)
-        if isinstance(trainer, MegatronTrainer):  # the resume files, written and read back on this device
+        # the resume files, written and read back on this device
+        if isinstance(trainer, MegatronTrainer) and not trainer.par.recompute_granularity:
             ckpt = Path(tempfile.mkdtemp())
             trainer.save_checkpoint(ckpt)
             trainer.load_checkpoint(ckpt)
@@ -147,7 +149,7 @@ def throughput(make, shapes, vocab, device) -> dict:
 
 
 def gpu_loop(run_dir: Path, seconds: float) -> dict:
-    """The default recipe on one GPU, the megatron learner and the engine sharing it."""
+    """The default recipe on one GPU, the megatron learner and the engine sharing it (IPC weights)."""
     cmd = [sys.executable, "-m", "runtime.launch", "--train-backend", "megatron", "--actor-num-gpus-per-node", "1",
            "--rollout-num-gpus", "1", "--colocate", "--num-rollout", "200", "--run-dir", str(run_dir),
            "--progress", "lines"]
@@ -180,7 +182,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(tempfile.mkdtemp()))
     ap.add_argument("--shapes", default="32x1152,32x4096,256x1024,8x16384")
     ap.add_argument("--max-tokens-per-gpu", type=int, default=16384)
-    ap.add_argument("--learners", default="megatron,hf")
+    ap.add_argument("--learners", default="megatron,megatron_recompute,hf")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--loop-seconds", type=float, default=0.0, help="then the default recipe's loop on this GPU "
                     "with --train-backend megatron (colocated engine, IPC weights), for at most this long")
@@ -198,6 +200,9 @@ def main() -> None:
     print("parity", json.dumps(result["parity"]), flush=True)
     makers = {"megatron": lambda: MegatronTrainer(path, grpo=GRPO, optim=OPTIM, temperature=1.0, pad_id=0,
                                                   device=device, max_tokens_per_gpu=args.max_tokens_per_gpu),
+              "megatron_recompute": lambda: MegatronTrainer(
+                  path, grpo=GRPO, optim=OPTIM, temperature=1.0, pad_id=0, device=device,
+                  max_tokens_per_gpu=args.max_tokens_per_gpu, parallelism=Parallelism(recompute_granularity="full")),
               "hf": lambda: hf_trainer(path, device, args.max_tokens_per_gpu)}
     for name in args.learners.split(","):
         result[name] = guarded(throughput, makers[name], shapes, cfg.vocab_size, device)

@@ -97,7 +97,7 @@ def transformer_config(hf_config, par: Parallelism, *, dtype: torch.dtype, on_gp
         expert_model_parallel_size=par.expert_model_parallel_size,
         sequence_parallel=par.sequence_parallel,
         recompute_granularity=recompute,
-        recompute_method=par.recompute_method if recompute == "full" else None,
+        recompute_method=(par.recompute_method or "uniform") if recompute == "full" else None,
         recompute_num_layers=(par.recompute_num_layers or 1) if recompute == "full" else None,
         # the fused kernels are CUDA / apex only; the unfused paths are exact everywhere
         apply_rope_fusion=False, bias_activation_fusion=False, masked_softmax_fusion=False,
