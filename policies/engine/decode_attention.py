@@ -9,12 +9,15 @@ rounding:
   (q [rows, kv_heads, group, head_dim]): the same dot products without copying K/V per group.
   Every row reads every column of the bucket, live or not. Runs everywhere.
 - FlexDecode: torch's flex_attention (compiled to a Triton split-KV decode kernel) with a block
-  mask built from the live ranges, so each row reads only the 128-column blocks it uses. Profiled
-  on an H200 at 512 rows x 600 cached tokens (benchmarks/engine_gpu_profile.py): 350 us per layer
-  against 612 us for SDPA's fastest backend (cuDNN) over the same bucket, 3.6 against 2.1 TB/s
-  of live K/V. Used on CUDA for half-precision models with head_dim 64, 128 or 256; its first
-  eager run is checked against SdpaDecode, and any failure (compile, kernel, mismatch) falls back
-  to SdpaDecode for good (SlotDecoder does that).
+  mask built from the live ranges, so each row reads only the 128-column blocks it uses. Opt-in
+  (ASYNCRL_ENGINE_FLEX=1; CUDA, half precision, head_dim 64/128/256). The kernel alone is faster
+  (H200, 512 rows x 600 cached tokens, benchmarks/engine_gpu_profile.py: 350 us per layer against
+  612 us for SDPA's fastest backend over the same bucket, 3.6 against 2.1 TB/s of live K/V), but
+  through the engine it was slower (512 x (128 + 1,024): 7,214 tokens/s against 16,957 with
+  SDPA), most likely because it recompiles (~8 s each) at graph captures of new row/width
+  buckets despite dynamic=True: not the default until that is found and measured. Its first eager
+  run is checked against SdpaDecode, and any failure (compile, kernel, mismatch) falls back to
+  SdpaDecode for good (SlotDecoder does that).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 
 log = logging.getLogger("engine.runner")
 
-FLEX_ENV = "ASYNCRL_ENGINE_FLEX"  # "0" turns FlexDecode off
+FLEX_ENV = "ASYNCRL_ENGINE_FLEX"  # "1" turns FlexDecode on
 
 
 class SdpaDecode:
@@ -69,7 +72,7 @@ class FlexDecode:
     def usable(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
         if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or head_dim not in (64, 128, 256):
             return False
-        if os.environ.get(FLEX_ENV, "1") == "0":
+        if os.environ.get(FLEX_ENV, "0") != "1":
             return False
         return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 

@@ -22,7 +22,8 @@ Layout invariants:
   decode graphs captured on these buffers stay valid); `generation` changes whenever a buffer is
   reallocated, which invalidates those graphs. They grow one layer at a time, so growing needs one
   layer's worth of spare memory, not a second copy of the whole cache, and by at least a quarter
-  (rounded to WIDTH_ALIGN columns) so long answers regrow a few times, not every WIDTH_ALIGN tokens.
+  (rounded to WIDTH_ALIGN columns) so long answers regrow a few times without doubling the memory
+  they hold.
 - starts/ends are Python lists (the truth); the decoder uploads them with the step's inputs.
 """
 
@@ -121,7 +122,12 @@ class SlotCache:
         width_cap = self.width_capacity
         if width > width_cap:
             grown = max(width, width_cap + width_cap // 4, self.MIN_WIDTH)
-            width_cap = -(-grown // self.WIDTH_ALIGN) * self.WIDTH_ALIGN
+            # a GPU aligns from the first allocation (its graphs attend to WIDTH_ALIGN buckets); a CPU
+            # attends to the whole buffer (SDPA there is faster on the contiguous buffer than on a
+            # cut of it), so small buffers stay exact there
+            if self.device.type == "cuda" or grown > self.WIDTH_ALIGN:
+                grown = -(-grown // self.WIDTH_ALIGN) * self.WIDTH_ALIGN
+            width_cap = grown
         n, w = len(self), min(self.width_capacity, width_cap)
         old, self.kv = self.kv, []
         for i in range(self.layers):  # one layer at a time: the old one is freed before the next is made

@@ -45,8 +45,8 @@ class SlotDecoder:
     The step is HF's own computation, module by module (its embedding, RMSNorms, projections,
     rotary embedding and MLPs are called as they are), except the cache write and the attention:
     each row's new key/value is written at its column, and attention runs over the width bucket
-    keeping [start, end] of each row (decode_attention.py: flex_attention's block-sparse kernel on
-    a GPU, SDPA with a mask elsewhere), so each row still gets the logits of its sequence run alone
+    keeping [start, end] of each row (decode_attention.py: SDPA with a mask; flex_attention's
+    block-sparse kernel when opted in), so each row still gets the logits of its sequence run alone
     (padding columns and padded rows change nothing but rounding).
 
     Graphs are captured with capture_error_mode="thread_local": the weight-receiving thread may

@@ -18,6 +18,7 @@ import pytest
 import torch
 import transformers
 
+from policies.engine.decode_attention import FLEX_ENV
 from policies.engine.runner import ModelRunner
 from policies.engine.scheduler import Scheduler
 from policies.engine.wire import GenerateItem, SamplingParams
@@ -44,7 +45,8 @@ def model_on(device: str, vocab: int, context: int) -> torch.nn.Module:
     ("device", "rows", "new", "swap_at"),
     [("cpu", 6, 40, 17), pytest.param("cuda", 64, 700, 333, marks=CUDA)],
 )
-def test_versions_are_exact_across_a_swap_during_long_answers(device, rows, new, swap_at):
+def test_versions_are_exact_across_a_swap_during_long_answers(device, rows, new, swap_at, monkeypatch):
+    monkeypatch.setenv(FLEX_ENV, "1")  # on a GPU: the opt-in flex-attention decode under graphs too
     vocab = 50
     model = model_on(device, vocab, new + 16)
     model.model.embed_tokens.weight.mul_(5)  # spread the logits: no token's logprob near -log(vocab) by chance
