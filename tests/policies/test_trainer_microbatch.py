@@ -114,3 +114,22 @@ def test_packed_log_probs_equal_padded_ones(path):
     torch.testing.assert_close(packed_logp[valid], want_logp[valid], rtol=0, atol=1e-10)
     torch.testing.assert_close(packed_ent[valid], want_ent[valid], rtol=0, atol=1e-10)
     assert (packed_logp[~valid] == 0).all()
+
+
+@pytest.mark.parametrize("per_token", [True, False])
+def test_sft_micro_batches_give_the_gradients_and_loss_of_one_batch(path, per_token):
+    def sft(**kw):
+        torch.manual_seed(0)
+        t = PolicyTrainer(path, grpo=GrpoConfig(loss_type="sft_loss", calculate_per_token_loss=per_token),
+                          optim=OptimizerConfig(lr=1e-2), temperature=0.7, pad_id=0, **kw)
+        t.model.double()
+        return t
+
+    whole, parts = sft(), sft(max_tokens_per_gpu=10)
+    s1, s2 = whole.accumulate(batch(), 3), parts.accumulate(batch(), 3)
+    g1, g2 = grads(whole), grads(parts)
+    for name in g1:
+        torch.testing.assert_close(g2[name], g1[name], rtol=1e-10, atol=1e-12, msg=name)
+    a, b = whole.apply(s1, 3), parts.apply(s2, 3)
+    assert (a.n_samples, a.n_tokens) == (b.n_samples, b.n_tokens) == (6, 20)  # the failed sample is left out
+    assert b.loss == pytest.approx(a.loss, rel=1e-10) and b.entropy == pytest.approx(a.entropy, rel=1e-10)
