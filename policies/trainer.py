@@ -41,8 +41,8 @@ import torch
 from safetensors.torch import save_file
 
 from buffers.types import Group, Sample
+from policies import fsdp, microbatch, weight_ipc, weight_sync
 from policies import lora as adapters
-from policies import microbatch, weight_ipc, weight_sync
 from policies.advantages import grpo_advantages
 from policies.correction import importance_weight
 from policies.logprobs import token_logprobs
@@ -70,12 +70,13 @@ class PolicyTrainer:
     Micro-batching (``policies.microbatch``): ``max_tokens_per_gpu`` (Miles's dynamic batch size;
     None: off) or else ``micro_batch_size`` samples (None: the whole step at once).
     ``recompute_activations``: recompute each decoder layer in backward (HF checkpointing).
-    ``rank`` / ``world_size``: this trainer's share of each step (module doc)."""
+    ``rank`` / ``world_size``: this trainer's share of each step (module doc); ``dist_url``: the
+    rendezvous of the ranks' group, which makes this trainer an FSDP2 rank (policies/fsdp.py)."""
 
     def __init__(self, model_path: str | Path, *, grpo: Objective, optim: Optimizer, temperature: float,
                  pad_id: int, threads: int = 1, device: str = "cpu", version: int = 0,
                  micro_batch_size: int | None = None, max_tokens_per_gpu: int | None = None,
-                 recompute_activations: bool = False, rank: int = 0, world_size: int = 1,
+                 recompute_activations: bool = False, rank: int = 0, world_size: int = 1, dist_url: str | None = None,
                  ref_path: str | Path | None = None, lora: adapters.LoraSpec | None = None):
         torch.set_num_threads(threads)
         self.device = torch.device(device)
@@ -94,6 +95,10 @@ class PolicyTrainer:
             self.model = adapters.wrap(self.model, lora)
         adapter_bytes, self.full_bytes = adapters.sync_bytes(self.model)
         self.sync_bytes = adapter_bytes if lora is not None else self.full_bytes
+        if dist_url is not None:  # one rank of a data-parallel group at this rendezvous (policies/fsdp.py);
+            # without one, a rank computes its share alone (what the float64 tests of the split check)
+            fsdp.join(rank=rank, world_size=world_size, url=dist_url, device=self.device)
+            fsdp.shard(self.model, self.device)
         # the KL anchor (--ref-load); default: the weights it starts from
         self.ref = self._load(ref_path or model_path).eval() if grpo.use_kl_loss else None
         self._sender: weight_sync.Sender | None = None  # the weight-update group, once joined
@@ -120,9 +125,9 @@ class PolicyTrainer:
         """Log-probs and entropies at ``packed``'s scored positions, as (B, L-1) padded tensors;
         ``temperature``: the sampling temperature's by default."""
         with self._autocast:
-            decoder, head = _decoder_and_head(model)
-            hidden = decoder(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
-                             cu_seq_lens_q=packed.cu_seqlens, max_length_q=packed.max_len).last_hidden_state
+            hidden = _decoder(model)(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                                     cu_seq_lens_q=packed.cu_seqlens, max_length_q=packed.max_len).last_hidden_state
+        head = _head(model)  # after the forward: a sharded model's root gathered it there (policies/fsdp.py)
         dtype = torch.bfloat16 if self.device.type == "cuda" else head.dtype
         logp, entropy = token_logprobs(hidden[0, packed.src], head, packed.targets,
                                        temperature=temperature or self.temperature, compute_dtype=dtype)
@@ -138,7 +143,10 @@ class PolicyTrainer:
     def step(self, batch: list[Group], version: int) -> StepStats:
         """One optimizer step on ``batch`` by the policy at ``version`` (the learner's version, which
         dates each token's staleness). Runs synchronously; call it off the event loop."""
-        return self.apply(self.accumulate(batch, version), version)
+        sums = self.accumulate(batch, version)
+        if fsdp.is_sharded(self.model):  # every rank's figures, so each applies (and reports) the whole step's
+            fsdp.all_reduce_sum(sums.values)
+        return self.apply(sums, version)
 
     def accumulate(self, batch: list[Group], version: int) -> StepSums:
         """Forward and backward of this rank's micro-batches of ``batch``; the gradients are left in
@@ -178,7 +186,7 @@ class PolicyTrainer:
         lr = self.lr_schedule.apply(self.optimizer, version)
         self.optimizer.step()
         self.version = version + 1
-        return sums.stats(float(grad_norm), lr=lr, sync_bytes=self.sync_bytes, full_bytes=self.full_bytes)
+        return sums.stats(float(fsdp.local(grad_norm)), lr=lr, sync_bytes=self.sync_bytes, full_bytes=self.full_bytes)
 
     def _micro_batch(self, tb: TokenBatch, packed: Packed, weigh: Callable[[torch.Tensor], torch.Tensor], *,
                      sft: bool) -> StepSums:
@@ -224,9 +232,8 @@ class PolicyTrainer:
         that changes no gradient, so a data-parallel rank's collectives still pair with the others'."""
         ids = torch.full((1, 1), self.pad_id, device=self.device)
         with self._autocast:
-            decoder, head = _decoder_and_head(self.model)
-            hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
-        (hidden.sum() * 0 + head.sum() * 0).backward()
+            hidden = _decoder(self.model)(input_ids=ids, use_cache=False).last_hidden_state
+        (hidden.sum() * 0 + _head(self.model).sum() * 0).backward()
 
     # -- the collective weight transport (policies/weight_sync.py): rank 0 of the update group --
     def weight_group_endpoint(self, host: str = "127.0.0.1") -> tuple[str, int]:
@@ -236,12 +243,14 @@ class PolicyTrainer:
     def init_weight_group(self, master_address: str, master_port: int, world_size: int, backend: str,
                           group_name: str, timeout_s: float, dtype: str, bucket_bytes: int) -> list[bytes]:
         """Join as rank 0 (blocks until the engines have joined); returns the bucket plan,
-        msgpack-encoded ``BucketMeta``s, that the engines are told bucket by bucket."""
+        msgpack-encoded ``BucketMeta``s, that the engines are told bucket by bucket. Of a
+        data-parallel group only rank 0 joins; every rank gathers the buckets it sends."""
         self.destroy_weight_group()
-        self._sender = weight_sync.Sender(
-            weight_sync.new_group(backend=backend, master_address=master_address, master_port=master_port, rank=0,
-                                  world_size=world_size, group_name=group_name, timeout_s=timeout_s),
-            self._served_tensors(), dtype=weight_sync.dtype_of(dtype), bucket_bytes=bucket_bytes)
+        pg = weight_sync.new_group(backend=backend, master_address=master_address, master_port=master_port, rank=0,
+                                   world_size=world_size, group_name=group_name, timeout_s=timeout_s) \
+            if self.rank == 0 else None
+        sender = fsdp.GatheringSender if fsdp.is_sharded(self.model) else weight_sync.Sender
+        self._sender = sender(pg, self._served_tensors(), dtype=weight_sync.dtype_of(dtype), bucket_bytes=bucket_bytes)
         return [msgspec.msgpack.encode(m) for m in self._sender.plan]
 
     def broadcast_weights(self) -> int:
@@ -267,6 +276,8 @@ class PolicyTrainer:
         the bf16 copy. The driver makes that next call only after every engine answered this
         sync, and an engine answers once its copy out of the buffer has run, so the learner may
         step while the engines load without any engine reading a half-written buffer."""
+        if fsdp.is_sharded(self.model):  # (runtime.config refuses ipc with more than one learner rank)
+            raise RuntimeError("ipc weights need one learner rank: the engines map one trainer's full weights")
         if self._exporter is None or self._exporter.meta.dtypes[0] != dtype:
             self._exporter = weight_ipc.Exporter(self._served_tensors(), dtype=weight_sync.dtype_of(dtype))
         export = weight_ipc.Export(self.version, self._exporter.meta, self._exporter.serialize())
@@ -286,27 +297,37 @@ class PolicyTrainer:
 
     def save_weights(self, out_dir: Path) -> Path:
         """Write the current weights as one safetensors file engines can load in place; with LoRA,
-        the adapter alone, in peft's format (engines load it through /load_lora_adapter)."""
+        the adapter alone, in peft's format (engines load it through /load_lora_adapter). Of a
+        data-parallel group rank 0 writes the file, every rank takes part in gathering it."""
         if self.lora is not None:
             return adapters.save_adapter(self.model, out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self._served_tensors()}
-        save_file(state, str(out_dir / "model.safetensors"))
+        state = fsdp.full_cpu(self._served_tensors(), keep=self.rank == 0)
+        if self.rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_file(state, str(out_dir / "model.safetensors"))
         return out_dir
 
     def save_checkpoint(self, out_dir: Path) -> None:
         """What a resume needs from the trainer: the policy as an HF directory (``model/``, loadable
         by transformers), the KL reference when there is one (``reference/``: it must stay the
         initial policy, not the resumed one), the optimizer state and torch's RNG (``trainer.pt``).
-        With LoRA also ``adapter/`` and ``base/`` (``policies.lora.save_checkpoint``)."""
-        if self.lora is not None:
+        With LoRA also ``adapter/`` and ``base/`` (``policies.lora.save_checkpoint``). Data-parallel
+        ranks: rank 0 writes the policy from gathered full tensors, and the optimizer's shards go to
+        ``optimizer/`` (torch.distributed.checkpoint) instead of ``trainer.pt``."""
+        sharded = fsdp.is_sharded(self.model)
+        if sharded:
+            fsdp.save_pretrained(self.model, out_dir / "model", rank=self.rank)
+            fsdp.save_optimizer(self.model, self.optimizer, out_dir / "optimizer")
+        elif self.lora is not None:
             adapters.save_checkpoint(self.model, out_dir)
         else:
             self.model.save_pretrained(out_dir / "model")
-        if self.ref is not None:
-            self.ref.save_pretrained(out_dir / "reference")
-        torch.save({"optimizer": self.optimizer.state_dict(), "rng": torch.get_rng_state(),
-                    "lr_schedule": msgspec.to_builtins(self.lr_schedule)}, out_dir / "trainer.pt")
+        if self.rank == 0:
+            if self.ref is not None:
+                self.ref.save_pretrained(out_dir / "reference")
+            state = {} if sharded else {"optimizer": self.optimizer.state_dict()}
+            state.update(rng=torch.get_rng_state(), lr_schedule=msgspec.to_builtins(self.lr_schedule))
+            torch.save(state, out_dir / "trainer.pt")
 
     def load_checkpoint(self, ckpt_dir: Path) -> None:
         """Restore the optimizer, RNG and reference of ``save_checkpoint`` (the policy itself was
@@ -315,17 +336,28 @@ class PolicyTrainer:
         if self.lora is not None:
             adapters.load_adapter(self.model, ckpt_dir / "adapter")
         state = torch.load(ckpt_dir / "trainer.pt", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if fsdp.is_sharded(self.model):
+            fsdp.load_optimizer(self.model, self.optimizer, ckpt_dir / "optimizer")
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         if self.ref is not None and (ckpt_dir / "reference").is_dir():
             self.ref = self._load(ckpt_dir / "reference").eval()
 
 
-def _decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The decoder stack (final hidden states, no head) and the output head's weight; under a peft
-    wrapper, those of the model it wraps (the LoRA layers are inside the decoder)."""
-    inner = model.get_base_model() if hasattr(model, "peft_config") else model
-    return inner.base_model, inner.get_output_embeddings().weight
+def _inner(model: torch.nn.Module) -> torch.nn.Module:
+    """Under a peft wrapper, the model it wraps (the LoRA layers are inside its decoder)."""
+    return model.get_base_model() if hasattr(model, "peft_config") else model
+
+
+def _decoder(model: torch.nn.Module) -> torch.nn.Module:
+    """The decoder stack (final hidden states, no head); a sharded model's FSDP root."""
+    return fsdp.trunk(_inner(model))
+
+
+def _head(model: torch.nn.Module) -> torch.Tensor:
+    """The output head's weight."""
+    return _inner(model).get_output_embeddings().weight
 
 
 def recompute(model: torch.nn.Module, on: bool) -> None:

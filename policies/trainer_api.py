@@ -226,10 +226,11 @@ class RemoteTrainer:
         raise NotImplementedError
 
 
+def failed(raw: bytes) -> bool:
+    return msgspec.msgpack.decode(raw, type=Reply).error is not None
+
+
 def first_failure(replies: list[bytes]) -> bytes:
     """Of every rank's encoded ``Reply``, the first that is an error, else rank 0's (the ranks'
     results agree: stats are all-reduced, and rank 0 is the one that writes and sends weights)."""
-    for raw in replies:
-        if msgspec.msgpack.decode(raw, type=Reply).error is not None:
-            return raw
-    return replies[0]
+    return next((raw for raw in replies if failed(raw)), replies[0])

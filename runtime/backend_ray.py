@@ -6,8 +6,9 @@
     Controller (async actor, this node)     runtime.launch.train as on the local backend: buffer,
         |                                   generator, learner loop, broadcaster, evaluator, scheduler,
         |                                   all asyncio tasks on its one event loop (uvloop)
-        +-- TrainerActor     (bundle 0)     the policy's optimizer steps      (runtime.ray_actors)
-        +-- EngineHost i     (bundle 1+i)   engine i's server subprocess, reached over HTTP
+        +-- TrainerActor r   (bundle r)     learner rank r of R: the policy's optimizer steps (FSDP2
+        |                                   when R > 1; runtime.ray_actors, policies/fsdp.py)
+        +-- EngineHost i     (bundle R+i)   engine i's server subprocess, reached over HTTP
 
 The controller runs on the driver's node, so the run directory (config, metrics, summary, logs,
 trace) is written exactly as on the local backend, plus ``ray/`` with Ray's own temp files and logs

@@ -6,6 +6,8 @@ instant of the event loop and encoded at once, so it is consistent with them:
 
     SAVE_DIR/step{v}/model/          the policy at version v: HF safetensors + config (transformers loads it)
                     trainer.pt       optimizer state and the trainer's RNG
+                    optimizer/       with N data-parallel learner ranks: the optimizer's shards
+                                     (torch.distributed.checkpoint; trainer.pt then holds the RNG only)
                     state.msgpack    RunState: version, data cursor, ledger, buffer (ready groups with
                                      every token's version and logprob), live groups with their partial
                                      samples, the driver's RNG

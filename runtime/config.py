@@ -133,8 +133,11 @@ class EvalConfig(Section):
 class PlacementConfig(Section):
     """PLACEMENT: GPUs for the learner and the engines (Miles's flags; --backend ray); see runtime/placement.py."""
 
-    actor_num_nodes: Pos = 1  # nodes for the learner (one learner rank for now: 1)
-    actor_num_gpus_per_node: NonNeg = 0  # learner GPUs per node; 0: CPU (Miles defaults to 8)
+    actor_num_nodes: Pos = 1  # nodes for the learner (more than 1: --backend ray, on GPUs)
+    actor_num_gpus_per_node: NonNeg = 0  # learner GPUs per node, one data-parallel rank each; 0: CPU (Miles: 8)
+    # a CPU learner's data-parallel ranks (gloo), on one node; Miles has no CPU learner, hence a flag
+    # of our own: a GPU count that meant CPUs would mislead, and --learner-threads is each rank's threads
+    actor_num_cpu_ranks: Pos = 1
     rollout_num_gpus: NonNeg = 0  # GPUs for all engines: --rollout-num-engines x per engine; 0: CPU
     rollout_num_gpus_per_engine: Pos = 1  # GPUs per engine (its tensor-parallel size)
     colocate: bool = False  # engines share the learner's GPUs (time-sliced) instead of their own
@@ -144,6 +147,15 @@ class PlacementConfig(Section):
     # their own, ipc when they share the learner's, else shm
     weight_transport: Literal["auto", "shm", "nccl", "gloo", "ipc"] = "auto"
     weight_bucket_mb: Pos = 512  # largest broadcast bucket (the engine holds one beside its weights)
+
+    @property
+    def learner_gpus(self) -> int:
+        return self.actor_num_nodes * self.actor_num_gpus_per_node
+
+    @property
+    def learner_ranks(self) -> int:
+        """Data-parallel learner ranks: one per learner GPU, else ``--actor-num-cpu-ranks``."""
+        return self.learner_gpus or self.actor_num_cpu_ranks
 
 
 class PerfConfig(Section):
@@ -468,10 +480,13 @@ def check(cfg: Config) -> None:
     if cfg.lora.enabled and cfg.placement.weight_transport not in ("auto", "shm"):
         raise ConfigError("--weight-transport", f"{cfg.placement.weight_transport} sends every weight; with "
                           "--lora-rank the adapter travels as files (auto or shm)")
+    if cfg.lora.enabled and cfg.placement.learner_ranks > 1:
+        raise ConfigError("--lora-rank", f"an adapter trains on one learner rank for now; got "
+                          f"{cfg.placement.learner_ranks} ranks")
     _check_perf(cfg.perf, backend=cfg.train.train_backend)
     _check_placement(cfg)
     p = cfg.placement
-    check_train(cfg.train, learner_ranks=max(p.actor_num_nodes * p.actor_num_gpus_per_node, 1),
+    check_train(cfg.train, learner_ranks=p.learner_ranks,
                 lora_rank=cfg.lora.lora_rank, loss_type=cfg.grpo.loss_type)
     _check_engine(cfg)
     lg = cfg.log
@@ -515,12 +530,16 @@ def _check_perf(p: PerfConfig, *, backend: str) -> None:
 
 def _check_placement(cfg: Config) -> None:
     p, engines = cfg.placement, cfg.rollout.rollout_num_engines
-    learner_gpus = p.actor_num_nodes * p.actor_num_gpus_per_node
-    if p.actor_num_nodes != 1:
-        raise ConfigError("--actor-num-nodes", f"the learner is one rank on one node for now, got {p.actor_num_nodes}")
-    if learner_gpus > 1:
-        raise ConfigError("--actor-num-gpus-per-node", f"the learner is one rank, so at most 1 GPU for now "
-                          f"(data-parallel learners are not implemented), got {learner_gpus}")
+    learner_gpus = p.learner_gpus
+    if p.actor_num_nodes != 1 and (cfg.run.backend != "ray" or not learner_gpus):
+        raise ConfigError("--actor-num-nodes", f"a learner on more than one node needs --backend ray and GPUs "
+                          f"(--actor-num-gpus-per-node), got {p.actor_num_nodes} nodes")
+    if p.actor_num_cpu_ranks > 1 and learner_gpus:
+        raise ConfigError("--actor-num-cpu-ranks", "is for a CPU learner; on GPUs the learner has one rank per GPU "
+                          "(--actor-num-gpus-per-node)")
+    if p.colocate and p.learner_ranks > 1:
+        raise ConfigError("--colocate", f"colocated engines share one learner GPU for now; got {p.learner_ranks} "
+                          "learner ranks")
     per_engine = p.rollout_num_gpus_per_engine
     if p.rollout_num_gpus % per_engine:
         raise ConfigError("--rollout-num-gpus", f"{p.rollout_num_gpus} is not a multiple of "

@@ -15,6 +15,7 @@ The algorithm, as wired below:
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -47,7 +48,6 @@ from policies.engine.process import EngineProcess
 from policies.engine.sglang_process import with_engine
 from policies.model import qwen3_config, write_random_checkpoint
 from policies.trainer_api import Trainer
-from policies.trainer_process import TrainerProcess
 from runtime import checkpoint, cli, placement, run_task, train_config, weight_transport
 from runtime.chaos import Chaos
 from runtime.config import Config, ConfigError, LoraConfig, to_toml_dict
@@ -55,7 +55,7 @@ from runtime.core import trace
 from runtime.core.ledger import Ledger
 from runtime.engines import EngineSet
 from runtime.ipc_weights import IpcWeights
-from runtime.local_hosts import LocalHosts, gpus_asked
+from runtime.local_hosts import LocalHosts, gpus_asked, local_trainer
 from runtime.metrics import MetricsLog, write_json
 from runtime.plugins import load_function
 from runtime.progress import Progress
@@ -194,7 +194,7 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
                           redo=resume.state.redo if resume else (), expiry=a.partial_expiry,
                           episodes=SftSamples(task.example) if sft else episodes_of(cfg, task, rollout, endpoint),
                           group_filter=group_filter)
-    new_trainer = hosts.trainer if hosts else TrainerProcess
+    new_trainer = hosts.trainer if hosts else functools.partial(local_trainer, ranks=p.learner_ranks)
     optim = msgspec.structs.replace(cfg.optimizer, lr_decay_iters=cfg.optimizer.lr_decay_iters or r.num_steps)
     # the KL reference: --ref-load, else the policy the run started from (also after a resume)
     trainer = new_trainer(model_path, grpo=cfg.grpo, optim=optim, temperature=1.0 if sft else r.rollout_temperature,

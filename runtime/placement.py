@@ -1,12 +1,14 @@
 """Placement: what the learner and each engine take from the cluster, as placement-group bundles.
 
 Miles's flags say how many GPUs: ``--actor-num-nodes`` x ``--actor-num-gpus-per-node`` for the
-learner, ``--rollout-num-gpus`` for all engines at ``--rollout-num-gpus-per-engine`` each, and
-``--colocate`` to put the engines on the learner's GPUs. Two layouts:
+learner (one data-parallel rank per GPU; on CPU ``--actor-num-cpu-ranks`` ranks), ``--rollout-num-gpus``
+for all engines at ``--rollout-num-gpus-per-engine`` each, and ``--colocate`` to put the engines on
+the learner's GPUs. Two layouts, with R learner ranks:
 
-    disaggregated (default)    bundle 0: learner        bundle 1+i: engine i
-                               separate resources; generation and training run at the same time
-    colocated (--colocate)     bundle 0: learner + every engine
+    disaggregated (default)    bundle r < R: learner rank r      bundle R+i: engine i
+                               separate resources; generation and training run at the same time;
+                               a bundle per rank, so Ray gives each rank a whole GPU of its own
+    colocated (--colocate)     bundle 0: learner (R = 1) + every engine
                                on a GPU they share it (each takes a fraction of it in Ray's books;
                                the device is the same, time-sliced)
 
@@ -36,9 +38,14 @@ class Seat:
 @dataclasses.dataclass(frozen=True)
 class Layout:
     bundles: list[dict[str, float]]  # the placement group's bundles, e.g. {"CPU": 1, "GPU": 1}
-    learner: Seat
+    learners: list[Seat]  # rank r's seat
     engines: list[Seat]
     colocated: bool
+
+    @property
+    def learner(self) -> Seat:
+        """Rank 0's seat (each rank's is the same size)."""
+        return self.learners[0]
 
     @property
     def name(self) -> str:
@@ -54,24 +61,27 @@ class Layout:
 
     def describe(self) -> str:
         """``learner 1 CPU + 1 GPU, 2 engines x (1 CPU + 1 GPU)``."""
-        e = self.engines[0]
-        return (f"learner {_amounts(self.learner.num_cpus, self.learner.num_gpus)}, {len(self.engines)} "
+        e, seat = self.engines[0], _amounts(self.learner.num_cpus, self.learner.num_gpus)
+        learner = f"{len(self.learners)} x ({seat})" if len(self.learners) > 1 else seat
+        return (f"learner {learner}, {len(self.engines)} "
                 f"engine{'s' if len(self.engines) > 1 else ''} x ({_amounts(e.num_cpus, e.num_gpus)})")
 
 
 def plan(p: PlacementConfig, *, num_engines: int, learner_threads: int, engine_threads: int) -> Layout:
     """The layout for ``p`` (already checked by ``runtime.config.check``)."""
-    learner_gpus = p.actor_num_nodes * p.actor_num_gpus_per_node
+    learner_gpus, ranks = p.learner_gpus, p.learner_ranks
     engine_gpus = p.rollout_num_gpus_per_engine if p.rollout_num_gpus else 0
     if not p.colocate:
-        bundles = [_bundle(learner_threads, learner_gpus)] + [_bundle(engine_threads, engine_gpus)] * num_engines
-        engines = [Seat(1 + i, engine_threads, engine_gpus) for i in range(num_engines)]
-        return Layout(bundles, Seat(0, learner_threads, learner_gpus), engines, colocated=False)
+        per_rank = learner_gpus // ranks
+        bundles = [_bundle(learner_threads, per_rank)] * ranks + [_bundle(engine_threads, engine_gpus)] * num_engines
+        engines = [Seat(ranks + i, engine_threads, engine_gpus) for i in range(num_engines)]
+        learners = [Seat(r, learner_threads, per_rank) for r in range(ranks)]
+        return Layout(bundles, learners, engines, colocated=False)
     share = COLOCATED_LEARNER_SHARE if learner_gpus else 0.0
     engine_share = learner_gpus * (1 - share) / num_engines
     bundle = _bundle(learner_threads + num_engines * engine_threads, learner_gpus)
     engines = [Seat(0, engine_threads, engine_share) for _ in range(num_engines)]
-    return Layout([bundle], Seat(0, learner_threads, learner_gpus * share), engines, colocated=True)
+    return Layout([bundle], [Seat(0, learner_threads, learner_gpus * share)], engines, colocated=True)
 
 
 def misfit(layout: Layout, nodes: list[dict[str, float]]) -> str | None:

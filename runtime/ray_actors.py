@@ -226,9 +226,9 @@ class RayTrainer(trainer_api.RemoteTrainer):
             address, port = self._wait([self._actors[0].endpoint.remote()], "endpoint")[0]
             trainer_kwargs.update(world_size=world, dist_url=f"tcp://{address}:{port}")
         # they load while the engines start; a trainer that cannot load fails the first call
-        self._started: list[Any] | None = [
-            a.start.remote(str(model_path), dict(trainer_kwargs, threads=threads, **({"rank": r} if world > 1 else {})))
-            for r, a in enumerate(self._actors)]
+        trainer_kwargs["threads"] = threads
+        self._started: list[Any] | None = [a.start.remote(str(model_path), dict(trainer_kwargs, rank=r))
+                                           for r, a in enumerate(self._actors)]
 
     def weight_group_endpoint(self, host: str = "127.0.0.1") -> tuple[str, int]:
         """Rank 0's node, which hosts the weight-update group (its engines may be on other nodes)."""
@@ -282,7 +282,8 @@ class RayHosts:
         """One actor per learner rank, each in its own seat (``<tag>:trainer``, then ``:trainer1``...)."""
         if self.layout.learner.num_gpus:
             kwargs["device"] = "cuda"  # each actor sees the GPU of its seat (CUDA_VISIBLE_DEVICES)
-        options = [self._options(seat, "trainer" + (str(r) if r else "")) for r, seat in enumerate([self.layout.learner])]
+        options = [self._options(seat, "trainer" + (str(r) if r else ""))
+                   for r, seat in enumerate(self.layout.learners)]
         return RayTrainer(model_path, actor_options=options, timeout_s=self.trainer_timeout_s, **kwargs)
 
     def _options(self, seat: Seat, name: str) -> dict[str, Any]:

@@ -75,6 +75,14 @@ def test_a_megatron_learner_run_sigkilled_after_a_checkpoint_resumes_the_same_wa
     sigkill_then_resume(backend, tmp_path, "--train-backend", "megatron", "--weight-transport", "gloo")
 
 
+@pytest.mark.slow  # ~1.25x the full run's time; tests/policies/test_trainer_dp.py keeps DP's exactness and resume
+@pytest.mark.parametrize("backend", ["local"], indirect=True)
+def test_a_two_rank_learner_run_sigkilled_after_a_checkpoint_resumes_the_same_way(backend, tmp_path):
+    """The same guarantee with two data-parallel CPU ranks (FSDP2 over gloo), their weights gathered
+    bucket by bucket and broadcast over gloo, the optimizer's shards resumed from ``optimizer/``."""
+    sigkill_then_resume(backend, tmp_path, "--actor-num-cpu-ranks", "2", "--weight-transport", "gloo")
+
+
 def sigkill_then_resume(backend, tmp_path, *extra: str, lora: bool = False) -> None:
     steps, save = 30, tmp_path / "ckpt"
     flags = ["--num-rollout", str(steps), "--save", str(save), "--save-interval", "5",

@@ -34,6 +34,17 @@ def test_colocated_engines_share_the_learners_gpu_bundle():
     assert misfit(layout, [{"CPU": 4.0, "GPU": 1.0}]) is None
 
 
+def test_data_parallel_ranks_get_a_bundle_each_before_the_engines():
+    p = PlacementConfig(actor_num_gpus_per_node=2, rollout_num_gpus=1)
+    layout = plan(p, num_engines=1, learner_threads=1, engine_threads=1)
+    assert layout.bundles == [{"CPU": 1, "GPU": 1}] * 3
+    assert layout.learners == [Seat(0, 1, 1), Seat(1, 1, 1)] and layout.engines == [Seat(2, 1, 1)]
+    assert "learner 2 x (1 CPU + 1 GPU)" in layout.describe()
+    cpu = plan(PlacementConfig(actor_num_cpu_ranks=3), num_engines=2, learner_threads=2, engine_threads=1)
+    assert cpu.learners == [Seat(r, 2, 0) for r in range(3)] and cpu.engines == [Seat(3, 1, 0), Seat(4, 1, 0)]
+    assert misfit(cpu, [{"CPU": 7.0}]) is not None and misfit(cpu, [{"CPU": 8.0}]) is None
+
+
 def test_a_layout_asking_for_missing_gpus_says_what_was_asked_and_what_exists():
     layout = plan(PlacementConfig(actor_num_gpus_per_node=1), num_engines=1, learner_threads=1, engine_threads=1)
     assert misfit(layout, [CPU_NODE]) == (
@@ -49,8 +60,11 @@ def test_a_bundle_larger_than_any_node_does_not_fit_even_when_the_totals_do():
 
 
 @pytest.mark.parametrize("argv, flag", [
-    (["--backend", "ray", "--actor-num-gpus-per-node", "2"], "--actor-num-gpus-per-node"),  # one learner rank
-    (["--backend", "ray", "--actor-num-nodes", "2"], "--actor-num-nodes"),
+    (["--actor-num-nodes", "2", "--actor-num-gpus-per-node", "1"], "--actor-num-nodes"),  # local: one host
+    (["--backend", "ray", "--actor-num-nodes", "2"], "--actor-num-nodes"),  # CPU ranks: one node
+    (["--actor-num-gpus-per-node", "1", "--actor-num-cpu-ranks", "2"], "--actor-num-cpu-ranks"),
+    (["--backend", "ray", "--actor-num-gpus-per-node", "2", "--colocate"], "--colocate"),  # one learner rank
+    (["--actor-num-cpu-ranks", "2", "--lora-rank", "8"], "--lora-rank"),
     (["--backend", "ray", "--rollout-num-gpus", "3", "--rollout-num-gpus-per-engine", "2"], "--rollout-num-gpus"),
     (["--backend", "ray", "--rollout-num-gpus", "2"], "--rollout-num-gpus"),  # 2 engines, but 1 asked for
     (["--backend", "ray", "--actor-num-gpus-per-node", "1", "--colocate", "--rollout-num-gpus", "2",
