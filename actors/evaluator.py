@@ -17,8 +17,9 @@ import msgspec
 from actors.generate_fn import Episodes
 from actors.reward import RewardScorer
 from actors.rollout import SampleRunner
-from buffers.types import Prompt, Sample
+from buffers.types import Prompt, Sample, Status
 from runtime.core import trace
+from runtime.core.errors import RunFailed
 
 
 class EvalResult(msgspec.Struct):
@@ -68,6 +69,9 @@ class Evaluator:
             else:
                 await asyncio.gather(*(self.runner.run_group(samples[i:i + EVAL_BATCH], share="eval")
                                        for i in range(0, len(samples), EVAL_BATCH)))
+                if samples and all(s.status == Status.FAILED for s in samples):  # a reward of 0 would hide it
+                    raise RunFailed(f"evaluation at version {version}: all {len(samples)} requests failed; "
+                                    f"first error: {samples[0].failure}")
                 await self.scorer.score_many([(p, s) for p, s in pairs if s.trainable])
         samples = [s for _, s in pairs]
         versions = [v for s in samples for v in s.token_versions] or [version]

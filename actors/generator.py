@@ -5,6 +5,8 @@ Lifecycle of one group (each a named task owned by the generator's task set):
     -> n samples in parallel (``SampleRunner``: resumed across weight-update aborts, every token
        stamped with the version that produced it)
     -> SCORED -> buffer.put (BUFFERED), or dropped with a reason when no sample is trainable.
+A prompt longer than ``max_prompt_len`` (the model's context less the response budget) is
+dropped at admission (``prompt_too_long``, counted): the engine would refuse every sample.
 Over-provisioned runs (``buffer.extra`` > 0): a group the buffer expires (its deadline passed
 untrained) has its task cancelled (its engine requests end with the connection) and is, by
 ``expiry``, regenerated from its prompt under the same id through admission ("recompute", before
@@ -39,6 +41,7 @@ from buffers.buffer import StalenessBuffer, Ticket
 from buffers.filters import as_result
 from buffers.types import Group, Prompt, Sample, Status
 from runtime.core import trace
+from runtime.core.failures import RateLog
 from runtime.core.ledger import Ledger, State
 from runtime.core.waits import WaitClock
 
@@ -75,7 +78,7 @@ class Generator:
                  runner: SampleRunner, scorer: RewardScorer, n_samples: int, cursor: int = 0,
                  resume: Sequence[LiveGroupState] = (), redo: Sequence[RedoGroup] = (),
                  expiry: str = "recompute", episodes: Episodes | None = None,
-                 group_filter: Callable[[Group], Any] | None = None):
+                 group_filter: Callable[[Group], Any] | None = None, max_prompt_len: int | None = None):
         if expiry not in ("recompute", "drop", "mask"):
             raise ValueError(f"expiry must be recompute, drop or mask, got {expiry!r}")
         if buffer.extra and (expiry == "mask") != buffer.mask_stale:  # the buffer carries, or expires, late groups
@@ -85,6 +88,9 @@ class Generator:
         self.episodes = episodes  # --custom-generate-function-path: each sample is an episode of it
         self.n_samples = n_samples
         self.cursor = cursor  # index of the next prompt to admit: the data cursor
+        self.max_prompt_len = max_prompt_len  # longer prompts leave no room for a response: dropped
+        self.prompts_too_long = 0
+        self._log = RateLog(logging.getLogger(__name__))
         self.clock = WaitClock("generator")
         self._active = 0  # groups generating or scoring
         self._blocked = False  # the admission loop is waiting for a slot
@@ -225,6 +231,13 @@ class Generator:
     async def _generate_group(self, ticket: Ticket, prompt: Prompt, samples: list[Sample], share: Hashable | None
                               ) -> None:
         gid = ticket.group_id
+        if self.max_prompt_len is not None and len(prompt.input_ids) > self.max_prompt_len:
+            self.prompts_too_long += 1  # the engine would refuse every sample: a counted drop
+            self._log("prompt_too_long", f"prompt {prompt.index} has {len(prompt.input_ids)} tokens; at most "
+                      f"{self.max_prompt_len} leave room for a whole response in the model's context: dropped")
+            self.ledger.dropped(gid, "prompt_too_long")
+            await self.buffer.cancel(gid)
+            return
         self.ledger.advance(gid, State.GENERATING)
         with trace.lane("groups") as lane:  # one row per group: its generation, then its scoring
             with lane.span("generate", group=gid, admitted_version=ticket.admitted_version):

@@ -148,6 +148,9 @@ class Learner:
         ends; else None (nothing taken)."""
         take = asyncio.ensure_future(self.buffer.get_batch(job.version + 1, busy=True))
         take.set_name(f"learner-next-batch-v{job.version + 1}")
+        # retrieved however it ends: cancelled at shutdown, this method never reads it, and the
+        # buffer closing under it would print "Task exception was never retrieved"
+        take.add_done_callback(lambda t: t.cancelled() or t.exception())
         await asyncio.wait([take, job.done], return_when=asyncio.FIRST_COMPLETED)
         if not take.done():
             take.cancel()
@@ -164,6 +167,9 @@ class Learner:
                 f"step {version}: token staleness {max(lags)} > max_staleness {self.max_staleness}")
         job = _Job(version, batch, lags, self.weights_dir / f"v{version + 1}" if self._wants_files else None)
         job.done = asyncio.get_running_loop().run_in_executor(self._pool, self._work, job)
+        # retrieved however it ends: a job still queued when the learner stops (its trainer died
+        # under the one before) would print "Future exception was never retrieved"
+        job.done.add_done_callback(lambda f: f.cancelled() or f.exception())
         return job
 
     def _work(self, job: _Job) -> StepStats:

@@ -12,6 +12,15 @@ of the default recipe (128 samples). A slow or not yet measured one gets a job p
 samples run in parallel threads. Either way each call is bounded by ``timeout_s`` on its own:
 a job's progress is watched, and a call that overruns fails its sample, its job is abandoned
 and the samples after it go on in a new job.
+
+A plug-in cannot take the runtime with it. A coroutine function runs on its own event loop in a
+thread (``runtime.core.plugin_loop``), so one that blocks (``time.sleep`` in an ``async def``) stalls
+only the other reward calls, which time out; the runtime's loop, its watchdog and its signal
+handling go on. Hung synchronous calls keep their threads, but at most ``MAX_HUNG_CALLS`` of them:
+past that the function is not called again until one returns, and samples fail at once. Values
+that are not finite or beyond ``MAX_ABS_REWARD`` fail their sample (they would overflow the
+advantages). Every failure is logged with its reason (rate-limited) and reported to ``budget``,
+which ends a run whose reward fails on every call.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ from collections.abc import Callable
 from typing import Any
 
 from buffers.types import Prompt, Sample
+from runtime.core.failures import FailureBudget, RateLog
+from runtime.core.plugin_loop import plugin_loop
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +102,8 @@ class DaemonPool:
 
 
 FAST_CALL_S = 0.001  # a synchronous reward faster than this per call scores a group on one thread
+MAX_HUNG_CALLS = 32  # synchronous calls past their timeout (each holds a thread) before calls stop
+MAX_ABS_REWARD = 1e6  # larger rewards are a bug: their squares overflow the advantages' float32
 
 
 class _Job:
@@ -103,8 +116,15 @@ class _Job:
         self.current = (0, time.monotonic())  # one tuple, swapped whole: the loop reads it unlocked
         self.results: list[tuple[Exception | None, Any, float]] = []
         self.abandoned = False
+        self.finished = False  # set by the thread as it leaves: a hung job's thread is free again
 
     def __call__(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.finished = True
+
+    def _run(self) -> None:
         for i, (prompt, sample) in enumerate(self.pairs):
             if self.abandoned:
                 return
@@ -124,11 +144,15 @@ class RewardScorer:
     group's samples. ``reward_key``: ``fn`` returns a dict of components (``--reward-key``); the
     sample trains on that one and keeps them all in ``reward_components``."""
 
-    def __init__(self, fn: Callable[..., Any], *, timeout_s: float, group: bool = False, reward_key: str = ""):
+    def __init__(self, fn: Callable[..., Any], *, timeout_s: float, group: bool = False, reward_key: str = "",
+                 budget: FailureBudget | None = None):
         self.fn = fn
         self.timeout_s = timeout_s
         self.group, self.reward_key = group, reward_key
         self.failures: collections.Counter[str] = collections.Counter()  # kind -> count
+        self.budget = budget or FailureBudget(limit=0)
+        self._log = RateLog(log)
+        self._hung: list[_Job] = []  # abandoned jobs whose call has not returned
         self._pool = DaemonPool("reward")
         self._is_async = inspect.iscoroutinefunction(fn)
         self._call_s: float | None = None  # moving mean of a synchronous call; None until measured
@@ -139,6 +163,8 @@ class RewardScorer:
 
     async def score_many(self, pairs: list[tuple[Prompt, Sample]]) -> None:
         """``score`` for each pair (module docstring: how a group is batched)."""
+        if not pairs:  # a group with no scorable sample
+            return
         if self.group:
             groups: dict[int, tuple[Prompt, list[Sample]]] = {}
             for p, smp in pairs:  # one call per prompt, its samples in the order given
@@ -153,7 +179,7 @@ class RewardScorer:
 
     async def _score_async(self, prompt: Prompt, sample: Sample) -> None:
         try:
-            value = await asyncio.wait_for(self.fn(prompt, sample), self.timeout_s)
+            value = await asyncio.wait_for(plugin_loop().run(self.fn(prompt, sample)), self.timeout_s)
         except TimeoutError:
             self._timed_out(sample)
         except Exception as e:  # noqa: BLE001 - any user error is counted, not fatal
@@ -163,6 +189,13 @@ class RewardScorer:
 
     async def _score_on_thread(self, pairs: list[tuple[Prompt, Sample]]) -> None:
         while pairs:
+            self._hung = [j for j in self._hung if not j.finished]
+            if len(self._hung) >= MAX_HUNG_CALLS:
+                for _, sample in pairs:
+                    self._fail(sample, "reward_timeout", f"{len(self._hung)} reward calls are still running past "
+                               f"--reward-timeout {self.timeout_s}s; not calling it again until one returns")
+                    sample.timing.scored = time.monotonic()
+                return
             job = _Job(self.fn, pairs)
             done = self._pool.submit(job)
             overran = None
@@ -186,6 +219,7 @@ class RewardScorer:
             if overran is None:
                 return
             job.abandoned = True  # its thread stays with the hung call; the rest go on afresh
+            self._hung.append(job)
             self._timed_out(pairs[overran][1])
             pairs = pairs[overran + 1 :]
 
@@ -193,7 +227,7 @@ class RewardScorer:
         """One call for the group; a failure or a timeout fails every sample of it."""
         try:
             if self._is_async:
-                values = await asyncio.wait_for(self.fn(prompt, samples), self.timeout_s)
+                values = await asyncio.wait_for(plugin_loop().run(self.fn(prompt, samples)), self.timeout_s)
             else:  # on a pool thread; an overrunning call is abandoned there
                 values = await asyncio.wait_for(asyncio.shield(self._pool.submit(self.fn, prompt, samples)),
                                                 self.timeout_s)
@@ -217,12 +251,13 @@ class RewardScorer:
             if isinstance(value, dict):
                 value = self._components(sample, value)
             value = float(value)
-            if not math.isfinite(value):
-                raise ValueError(f"reward is {value}")
+            if not math.isfinite(value) or abs(value) > MAX_ABS_REWARD:
+                raise ValueError(f"reward is {value} (finite and within +-{MAX_ABS_REWARD:g} expected)")
         except Exception as e:  # noqa: BLE001 - any user error is counted, not fatal
             self._fail(sample, "reward_error", f"{type(e).__name__}: {e}")
         else:
             sample.reward = value
+            self.budget.ok("reward")
         sample.timing.scored = time.monotonic()
 
     def _components(self, sample: Sample, parts: dict[Any, Any]) -> float:
@@ -240,6 +275,6 @@ class RewardScorer:
 
     def _fail(self, sample: Sample, kind: str, reason: str) -> None:
         self.failures[kind] += 1
-        if self.failures[kind] in (1, 10, 100, 1000):
-            log.warning("%s (%d so far): %s", kind, self.failures[kind], reason)
+        self._log(kind, reason)
+        self.budget.failed("reward", reason, what="reward calls failed")
         sample.fail(reason)

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from actors.shared_calls import SharedCalls
 from buffers.types import Sample, Status
 from policies.engine.client import EngineError, EngineLost, GenerateOutput
+from runtime.core.failures import FailureBudget, RateLog
 
 MAX_FAILOVERS = 50  # per sample: beyond this something is wrong beyond an engine dying
 
@@ -39,12 +40,15 @@ class SampleRunner:
     reason. An engine that *failed* under the request (``EngineLost``) is failover, not an error:
     the request is re-sent at once with the tokens already received (their versions and logprobs
     kept), or from the prompt when none came back. Counts go to ``counters``.
+    A sample whose prompt + ``max_new_tokens`` exceeds ``max_context`` (the model's context) is
+    failed without a request, counted as ``prompts_too_long``: the engine would refuse it.
     Rounds that callers send in the same tick under one ``share`` key go in one call per serving
     engine (``actors.shared_calls``); errors stay per caller.
     """
 
     def __init__(self, *, engines: Engines, sampling_params: dict[str, Any], decode: Callable[[list[int]], str],
-                 seed: int = 0, retries: int = 3, exact_answer_versions: bool = True):
+                 seed: int = 0, retries: int = 3, exact_answer_versions: bool = True, max_context: int | None = None,
+                 budget: FailureBudget | None = None):
         self.engines = engines
         self.sampling_params = sampling_params
         self.max_new_tokens = int(sampling_params["max_new_tokens"])
@@ -52,10 +56,18 @@ class SampleRunner:
         self.seed = seed
         self.retries = retries
         self.exact_answer_versions = exact_answer_versions
+        self.max_context = max_context  # None: unknown, the engine decides
         self.counters: collections.Counter[str] = collections.Counter()
+        self.budget = budget or FailureBudget(limit=0)
+        self._log = RateLog()
         self._rids = itertools.count()
         self._shared = SharedCalls(lambda ids, params, rids: engines.generate_batch(ids, params, rids=rids),
                                    width=lambda: _engine_count(engines))
+
+    def fits(self, prompt_ids: list[int], limit: int | None = None) -> bool:
+        """Whether a prompt leaves room in the model's context for a whole response (``limit`` tokens)."""
+        limit = self.max_new_tokens if limit is None else limit
+        return self.max_context is None or len(prompt_ids) + limit <= self.max_context
 
     async def run(self, sample: Sample) -> None:
         await self.run_group([sample])
@@ -80,6 +92,10 @@ class SampleRunner:
         start = time.monotonic()
         for s in samples:
             s.timing.submitted = start
+            if s.status == Status.PENDING and not s.response_ids and not self.fits(s.prompt_ids, limit):
+                s.fail(f"prompt of {len(s.prompt_ids)} tokens + {limit} new tokens exceeds the "
+                       f"model's context of {self.max_context}")
+                self.counters["prompts_too_long"] += 1
         errors = failovers = 0
         while todo := self._pending(samples, limit):
             inputs, params, rids = [], [], []
@@ -107,6 +123,7 @@ class SampleRunner:
             except EngineError as e:
                 errors += 1
                 self.counters["engine_errors"] += 1
+                self._log("engine_error", str(e))
                 if errors > self.retries:
                     self._fail(todo, f"engine failed {errors} times: {e}")
                 continue
@@ -117,6 +134,7 @@ class SampleRunner:
             s.timing.generated = done
             if s.status != Status.FAILED:
                 s.response_text = self.decode(s.response_ids)
+                self.budget.ok("engine")
 
     def _pending(self, samples: list[Sample], limit: int) -> list[Sample]:
         for s in samples:
@@ -128,6 +146,7 @@ class SampleRunner:
         for s in samples:
             s.fail(reason)
             self.counters["samples_failed_engine"] += 1
+            self.budget.failed("engine", reason, what="samples failed on the engines")
 
     def _apply(self, sample: Sample, out: GenerateOutput) -> None:
         if out.token_versions is not None:

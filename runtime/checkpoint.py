@@ -144,6 +144,11 @@ def load(load_dir: str | Path) -> Resume:
     if not latest.is_file():
         raise CheckpointError(f"no checkpoint in {root} (no 'latest' file)")
     path = root / latest.read_text().strip()
+    missing = [name for name in ("state.msgpack", "trainer.pt", "model/config.json") if not (path / name).is_file()]
+    if not any((path / "model").glob("*.safetensors")):
+        missing.append("model/*.safetensors")
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {', '.join(missing)}")
     try:
         state = msgspec.msgpack.decode((path / "state.msgpack").read_bytes(), type=RunState)
     except (OSError, msgspec.DecodeError) as e:

@@ -35,6 +35,7 @@ class RunConfig(Section):
 
     recipe: str = "default"  # a built-in recipe (launchers.recipes)
     run_dir: str = ""  # default: runs/<recipe>-<timestamp>
+    overwrite: bool = False  # replace the run recorded in a non-empty --run-dir (refused without it, or --load)
     backend: Literal["local", "ray"] = "local"  # ray: every long-lived part a Ray actor (pip install -e '.[ray]')
     ray_address: str = ""  # an existing Ray cluster (host:port); empty: $RAY_ADDRESS, else start a local one
     seed: int = 1234
@@ -319,6 +320,9 @@ class FaultConfig(Section):
     engine_progress_timeout: PosF = 60.0  # requests in flight and none finished for this long: hung
     max_engine_restarts: NonNeg = 5  # per engine within --engine-restart-window; one more ends the run
     engine_restart_window: PosF = 300.0  # seconds
+    # samples failing in a row on one cause (engine errors, reward errors or timeouts) that end the
+    # run with the first error, instead of spinning until --stall-timeout; 0: never
+    max_consecutive_failures: NonNeg = 256
     chaos_kill_interval: NonNegF = 0.0  # fault injection: SIGKILL a random engine every N seconds; 0: off
     chaos_hang_at: NonNegF = 0.0  # fault injection: SIGSTOP one engine once, N seconds in; 0: off
     chaos_seed: int = 0
@@ -403,7 +407,7 @@ def _as_config_error(e: msgspec.ValidationError) -> ConfigError:
     if unknown and len(parts) == 1:
         return ConfigError(f"[{parts[0]}] {unknown.group(1)}", "unknown field")
     if len(parts) >= 2:
-        return ConfigError(flag(parts[1]), reason)
+        return ConfigError(flag(parts[1].split("[")[0]), reason)  # sglang_args[...]: the table's flag
     return ConfigError(f"[{parts[0]}]" if parts else "config", reason)
 
 

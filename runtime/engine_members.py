@@ -45,7 +45,7 @@ class Slot:
     index: int
     process: EngineProcess
     client: EngineClient | None = None
-    state: str = "starting"  # starting | serving | failed
+    state: str = "starting"  # starting | serving | failed | stopped
     incarnation: int = 0
     in_flight: int = 0
     last_progress: float = 0.0

@@ -83,6 +83,8 @@ class EngineSet(Members):
 
     async def stop(self) -> None:
         """Stop restarts, close clients and stop every process (SIGTERM, then SIGKILL); idempotent."""
+        for s in self.slots:  # an engine ending from here on was stopped, not failed: no restart, no warning
+            s.state = "stopped"
         await self.cancel_tasks()
         await asyncio.gather(*(s.client.close() for s in self.slots if s.client), return_exceptions=True)
         await asyncio.gather(*(s.process.stop() for s in self.slots), return_exceptions=True)

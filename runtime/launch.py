@@ -20,6 +20,7 @@ import inspect
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -40,18 +41,19 @@ from actors.reward import RewardScorer
 from actors.rollout import SampleRunner
 from actors.sft_samples import SftSamples
 from buffers.buffer import StalenessBuffer
-from launchers.recipes import get_recipe
 from launchers.prompt_data import read_rows
+from launchers.recipes import get_recipe
 from launchers.recipes.task import Task
 from policies import lora as adapters
 from policies.engine.process import EngineProcess
 from policies.engine.sglang_process import with_engine
 from policies.model import qwen3_config, write_random_checkpoint
 from policies.trainer_api import Trainer
-from runtime import checkpoint, cli, placement, run_task, train_config, weight_transport
+from runtime import checkpoint, cli, placement, preflight, run_guard, run_task, train_config, weight_transport
 from runtime.chaos import Chaos
 from runtime.config import Config, ConfigError, LoraConfig, to_toml_dict
 from runtime.core import trace
+from runtime.core.failures import FailureBudget
 from runtime.core.ledger import Ledger
 from runtime.engines import EngineSet
 from runtime.ipc_weights import IpcWeights
@@ -82,8 +84,12 @@ def prepare_recipe(cfg: Config) -> None:
         recipe.prepare()
 
 
-def prepare_run_dir(cfg: Config) -> Path:
-    run_dir = Path(cfg.run.run_dir or f"runs/{cfg.run.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+def default_run_dir(cfg: Config) -> Path:
+    return Path(cfg.run.run_dir or f"runs/{cfg.run.recipe}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def prepare_run_dir(cfg: Config, run_dir: Path | None = None) -> Path:
+    run_dir = run_dir or default_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(cli.dumps_toml(to_toml_dict(cfg)))
     return run_dir
@@ -145,6 +151,13 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
     r, a, e = cfg.rollout, cfg.async_, cfg.eval
     task = run_task.make_task(cfg)
     reward_fn = load_function(run_task.reward_path(cfg, task), flag="--custom-rm-path")
+    held_out = run_task.held_out(cfg, task)
+    context = preflight.model_context(cfg)
+    eval_max_new = e.eval_max_response_len or r.rollout_max_response_len
+    preflight.check_lengths(context=context, train_lengths=[len(p.input_ids) for p in task.train_prompts],
+                            eval_lengths=[len(p.input_ids) for ps in held_out.values() for p in ps],
+                            max_response_len=r.rollout_max_response_len, eval_max_response_len=eval_max_new)
+    sinks = open_sinks(cfg.log, run_dir=run_dir, config=to_toml_dict(cfg))  # user code: before any process starts
     resume = checkpoint.load(cfg.ckpt.load) if cfg.ckpt.load else None
     initial = initial_checkpoint(cfg, task, run_dir) if not resume or cfg.grpo.use_kl_loss else None
     model_path = str(resume.model_dir) if resume else initial
@@ -179,12 +192,14 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
         for g in resume.state.live:
             ledger.restart(g.group_id)
         checkpoint.restore_driver_rng(resume.state)
-    scorer = RewardScorer(reward_fn, timeout_s=r.reward_timeout, group=r.group_rm, reward_key=r.reward_key)
+    budget = FailureBudget(limit=cfg.fault.max_consecutive_failures)
+    scorer = RewardScorer(reward_fn, timeout_s=r.reward_timeout, group=r.group_rm, reward_key=r.reward_key,
+                          budget=budget)
     group_filter = (load_function(r.dynamic_sampling_filter_path, flag="--dynamic-sampling-filter-path")
                     if r.dynamic_sampling_filter_path else None)
     exact = a.partial_rollout_mode == "recompute"
     rollout = SampleRunner(engines=engines, decode=decode, seed=r.rollout_seed, exact_answer_versions=exact,
-                           sampling_params=sampling_params(
+                           max_context=context, budget=budget, sampling_params=sampling_params(
         temperature=r.rollout_temperature, top_p=r.rollout_top_p, top_k=r.rollout_top_k,
         max_new_tokens=r.rollout_max_response_len, stop_token_ids=task.stop_token_ids))
     endpoint = ChatEndpoint(model=cfg.run.recipe) if r.custom_generate_function_path else None
@@ -193,7 +208,7 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
                           cursor=resume.state.cursor if resume else 0, resume=resume.state.live if resume else (),
                           redo=resume.state.redo if resume else (), expiry=a.partial_expiry,
                           episodes=SftSamples(task.example) if sft else episodes_of(cfg, task, rollout, endpoint),
-                          group_filter=group_filter)
+                          group_filter=group_filter, max_prompt_len=context - r.rollout_max_response_len)
     new_trainer = hosts.trainer if hosts else functools.partial(local_trainer, ranks=p.learner_ranks)
     optim = msgspec.structs.replace(cfg.optimizer, lr_decay_iters=cfg.optimizer.lr_decay_iters or r.num_steps)
     # the KL reference: --ref-load, else the policy the run started from (also after a resume)
@@ -224,17 +239,16 @@ def build(cfg: Config, run_dir: Path, weights: Path, progress: Progress, hosts: 
     if p.colocate:
         time_slice(learner, engines)
     eval_runner = SampleRunner(engines=engines, decode=decode, seed=r.rollout_seed + 1, exact_answer_versions=exact,
-                               sampling_params=sampling_params(
+                               max_context=context, budget=budget, sampling_params=sampling_params(
         temperature=e.eval_temperature, top_p=e.eval_top_p, top_k=-1 if e.eval_temperature == 0 else r.rollout_top_k,
-        max_new_tokens=e.eval_max_response_len or r.rollout_max_response_len, stop_token_ids=task.stop_token_ids))
-    evaluator = Evaluator(sets=run_task.held_out(cfg, task), runner=eval_runner, scorer=RewardScorer(
-        reward_fn, timeout_s=r.reward_timeout, group=r.group_rm, reward_key=r.reward_key),
+        max_new_tokens=eval_max_new, stop_token_ids=task.stop_token_ids))
+    evaluator = Evaluator(sets=held_out, runner=eval_runner, scorer=RewardScorer(
+        reward_fn, timeout_s=r.reward_timeout, group=r.group_rm, reward_key=r.reward_key, budget=budget),
         n_samples=e.n_samples_per_eval_prompt, episodes=episodes_of(cfg, task, eval_runner, endpoint))
     chaos = Chaos(engines, kill_interval_s=cfg.fault.chaos_kill_interval, hang_at_s=cfg.fault.chaos_hang_at,
                   seed=cfg.fault.chaos_seed)
     actors = Actors(engines=engines, buffer=buffer, ledger=ledger, generator=generator, learner=learner,
-                    broadcaster=broadcaster, evaluator=evaluator, chaos=chaos, endpoint=endpoint)
-    sinks = open_sinks(cfg.log, run_dir=run_dir, config=to_toml_dict(cfg))
+                    broadcaster=broadcaster, evaluator=evaluator, chaos=chaos, endpoint=endpoint, budget=budget)
     tracer = trace.Tracer(run_dir / "trace.json", max_events=cfg.log.trace_max_events) if cfg.log.trace else None
     scheduler = Scheduler(actors, run_dir=run_dir, eval_interval=e.eval_interval, stall_timeout_s=a.stall_timeout,
                           progress=progress, metrics=MetricsLog(run_dir / "metrics.jsonl", sinks), tracer=tracer)
@@ -264,14 +278,23 @@ async def run_and_record(run_dir: Path, make: Callable[[Path], Any],
     """Build a scheduler on a fresh weights directory (``make``), run it, and write ``summary.json``
     however it ends (completed, interrupted, failed); shared by the one- and multi-agent launchers."""
     weights = weights_dir()
+    log.info("weights directory: %s (removed at the end)", weights)
     scheduler = None
     status, error = "failed", ""
+    guard = run_guard.active()
+    if guard is not None:  # a forced end (the loop blocked, a second signal) still leaves a record
+        guard.remove_on_force.append(weights)
+        guard.on_force.append(lambda forced, line: write_json(run_dir / "summary.json", _forced_summary(
+            scheduler, forced, line, summarize_run)))
     try:
         scheduler = make(weights)
+        if guard is not None:
+            guard.arm()
         await scheduler.run()
         status = "completed"
     except asyncio.CancelledError:
-        status, error = "interrupted", "interrupted (Ctrl-C)"
+        signum = guard.signum if guard is not None else None
+        status, error = "interrupted", f"interrupted ({signal.Signals(signum).name if signum else 'Ctrl-C'})"
         raise
     except RunFailed as e:
         error = str(e)
@@ -283,16 +306,46 @@ async def run_and_record(run_dir: Path, make: Callable[[Path], Any],
     return summary
 
 
+_terminated = signal.SIGINT  # the signal that interrupted a Ray run
+
+
+def _sigterm_as_interrupt(signum: int, frame: Any) -> None:
+    global _terminated
+    _terminated = signal.SIGTERM
+    raise KeyboardInterrupt
+
+
+def _signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
+def _forced_summary(scheduler: Any, status: str, error: str,
+                    summarize_run: Callable[[Any, str, str], dict[str, Any]]) -> dict[str, Any]:
+    """The summary a forced end writes, from outside the blocked loop: the full one if its state
+    reads, else status and error alone."""
+    try:
+        return summarize_run(scheduler, status, error) if scheduler else {"status": status, "error": error}
+    except Exception:  # noqa: BLE001 - read mid-update from another thread: keep what is certain
+        return {"status": status, "error": error}
+
+
 def main(argv: list[str] | None = None) -> int:
     from runtime import multi_launch  # several agents: [agents.NAME] tables or a multi-agent recipe
 
     if multi_launch.requested(sys.argv[1:] if argv is None else argv):
         return multi_launch.main(argv)
-    cfg = cli.resolve(argv, prog="python -m runtime.launch")
+    prog = "python -m runtime.launch"
+    cfg = cli.resolve(argv, prog=prog)
     try:
         cfg = with_epochs(cfg)
     except ConfigError as e:
-        print(f"python -m runtime.launch: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    run_dir = default_run_dir(cfg)
+    try:
+        preflight.check_start(cfg, run_dir, overwrite=cfg.run.overwrite)
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import transformers
@@ -301,21 +354,26 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare_recipe(cfg)
     except ConfigError as e:
-        print(f"python -m runtime.launch: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    run_dir = prepare_run_dir(cfg)
+    run_dir = prepare_run_dir(cfg, run_dir)
     setup_logging(run_dir)
     print(f"run directory: {run_dir}", file=sys.stderr)
     try:
         if cfg.run.backend == "ray":
             from runtime import backend_ray  # the only importer of ray
 
+            signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # the driver's Ctrl-C path stops the actors
             summary = backend_ray.run(cfg, run_dir)
         else:
-            summary = run_event_loop(train(cfg, run_dir))
+            guard = run_guard.RunGuard(stall_timeout_s=cfg.async_.stall_timeout, run_dir=run_dir)
+            summary = guard.run(train(cfg, run_dir))
+    except run_guard.Interrupted as e:
+        print(f"interrupted ({e}); partial record in {run_dir}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
-        print(f"interrupted; partial record in {run_dir}", file=sys.stderr)
-        return 130
+        print(f"interrupted ({_signal_name(_terminated)}); partial record in {run_dir}", file=sys.stderr)
+        return 128 + _terminated
     except RunFailed as e:
         print(f"run failed: {e}", file=sys.stderr)
         return 1
@@ -323,7 +381,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--load: {e}", file=sys.stderr)
         return 2
     except ConfigError as e:  # found while building (a plug-in that does not import): still one line
-        print(f"python -m runtime.launch: error: {e}", file=sys.stderr)
+        if not cfg.ckpt.load:  # nothing ran: leave the directory as it was, for the corrected command
+            logging.shutdown()
+            preflight.clear_run_files(run_dir)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     evals = (f"eval reward {summary['first_eval_reward']:.3f} -> {summary['final_eval_reward']:.3f}"
              if summary["final_eval_reward"] is not None else "no evaluation")

@@ -7,7 +7,8 @@ Keys other tools rely on, per step: ``step``, ``version``, ``time_s``, ``reward/
 ``staleness_max_observed``, ``ledger``.
 
 ``MetricsLog.write`` is the one metrics API: the line goes to ``metrics.jsonl`` (always) and its
-numeric values to every extra sink (``runtime.sinks``: TensorBoard, W&B, a user's own).
+numeric values to every extra sink (``runtime.sinks``: TensorBoard, W&B, a user's own), each on a
+thread of its own (``SinkThread``): a sink that blocks or raises never stops the run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+
+from runtime.sink_thread import SinkThread
 
 if TYPE_CHECKING:
     from runtime.sinks import Sink
@@ -36,7 +39,7 @@ def fault_counts(line: dict[str, Any]) -> dict[str, int]:
 class MetricsLog:
     def __init__(self, path: Path, sinks: Sequence[Sink] = ()):
         self.path = path
-        self.sinks = list(sinks)
+        self.sinks: list[SinkThread] = [SinkThread(s) for s in sinks]
         self._file = open(path, "a", buffering=1)  # line-buffered: a killed run keeps whole lines
         self.lines = 0
 
@@ -50,17 +53,11 @@ class MetricsLog:
                 sink.write(line["step"], numbers)
 
     def close(self) -> None:
-        """Close the file and every sink (each sink's close runs even if another's raised)."""
+        """Close the file and every sink (a sink that raises is warned about, never fatal)."""
         self._file.close()
         sinks, self.sinks = self.sinks, []
-        errors = []
         for sink in sinks:
-            try:
-                sink.close()
-            except Exception as e:  # one broken sink must not keep the others open
-                errors.append(e)
-        if errors:
-            raise errors[0]
+            sink.close()
 
 
 def numeric(line: dict[str, Any]) -> dict[str, float]:

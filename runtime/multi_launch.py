@@ -34,7 +34,7 @@ from actors.rollout import SampleRunner
 from launchers.recipes import get_recipe
 from launchers.recipes.task import Task
 from policies.trainer_process import TrainerProcess
-from runtime import cli, launch
+from runtime import cli, launch, run_guard
 from runtime import config as C
 from runtime.agents import Agent, AgentConfig, EpisodesConfig, agent_configs
 from runtime.core.errors import RunFailed
@@ -92,6 +92,8 @@ def resolve(argv: list[str] | None, prog: str = PROG) -> MultiConfig:
         name = flags.get("run", {}).get("recipe") or file.get("run", {}).get("recipe") or "default"
         recipe = get_recipe(name)
         agents = _overlay(_overlay(recipe.agents, file.pop("agents", {})), _agent_flags(ns.agent))
+        if not isinstance(file.get("episodes", {}), dict):
+            raise C.ConfigError("[episodes]", "must be a table")
         episodes = {**recipe.episodes, **file.pop("episodes", {}), **flags.pop("episodes", {})}
         base = C.build(C.merge(C.merge(C.merge({}, recipe.defaults), file), flags))
         return MultiConfig(base, agent_configs(base, agents), _episodes(episodes, base))
@@ -104,7 +106,9 @@ def _overlay(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
         raise C.ConfigError("[agents]", "must be a table of [agents.NAME] tables")
     out = {k: dict(v) for k, v in base.items()}
     for name, table in over.items():
-        out[name] = {**out.get(name, {}), **table} if isinstance(table, dict) else table
+        if not isinstance(table, dict):
+            raise C.ConfigError(f"[agents.{name}]", "must be a table")
+        out[name] = {**out.get(name, {}), **table}
     return out
 
 
@@ -220,7 +224,11 @@ def main(argv: list[str] | None = None) -> int:
     launch.setup_logging(run_dir)
     print(f"run directory: {run_dir}", file=sys.stderr)
     try:
-        summary = launch.run_event_loop(train(mc, run_dir))
+        guard = run_guard.RunGuard(stall_timeout_s=mc.base.async_.stall_timeout, run_dir=run_dir)
+        summary = guard.run(train(mc, run_dir))
+    except run_guard.Interrupted as e:
+        print(f"interrupted ({e}); partial record in {run_dir}", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print(f"interrupted; partial record in {run_dir}", file=sys.stderr)
         return 130

@@ -15,8 +15,8 @@ def load_function(path: str, *, flag: str) -> Callable[..., Any]:
         raise ConfigError(flag, f"must be module:function, got {path!r}")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(flag, f"cannot import {module_name!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - its own import errors too (a syntax error, a missing package, a raise)
+        raise ConfigError(flag, f"cannot import {module_name!r}: {type(e).__name__}: {e}") from None
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise ConfigError(flag, f"{module_name!r} has no function {attr!r}")

@@ -48,9 +48,11 @@ from actors.evaluator import EvalResult, Evaluator
 from actors.generator import Generator
 from actors.learner import Learner, StepRecord
 from buffers.buffer import StalenessBuffer
+from policies.trainer_process import TrainerDied
 from runtime.chaos import Chaos
 from runtime.core import trace
 from runtime.core.errors import RunFailed
+from runtime.core.failures import FailureBudget
 from runtime.core.ledger import Ledger
 from runtime.engines import EngineSet
 from runtime.metrics import MetricsLog
@@ -76,6 +78,7 @@ class Actors:
     evaluator: Evaluator
     chaos: Chaos | None = None
     endpoint: ChatEndpoint | None = None  # multi-turn agents' OpenAI-compatible endpoint, while the run lasts
+    budget: FailureBudget | None = None  # repeated failures (engine, reward) that end the run
 
     def rollout_counters(self) -> dict[str, int]:
         """Fault and recovery counts: engine errors, failovers, restarts, resumes, reward failures."""
@@ -86,6 +89,8 @@ class Actors:
                 out[kind] = out.get(kind, 0) + n
         for kind, n in self.generator.scorer.failures.items():
             out[kind] = out.get(kind, 0) + n
+        if self.generator.prompts_too_long:
+            out["prompts_too_long"] = out.get("prompts_too_long", 0) + self.generator.prompts_too_long
         return out
 
 
@@ -136,6 +141,7 @@ class Scheduler:
                     ("watchdog", self._watchdog()),
                     ("engine-health", self.a.engines.monitor()),
                     *([("chaos", self.a.chaos.run())] if self.a.chaos and self.a.chaos.enabled else []),
+                    *([("failure-budget", self.a.budget.wait())] if self.a.budget else []),
                 ]
             }
             done, _ = await asyncio.wait(self._tasks.values(), return_when=asyncio.FIRST_COMPLETED)
@@ -243,8 +249,10 @@ class Scheduler:
 
     def _eval_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
-            # An evaluation failing is a bug (engine faults are absorbed below it): stop the run.
-            self._failure = _describe_end(task)
+            # An evaluation failing is a bug (engine faults are absorbed below it), or every one of
+            # its requests failed (RunFailed, one line): stop the run.
+            exc = task.exception()
+            self._failure = str(exc) if isinstance(exc, RunFailed) else _describe_end(task)
             self._tasks["learner"].cancel()
 
     # -- no hangs --------------------------------------------------------------------------------
@@ -294,5 +302,7 @@ def _describe_end(task: asyncio.Task[Any]) -> str:
     exc = task.exception()
     if exc is None:
         return f"actor {task.get_name()!r} returned unexpectedly"
+    if isinstance(exc, TrainerDied):  # a process killed from outside (OOM killer, kill -9): not a bug here
+        return f"actor {task.get_name()!r} lost its trainer: {exc}"
     tb = "".join(traceback.format_exception(exc))
     return f"actor {task.get_name()!r} crashed:\n{tb}"

@@ -6,6 +6,10 @@ explicit ``--metrics-sink module:function`` path: the function is called as
 ``function(run_dir=Path, config=dict)`` (the resolved config as plain tables) and returns the sink.
 The optional packages are imported only when their flag is set; ``config.check`` has already
 turned a missing one into a one-line error at start.
+
+A sink is a plug-in and may misbehave, so each runs on a thread of its own (``SinkThread``) behind
+a bounded queue: one whose ``write`` blocks only skips lines (counted, warned once), never the
+event loop that trains; one that raises is disabled with a warning; its ``close`` is bounded.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
-from runtime.config import LogConfig
+from runtime.config import ConfigError, LogConfig
 from runtime.plugins import load_function
 
 
@@ -64,5 +68,8 @@ def open_sinks(cfg: LogConfig, *, run_dir: Path, config: dict[str, Any]) -> list
                                mode=cfg.wandb_mode, config=config))
     if cfg.metrics_sink:
         factory = load_function(cfg.metrics_sink, flag="--metrics-sink")
-        sinks.append(factory(run_dir=run_dir, config=config))
+        try:
+            sinks.append(factory(run_dir=run_dir, config=config))
+        except Exception as e:  # noqa: BLE001 - the user's factory: one line at start
+            raise ConfigError("--metrics-sink", f"{cfg.metrics_sink} raised {type(e).__name__}: {e}") from None
     return sinks

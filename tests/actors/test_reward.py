@@ -96,3 +96,77 @@ def test_a_coroutine_function_is_awaited_with_its_timeout():
         assert scorer.failures == {"reward_timeout": 1}
 
     run(scenario())
+
+
+def test_a_coroutine_function_that_blocks_does_not_block_the_callers_loop():
+    """``time.sleep`` in an ``async def`` (issue 16): it runs on the plug-in loop, so the caller's
+    loop keeps running (a ticker advances) and the call fails on its timeout."""
+    release = threading.Event()
+
+    async def fn(prompt, sample):
+        release.wait(5)  # noqa: ASYNC251 - the bug this stands for
+        return 1.0
+
+    async def scenario():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        tick = asyncio.create_task(ticker())
+        scorer = RewardScorer(fn, timeout_s=0.3)
+        pairs = group(2)
+        await scorer.score_many(pairs)
+        tick.cancel()
+        assert all(s.status == Status.FAILED and "exceeded" in s.failure for _, s in pairs)
+        assert scorer.failures == {"reward_timeout": 2}
+        assert ticks >= 10  # ~30 at 10 ms over 0.3 s; 1 if the loop had been blocked
+
+    try:
+        run(scenario())
+    finally:
+        release.set()
+
+
+def test_hung_calls_hold_at_most_max_hung_calls_threads_and_later_samples_fail_at_once(monkeypatch):
+    from actors import reward
+
+    monkeypatch.setattr(reward, "MAX_HUNG_CALLS", 4)
+    never = threading.Event()
+
+    def fn(prompt, sample):
+        never.wait()
+
+    async def scenario():
+        scorer = RewardScorer(fn, timeout_s=0.05)
+        before = threading.active_count()
+        for _ in range(10):  # 80 calls that all hang
+            pairs = group()
+            await scorer.score_many(pairs)
+            assert all(s.status == Status.FAILED for _, s in pairs)
+        grown = threading.active_count() - before
+        assert grown <= 8 + 4  # one group's first jobs, then no new thread once 4 calls hang
+        assert scorer.failures["reward_timeout"] == 80
+        assert sum("still running past --reward-timeout" in s.failure for _, s in pairs) == 8
+
+    try:
+        run(scenario())
+    finally:
+        never.set()
+
+
+def test_huge_and_non_finite_rewards_fail_their_sample_with_the_value():
+    bad = {0: 1e300, 1: float("inf"), 2: -2e6, 3: "1e9"}
+
+    async def scenario():
+        scorer = RewardScorer(lambda p, s: bad.get(s.index, 1e6), timeout_s=5)
+        pairs = group(5)
+        await scorer.score_many(pairs)
+        assert [s.status == Status.FAILED for _, s in pairs] == [True, True, True, True, False]
+        assert "reward is 1e+300" in pairs[0][1].failure and pairs[4][1].reward == 1e6
+        assert scorer.failures == {"reward_error": 4}
+
+    run(scenario())
