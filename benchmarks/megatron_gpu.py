@@ -9,6 +9,11 @@
 (b) tokens/s and peak GPU memory of one step at each shape (samples x tokens), each learner,
     after a warm-up step; an out-of-memory is reported as such.
 Prints a table and writes it to DIR/megatron_gpu.md (and DIR/megatron_gpu.json).
+
+On the lent GPU machine the image has no megatron-core: the carried ``.whl`` must hold it
+(``bash ../shared/device/wheels.sh megatron-core==0.16.1``; the device tool carries the session
+checkout's ``.whl``), then ``PYTHONPATH=/tmp/site:$PWD python3 benchmarks/megatron_gpu.py --out $OUT``.
+Not yet run on a GPU (see the Megatron section of README.md).
 """
 
 from __future__ import annotations
