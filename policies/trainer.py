@@ -285,7 +285,7 @@ class PolicyTrainer:
 
     def _served_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """What engines load: the state dict, a tied output head once (as HF checkpoints save it)."""
-        if self.lora is not None:  # refused at start (runtime/config.py): adapters travel as files
+        if self.lora is not None:  # refused at start (runtime/config/checks.py): adapters travel as files
             raise RuntimeError("a LoRA policy publishes its adapter as files, not through a collective transport")
         state = self.model.state_dict()
         if getattr(self.model.config, "tie_word_embeddings", False):

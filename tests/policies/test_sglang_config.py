@@ -1,5 +1,5 @@
 """`--engine sglang` on the command line and in TOML: the flags, the defaults it changes, what it
-refuses, and the process factory it builds (runtime/config.py EngineConfig, runtime/cli.py)."""
+refuses, and the process factory it builds (runtime/config/compute.py EngineConfig, runtime/cli.py)."""
 
 from __future__ import annotations
 
