@@ -3,7 +3,8 @@
 import msgspec
 import pytest
 
-from policies.engine.client import EngineClient, EngineError, _GenerateResponse
+from policies.engine.errors import EngineError
+from policies.engine.replies import GenerateResponse, to_output
 
 
 def answer(spans):
@@ -12,15 +13,14 @@ def answer(spans):
     if spans is not None:
         meta["weight_versions"] = spans
     return msgspec.json.decode(msgspec.json.encode({"output_ids": [5, 6, 7], "meta_info": meta}),
-                               type=_GenerateResponse)
+                               type=GenerateResponse)
 
 
 def test_spans_expand_to_one_version_per_token():
-    client = EngineClient("http://127.0.0.1:1")
-    out = client._to_output(answer([{"version": "2", "start": 0, "end": 2}, {"version": "3", "start": 2, "end": 3}]),
-                            True)
+    out = to_output(answer([{"version": "2", "start": 0, "end": 2}, {"version": "3", "start": 2, "end": 3}]), True,
+                    url="http://127.0.0.1:1")
     assert out.token_versions == ["2", "2", "3"]
-    assert client._to_output(answer(None), True).token_versions is None  # SGLang < 0.5.23
+    assert to_output(answer(None), True, url="http://127.0.0.1:1").token_versions is None  # SGLang < 0.5.23
 
 
 @pytest.mark.parametrize("spans", [
@@ -29,4 +29,4 @@ def test_spans_expand_to_one_version_per_token():
 ])
 def test_spans_that_do_not_cover_the_tokens_are_an_engine_error(spans):
     with pytest.raises(EngineError, match="weight_versions"):
-        EngineClient("http://127.0.0.1:1")._to_output(answer(spans), True)
+        to_output(answer(spans), True, url="http://127.0.0.1:1")

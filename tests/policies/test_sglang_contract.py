@@ -41,7 +41,7 @@ import sglang_source as sgl
 from aiohttp import web
 
 from policies.engine import client as client_module
-from policies.engine import wire
+from policies.engine import replies, wire
 from policies.engine.client import PAUSE_MODES, SGLANG_SAMPLING_KEYS, EngineClient
 from policies.engine.sglang_launch import RUNTIME_OWNED_FLAGS, parse_sglang_passthrough, sglang_command
 
@@ -514,24 +514,24 @@ def test_pause_modes_are_sglang_modes(src):
 
 
 def test_generate_response_fields_are_produced(src):
-    meta_type = msgspec.structs.fields(client_module._GenerateResponse)
-    assert {f.name: f.type for f in meta_type}["meta_info"] is client_module._MetaInfo
+    meta_type = msgspec.structs.fields(replies.GenerateResponse)
+    assert {f.name: f.type for f in meta_type}["meta_info"] is replies.MetaInfo
     problems = response_problems(
         "/generate response",
-        client_module._GenerateResponse,
+        replies.GenerateResponse,
         sgl.generate_top_level_keys(src),
         source=f"the dicts {sgl.TOKENIZER_MANAGER} returns",
     )
     problems += response_problems(
         "meta_info",
-        client_module._MetaInfo,
+        replies.MetaInfo,
         sgl.meta_info_keys(src),
         source="the meta_info keys written in " + ", ".join(sgl.meta_info_sources(src)),
         allowed=KNOWN_EXTENSIONS["meta_info"],
     )
     finish_keys, finish_types = sgl.finish_reason_keys(src)
     problems += response_problems(
-        "meta_info.finish_reason", client_module._FinishReason, finish_keys, source=f"to_json() in {sgl.SCHEDULE_BATCH}"
+        "meta_info.finish_reason", replies.FinishReason, finish_keys, source=f"to_json() in {sgl.SCHEDULE_BATCH}"
     )
     if not {"stop", "length", "abort"} <= finish_types:
         problems.append(f"finish_reason types in {sgl.SCHEDULE_BATCH} are {sorted(finish_types)}")
@@ -540,15 +540,15 @@ def test_generate_response_fields_are_produced(src):
 
 def test_other_response_fields_are_produced(src):
     decodes = client_decodes()
-    assert decodes.get("/generate") == "_GenerateResponse"  # checked above
-    checked = {route: getattr(client_module, name) for route, name in decodes.items() if route != "/generate"}
+    assert decodes.get("/generate") == "GenerateResponse"  # checked above
+    checked = {route: getattr(replies, name) for route, name in decodes.items() if route != "/generate"}
     assert checked, "client.py decodes no typed response besides /generate: is client_decodes() out of date?"
     problems = [p for route, struct in sorted(checked.items()) for p in route_response_problems(src, route, struct)]
     assert not problems, f"sglang {src.version}:\n" + "\n".join(problems)
 
 
 def test_sometimes_sent_fields_are_optional_in_the_client():
-    fields = {f.encode_name: f for f in msgspec.structs.fields(client_module._MetaInfo)}
+    fields = {f.encode_name: f for f in msgspec.structs.fields(replies.MetaInfo)}
     for name in KNOWN_EXTENSIONS["meta_info"] | SOMETIMES_SENT:
         assert not fields[name].required and fields[name].default is None, f"{name} must default to None"
 
@@ -569,10 +569,10 @@ def test_collective_responses_are_produced(src):
     for route in ("/init_weights_update_group", "/update_weights_from_distributed", "/destroy_weights_update_group",
                   "/begin_weight_update", "/end_weight_update", "/update_weights_from_tensor"):
         produced = {k: v for r in routes[route] for k, v in sgl.handler_dict_keys(src, r).items()}
-        problems += response_problems(f"response of {route}", client_module._CollectiveResult, produced,
+        problems += response_problems(f"response of {route}", replies.CollectiveResult, produced,
                                       source=f"the {route} handler's answer", allowed=COLLECTIVE_EXTENSIONS)
     assert not problems, f"sglang {src.version}:\n" + "\n".join(problems)
-    fields = {f.encode_name: f for f in msgspec.structs.fields(client_module._CollectiveResult)}
+    fields = {f.encode_name: f for f in msgspec.structs.fields(replies.CollectiveResult)}
     assert all(not fields[name].required for name in COLLECTIVE_EXTENSIONS)
 
 
@@ -583,7 +583,7 @@ def test_lora_responses_are_sglangs_and_its_launch_flags_exist(src):
     from policies import lora
 
     fields = sgl.class_fields(src, sgl.IO_STRUCT, "LoRAUpdateOutput")
-    read = {f.encode_name for f in msgspec.structs.fields(client_module.LoRAUpdateOutput)}
+    read = {f.encode_name for f in msgspec.structs.fields(replies.LoRAUpdateOutput)}
     assert read <= set(fields), f"sglang {src.version}: LoRAUpdateOutput has {sorted(fields)}, client reads {read}"
     server = sgl.server_flags(src)
     flags = lora.sglang_flags(lora.LoraSpec(rank=8, alpha=16.0))
@@ -606,7 +606,7 @@ def test_version_spans_match_what_sglang_writes(src):
             for inner in ast.walk(node):
                 if isinstance(inner, ast.Dict):
                     sgl._add_dict_keys(written, inner, path)
-    problems = response_problems("meta_info.weight_versions[]", client_module._VersionSpan, written,
+    problems = response_problems("meta_info.weight_versions[]", replies.VersionSpan, written,
                                  source=f"add_weight_versions_to_meta_info ({path})")
     assert written and not problems, f"sglang {src.version}:\n" + "\n".join(problems)
 
@@ -645,8 +645,8 @@ def test_generate_answer_is_sglang_shaped_and_read_as_encoded(contract):
     only schema fields, and the client reads the answer as SGLang's encoder writes it."""
     schema = {"response": contract.GenerateResponse, "meta_info": contract.GenerateMetaInfo,
               "span": contract.WeightVersionSpan}
-    client_side = {"response": client_module._GenerateResponse, "meta_info": client_module._MetaInfo,
-                   "span": client_module._VersionSpan}
+    client_side = {"response": replies.GenerateResponse, "meta_info": replies.MetaInfo,
+                   "span": replies.VersionSpan}
     problems = [
         p for key in schema for p in response_problems(
             f"{key}", client_side[key], dict.fromkeys(schema[key].__struct_fields__, sgl.API_CONTRACT),
@@ -654,7 +654,7 @@ def test_generate_answer_is_sglang_shaped_and_read_as_encoded(contract):
     ]
     assert not problems, "\n".join(problems)
     encoded = contract.GenerateResponse.from_json_value(GENERATE_ANSWER).to_json_value()
-    out = EngineClient("http://sglang")._to_output(msgspec.convert(encoded, client_module._GenerateResponse), True)
+    out = replies.to_output(msgspec.convert(encoded, replies.GenerateResponse), True, url="http://sglang")
     assert (out.output_ids, out.logprobs, out.finish_reason, out.weight_version, out.token_versions) == (
         [5, 6], [-0.5, -1.5], "stop", "3", ["2", "3"])
 
@@ -736,13 +736,13 @@ def test_mutation_body_field_is_caught(src, sent):
 
 def test_mutation_response_field_is_caught(src):
     drifted = msgspec.defstruct(
-        "_MetaInfo",
-        [(n if n != "weight_version" else "weights_version", Any) for n in struct_names(client_module._MetaInfo)],
+        "MetaInfo",
+        [(n if n != "weight_version" else "weights_version", Any) for n in struct_names(replies.MetaInfo)],
     )
     problems = response_problems(
         "meta_info", drifted, sgl.meta_info_keys(src), source="meta_info", allowed=KNOWN_EXTENSIONS["meta_info"]
     )
-    assert problems == ["meta_info (_MetaInfo): 'weights_version' is not in meta_info"]
+    assert problems == ["meta_info (MetaInfo): 'weights_version' is not in meta_info"]
     update = msgspec.defstruct("WeightUpdateResult", [("succes", bool)])
     assert route_response_problems(src, "/update_weights_from_disk", update)
 
