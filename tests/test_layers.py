@@ -23,24 +23,30 @@ def layer(module: str) -> int:
     return {"policies": 2, "actors": 3, "launchers": 4, "runtime": 5}[top]
 
 
-def modules() -> dict[str, Path]:
+def modules(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dict[str, Path]:
     out = {}
-    for pkg in PACKAGES:
-        for path in (ROOT / pkg).rglob("*.py"):
-            parts = path.relative_to(ROOT).with_suffix("").parts
+    for pkg in packages:
+        for path in (root / pkg).rglob("*.py"):
+            parts = path.relative_to(root).with_suffix("").parts
             out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return out
 
 
 def imports(path: Path, known: dict[str, Path]) -> set[str]:
-    """The project modules ``path`` imports, resolved to the longest known module name."""
+    """The project modules ``path`` names, each resolved to the longest known module name.
+
+    ``from a.b import c`` is an edge to the module ``a.b.c`` when there is one, else to ``a.b``
+    (c is a name its ``__init__`` defines). The package ``__init__``s Python runs on the way to a
+    module (``import a.b.c`` runs ``a`` and ``a.b``) are not edges: only what the code names is,
+    so a submodule that takes a name from its own package's ``__init__`` is seen, and the circle it
+    makes when that ``__init__`` imports the submodule is caught.
+    """
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names.update(a.name for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.update(f"{node.module}.{a.name}" for a in node.names)
-            names.add(node.module)
     out = set()
     for name in names:
         while name and name not in known:
@@ -50,10 +56,9 @@ def imports(path: Path, known: dict[str, Path]) -> set[str]:
     return out
 
 
-def graph() -> dict[str, set[str]]:
-    known = modules()
-    # a package's __init__ is not an edge of its own submodules (importing a.b runs a/__init__)
-    return {m: {i for i in imports(p, known) if i != m and not m.startswith(i + ".")} for m, p in known.items()}
+def graph(root: Path = ROOT, packages: tuple[str, ...] = PACKAGES) -> dict[str, set[str]]:
+    known = modules(root, packages)
+    return {m: {i for i in imports(p, known) if i != m} for m, p in known.items()}
 
 
 def upward(g: dict[str, set[str]]) -> list[str]:
@@ -117,3 +122,15 @@ def test_no_import_circles():
 def test_the_checks_would_catch_an_upward_import_and_a_circle(edge, found):
     assert bool(upward(edge)) is found
     assert circles({"a.x": {"a.y"}, "a.y": {"a.z"}, "a.z": {"a.x"}, "a.w": {"a.x"}}) == [["a.x", "a.y", "a.z"]]
+
+
+def test_a_name_taken_from_a_packages_init_is_an_edge(tmp_path):
+    """The recipes' circle (issue 17): ``pkg/__init__`` imports ``pkg.sub``, which takes a name
+    from ``pkg``; both edges are seen, a plain submodule import is not mistaken for one."""
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("from pkg.sub import make\n\nclass Recipe: ...\n")
+    (tmp_path / "pkg" / "sub.py").write_text("from pkg import Recipe\n\nmake = Recipe\n")
+    (tmp_path / "pkg" / "other.py").write_text("from pkg import sub\nimport pkg.sub\n")
+    g = graph(tmp_path, ("pkg",))
+    assert g == {"pkg": {"pkg.sub"}, "pkg.sub": {"pkg"}, "pkg.other": {"pkg.sub"}}
+    assert circles(g) == [["pkg", "pkg.sub"]]

@@ -39,7 +39,7 @@ from typing import Any
 
 from actors.conversation import Conversation, ToolTimeout
 from buffers.types import Prompt, Sample
-from launchers.recipes import Recipe
+from launchers.recipes.recipe import Recipe
 from launchers.recipes.task import Task
 from policies.tokenizer import EOS, word_tokenizer
 from policies.tool_calls import parse_hermes

@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from launchers import smollm2
-from launchers.recipes import Recipe
+from launchers.recipes.recipe import Recipe
 from runtime.core.errors import ConfigError
 
 TASK = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=2)

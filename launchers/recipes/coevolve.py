@@ -30,8 +30,8 @@ import itertools
 from typing import TYPE_CHECKING
 
 from buffers.types import Prompt, Sample
-from launchers.recipes import Recipe
 from launchers.recipes.copy_digits import reward as copy_score
+from launchers.recipes.recipe import Recipe
 from launchers.recipes.task import Task
 from policies.tokenizer import word_tokenizer
 

@@ -16,7 +16,7 @@ import functools
 import random
 
 from buffers.types import Prompt, Sample
-from launchers.recipes import Recipe
+from launchers.recipes.recipe import Recipe
 from launchers.recipes.task import Task
 from policies.tokenizer import EOS, word_tokenizer
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 
 from buffers.types import Prompt
-from launchers.recipes import Recipe
+from launchers.recipes.recipe import Recipe
 from launchers.recipes.task import Task
 from policies.tokenizer import word_tokenizer
 
