@@ -44,12 +44,10 @@ from buffers.types import Group, Sample
 from policies import fsdp, microbatch, weight_ipc, weight_sync
 from policies import lora as adapters
 from policies.advantages import grpo_advantages
-from policies.correction import importance_weight
 from policies.logprobs import token_logprobs
-from policies.loss import kl_penalty, ppo_clip
 from policies.lr_schedule import LrSchedule
 from policies.model import load_causal_lm
-from policies.objective import Objective, Optimizer
+from policies.objective import Objective, Optimizer, policy_terms
 from policies.packed_attention import use_packed_attention
 from policies.packing import Packed, TokenBatch, collate, pack
 from policies.sft import token_weights
@@ -207,25 +205,16 @@ class PolicyTrainer:
     def _policy_terms(self, logp: torch.Tensor, entropy: torch.Tensor, tb: TokenBatch, packed: Packed,
                       sums: StepSums) -> torch.Tensor:
         """The PPO-clip loss per token (importance-weighted, KL, entropy bonus); adds its sums."""
-        g, m = self.grpo, tb.mask
-        old_logp = logp.detach()  # one step per batch: proximal policy == current (module doc)
-        eps_high = g.eps_clip_high if g.eps_clip_high is not None else g.eps_clip
-        pg, clipped = ppo_clip(logp, old_logp, tb.advantages, eps_low=g.eps_clip, eps_high=eps_high)
-        w, bounded = importance_weight(old_logp, tb.behavior_logp, m, tb.staleness, level=g.tis_level,
-                                       mode=g.tis_mode, low=g.tis_clip_low, high=g.tis_clip,
-                                       caps=g.tis_clip_by_staleness)
-        per_token = pg * w if g.use_tis else pg
+        m, ref_logp = tb.mask, None
         if self.ref is not None:
             with torch.no_grad():
                 ref_logp, _ = self._logprobs(self.ref, packed, m.shape)
-            kl = kl_penalty(logp, ref_logp, g.kl_loss_type)
-            per_token = per_token + g.kl_loss_coef * kl
-            sums.add(kl=(kl.detach() * m).sum())
-        if g.entropy_coef:
-            per_token = per_token - g.entropy_coef * entropy
-        sums.add(clipped=(clipped * m).sum(), weight=(w * m).sum(), bounded=(bounded * m).sum())
-        sums.add_buckets(w, bounded, tb.staleness, m)
-        return per_token
+        t = policy_terms(self.grpo, logp, entropy, tb, ref_logp=ref_logp)
+        if t.kl is not None:
+            sums.add(kl=(t.kl.detach() * m).sum())
+        sums.add(clipped=(t.clipped * m).sum(), weight=(t.weight * m).sum(), bounded=(t.bounded * m).sum())
+        sums.add_buckets(t.weight, t.bounded, tb.staleness, m)
+        return t.per_token
 
     def _empty_pass(self) -> None:
         """A micro-batch with no samples (more micro-batches than samples): a forward and backward

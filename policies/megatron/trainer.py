@@ -34,13 +34,13 @@ from megatron.core import parallel_state as ps
 
 from buffers.types import Group
 from policies.advantages import grpo_advantages
-from policies.correction import bucket_stats, importance_weight
-from policies.loss import kl_penalty, ppo_clip
+from policies.correction import bucket_stats
 from policies.lr_schedule import LrSchedule
 from policies.megatron import checkpoint, parallel, publish
 from policies.megatron.logprobs import DEFAULT_CHUNK_TOKENS, token_logp_entropy
 from policies.megatron.model import Parallelism, build, check_supported
 from policies.megatron.optim import MegatronOptim
+from policies.objective import policy_terms
 from policies.trainer import StepStats, TokenBatch, collate
 
 
@@ -126,30 +126,21 @@ class MegatronTrainer:
         and its partial sums for the step's figures. ``tb`` None: an empty pass (weight 0)."""
         if tb is None:
             return hidden.sum() * 0.0, {}
-        g, tb = self.grpo, tb.to(self.device)
+        tb = tb.to(self.device)
         logp, entropy = self._logp(self.model, tb, hidden)
-        old = logp.detach()
-        eps_high = g.eps_clip_high if g.eps_clip_high is not None else g.eps_clip
-        pg, clipped = ppo_clip(logp, old, tb.advantages, eps_low=g.eps_clip, eps_high=eps_high)
-        w, bounded = importance_weight(old, tb.behavior_logp, tb.mask, tb.staleness, level=g.tis_level,
-                                       mode=g.tis_mode, low=g.tis_clip_low, high=g.tis_clip,
-                                       caps=g.tis_clip_by_staleness)
-        per_token = pg * w if g.use_tis else pg
-        kl = torch.zeros_like(logp)
+        ref_logp = None
         if self.ref is not None:
             with torch.no_grad():
                 ref_logp, _ = self._logp(self.ref, tb, self._forward(self.ref, tb))
-            kl = kl_penalty(logp, ref_logp, g.kl_loss_type)
-            per_token = per_token + g.kl_loss_coef * kl
-        if g.entropy_coef:
-            per_token = per_token - g.entropy_coef * entropy
+        t = policy_terms(self.grpo, logp, entropy, tb, ref_logp=ref_logp)
+        kl = torch.zeros_like(logp) if t.kl is None else t.kl.detach()
         m = tb.mask
-        loss = (per_token * m).sum() / denom
+        loss = (t.per_token * m).sum() / denom
         on = m > 0
-        sums = {"loss": loss.detach(), "clipped": (clipped * m).sum(), "w": (w * m).sum(),
-                "bounded": (bounded * m).sum(), "kl": (kl.detach() * m).sum(),
+        sums = {"loss": loss.detach(), "clipped": (t.clipped * m).sum(), "w": (t.weight * m).sum(),
+                "bounded": (t.bounded * m).sum(), "kl": (kl * m).sum(),
                 "entropy": (entropy.detach() * m).sum(), "tokens": m.sum(),
-                "tok_w": w[on].detach(), "tok_bounded": bounded[on], "tok_stale": tb.staleness[on]}
+                "tok_w": t.weight[on].detach(), "tok_bounded": t.bounded[on], "tok_stale": tb.staleness[on]}
         return loss, sums
 
     # -- weights out ---------------------------------------------------------------------------
