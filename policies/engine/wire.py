@@ -90,23 +90,14 @@ def _refuse(struct: msgspec.Struct, table: dict[str, Any], where: str) -> None:
             raise BadRequest(f"{where}{name} is not supported by the embedded engine (got {value!r})")
 
 
-class _RefusedSamplingFields(msgspec.Struct, kw_only=True):
-    """Declared only so that setting one is refused (see REFUSED_SAMPLING)."""
+def _refused_fields(name: str, table: dict[str, Any]) -> type[msgspec.Struct]:
+    """A base struct declaring each field of ``table`` (Any, default None), so a body that sets one
+    decodes and ``_refuse`` can name it, instead of the field being ignored as unknown."""
+    return msgspec.defstruct(name, [(field, Any, None) for field in table], kw_only=True)
 
-    stop: Any = None
-    stop_regex: Any = None
-    min_p: Any = None
-    frequency_penalty: Any = None
-    presence_penalty: Any = None
-    repetition_penalty: Any = None
-    min_new_tokens: Any = None
-    json_schema: Any = None
-    regex: Any = None
-    ebnf: Any = None
-    structural_tag: Any = None
-    custom_params: Any = None
-    beam_width: Any = None
-    watermark: Any = None
+
+# Declared only so that setting one is refused (see REFUSED_SAMPLING): every name, typed Any, default None.
+_RefusedSamplingFields = _refused_fields("_RefusedSamplingFields", REFUSED_SAMPLING)
 
 
 class SamplingParams(_RefusedSamplingFields, kw_only=True):
@@ -154,28 +145,8 @@ class SamplingParams(_RefusedSamplingFields, kw_only=True):
             raise BadRequest(f"n must be >= 1, got {self.n}")
 
 
-class _RefusedGenerateFields(msgspec.Struct, kw_only=True):
-    """Declared only so that setting one is refused (see REFUSED_GENERATE)."""
-
-    input_embeds: Any = None
-    image_data: Any = None
-    video_data: Any = None
-    audio_data: Any = None
-    token_ids_logprob: Any = None
-    return_text_in_logprobs: Any = None
-    return_sampling_mask: Any = None
-    sampling_logprobs_mode: Any = None
-    return_flat_raw_top_logprobs: Any = None
-    return_flat_raw_output_top_logprobs: Any = None
-    watermark: Any = None
-    return_hidden_states: Any = None
-    return_routed_experts: Any = None
-    return_entropy: Any = None
-    return_prompt_token_ids: Any = None
-    session_params: Any = None
-    custom_logit_processor: Any = None
-    positional_embed_overrides: Any = None
-    max_thinking_tokens: Any = None
+# Declared only so that setting one is refused (see REFUSED_GENERATE).
+_RefusedGenerateFields = _refused_fields("_RefusedGenerateFields", REFUSED_GENERATE)
 
 
 class GenerateReqInput(_RefusedGenerateFields, kw_only=True):
