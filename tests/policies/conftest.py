@@ -1,5 +1,6 @@
 """Fixtures for the engine tests: tiny random checkpoints on disk, a module-scoped engine
-subprocess, and small async helpers (pytest-asyncio is not used: tests call `asyncio.run`)."""
+subprocess, and small async helpers (pytest-asyncio is not used: tests call `asyncio.run`); for
+the SGLang contract tests (test_sglang_*.py), what the client sends and the sglang source."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import sglang_source as sgl
 import torch
 import transformers
+from sglang_client_record import Sent, record_client_requests
 
 from policies.engine import EngineClient, EngineProcess
 
@@ -111,3 +114,31 @@ class EngineKit:
 @pytest.fixture(scope="session")
 def kit() -> type[EngineKit]:
     return EngineKit
+
+
+# ---- the SGLang contract (test_sglang_*.py): built once, read by every check -------------
+
+
+@pytest.fixture(scope="session")
+def sent() -> list[Sent]:
+    return record_client_requests()
+
+
+@pytest.fixture(scope="session")
+def src() -> Iterator[sgl.SglangSource]:
+    try:
+        wheel = sgl.ensure_wheel()
+    except sgl.SglangUnavailable as exc:
+        pytest.skip(f"sglang source unavailable (no cached wheel in {sgl.CACHE_DIR}): {exc}")
+    source = sgl.SglangSource(wheel)
+    print(f"checking against sglang {source.version} ({wheel})")
+    yield source
+    source.close()
+
+
+@pytest.fixture(scope="session")
+def contract(src):
+    module = sgl.load_api_contract(src)
+    if module is None:
+        pytest.skip(f"sglang {src.version} has no {sgl.API_CONTRACT}")
+    return module
