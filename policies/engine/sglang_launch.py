@@ -10,7 +10,7 @@ address, port, tensor-parallel size, API key) and those its own options already 
 dtype, request capacity, the initial weight version, which must match the version the learner
 resumes at): a user passing them again through `--sglang-...` would create two sources of truth
 that silently disagree. Those keys are refused. Every other SGLang server flag goes through
-unchanged; `tests/policies/test_sglang_contract.py` checks the flag names against the source of
+unchanged; `tests/policies/test_sglang_command.py` checks the flag names against the source of
 the newest sglang release.
 """
 

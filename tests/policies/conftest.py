@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import sglang_api
 import sglang_source as sgl
 import torch
 import transformers
@@ -138,7 +139,7 @@ def src() -> Iterator[sgl.SglangSource]:
 
 @pytest.fixture(scope="session")
 def contract(src):
-    module = sgl.load_api_contract(src)
+    module = sglang_api.load_api_contract(src)
     if module is None:
         pytest.skip(f"sglang {src.version} has no {sgl.API_CONTRACT}")
     return module

@@ -8,6 +8,7 @@ import ast
 from pathlib import Path
 
 import msgspec
+import sglang_api
 import sglang_source as sgl
 from sglang_client_record import Sent
 
@@ -34,7 +35,7 @@ DEPRECATED_IN_USE = {"/get_server_info": "debugging only (tests); the embedded e
 COLLECTIVE_EXTENSIONS = {"paused_s"}
 
 
-def route_problems(sent: list[Sent], routes: dict[str, list[sgl.Route]]) -> list[str]:
+def route_problems(sent: list[Sent], routes: dict[str, list[sglang_api.Route]]) -> list[str]:
     problems = []
     for method, path, client_method in sorted({(s.method, s.path, s.client_method) for s in sent}):
         declared = routes.get(path)
@@ -56,9 +57,9 @@ def field_problems(what: str, used: set[str], available: dict[str, str], *, sour
 def generate_body_problems(src: sgl.SglangSource, bodies: list[dict]) -> list[str]:
     """Top-level /generate fields vs GenerateReqInput; sampling_params keys vs SamplingParams and
     (newer releases) the JSON contract gate's SamplingParams, which rejects unknown keys."""
-    req_model = next(sgl.request_model(src, r) for r in sgl.routes(src)["/generate"])
-    top = sgl.class_fields(src, *req_model)
-    sampling = sgl.class_fields(src, sgl.SAMPLING_PARAMS, "SamplingParams")
+    req_model = next(sglang_api.request_model(src, r) for r in sglang_api.routes(src)["/generate"])
+    top = sglang_api.class_fields(src, *req_model)
+    sampling = sglang_api.class_fields(src, sgl.SAMPLING_PARAMS, "SamplingParams")
     problems = []
     for body in bodies:
         problems += field_problems("/generate body field", set(body), top, source=f"{req_model[1]} ({req_model[0]})")
@@ -68,7 +69,7 @@ def generate_body_problems(src: sgl.SglangSource, bodies: list[dict]) -> list[st
             "/generate sampling_params key", keys, sampling, source=f"SamplingParams ({sgl.SAMPLING_PARAMS})"
         )
         if src.has(sgl.API_CONTRACT):
-            gate = sgl.class_fields(src, sgl.API_CONTRACT, "SamplingParams")
+            gate = sglang_api.class_fields(src, sgl.API_CONTRACT, "SamplingParams")
             problems += field_problems(
                 "/generate sampling_params key",
                 keys,
@@ -80,19 +81,19 @@ def generate_body_problems(src: sgl.SglangSource, bodies: list[dict]) -> list[st
 
 def control_body_problems(src: sgl.SglangSource, sent: list[Sent]) -> list[str]:
     """Each non-/generate JSON body vs the request model its SGLang handler declares."""
-    routes = sgl.routes(src)
+    routes = sglang_api.routes(src)
     problems = []
     for s in sent:
         if s.path == "/generate" or s.path not in routes:
             continue  # /generate: generate_body_problems; a missing route: route_problems
-        models = {m for r in routes[s.path] if s.method in r.methods and (m := sgl.request_model(src, r))}
+        models = {m for r in routes[s.path] if s.method in r.methods and (m := sglang_api.request_model(src, r))}
         if not models:
             if s.body:
                 problems.append(f"{s.method} {s.path} sends {sorted(s.body)}, but its handler declares no body model")
             continue
         available = {}
         for model in models:
-            available.update(sgl.class_fields(src, *model))
+            available.update(sglang_api.class_fields(src, *model))
         names = " / ".join(f"{name} ({file})" for file, name in sorted(models))
         problems += field_problems(f"{s.path} body field", set(s.body or {}), available, source=names)
     return sorted(set(problems))
@@ -126,14 +127,14 @@ def client_decodes() -> dict[str, str]:
 
 
 def route_response_problems(src: sgl.SglangSource, route: str, struct: type[msgspec.Struct]) -> list[str]:
-    routes = sgl.routes(src)
+    routes = sglang_api.routes(src)
     if route not in routes:
         # say where SGLang does report the missing fields, so the fix is obvious
         hints = []
         for name in sorted(struct_names(struct)):
             for path, declared in sorted(routes.items()):
                 for r in declared:
-                    if name in (keys := sgl.handler_dict_keys(src, r)):
+                    if name in (keys := sglang_api.handler_dict_keys(src, r)):
                         hints.append(f"{name!r} is returned by {sorted(r.methods)} {path} ({keys[name]})")
         return [
             f"response of {route} ({struct.__name__}): SGLang has no route {route} in {sgl.HTTP_SERVER}"
@@ -141,7 +142,7 @@ def route_response_problems(src: sgl.SglangSource, route: str, struct: type[msgs
         ]
     produced: dict[str, str] = {}
     for r in routes[route]:
-        produced.update(sgl.handler_dict_keys(src, r))
+        produced.update(sglang_api.handler_dict_keys(src, r))
     return response_problems(f"response of {route}", struct, produced, source=f"the {route} handler's answer")
 
 
@@ -150,7 +151,7 @@ def default_problems(src, path: str, cls: str, table: dict[str, object]) -> list
     problems = []
     for name, default in table.items():
         try:
-            theirs = sgl.field_default(src, path, cls, name)
+            theirs = sglang_api.field_default(src, path, cls, name)
         except LookupError:
             continue  # no literal default (a field() call): only None and `default` are accepted
         if theirs not in (None, default):

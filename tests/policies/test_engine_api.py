@@ -3,7 +3,7 @@ engine subprocess, real HTTP, raw JSON bodies as an SGLang client sends them): p
 (logprob_start_len -> input_token_logprobs), top logprobs (top_logprobs_num), logit_bias, the
 server-info facts, weight_versions spans of empty answers, and a 400 naming every SGLang field
 the engine does not implement. Field names and defaults are checked against SGLang's own source
-in test_sglang_contract.py."""
+in test_sglang_parity.py."""
 
 from __future__ import annotations
 

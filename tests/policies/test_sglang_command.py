@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import sglang_api
 import sglang_source as sgl
 
 from policies.engine.sglang_launch import RUNTIME_OWNED_FLAGS, parse_sglang_passthrough, sglang_command
@@ -152,7 +153,7 @@ def test_emitted_flags_are_sglang_server_flags(src):
         passthrough={"mem-fraction-static": "0.7", "skip-server-warmup": True, "enable-metrics": True},
         python="py",
     )
-    flags = sgl.server_flags(src)
+    flags = sglang_api.server_flags(src)
     args = cmd[3:]
     emitted = [
         (a, i + 1 < len(args) and not args[i + 1].startswith("--")) for i, a in enumerate(args) if a.startswith("--")

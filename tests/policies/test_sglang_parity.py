@@ -10,6 +10,8 @@ import inspect
 
 import msgspec
 import pytest
+import sglang_answers
+import sglang_api
 import sglang_source as sgl
 from sglang_checks import default_problems
 
@@ -22,7 +24,7 @@ pytestmark = pytest.mark.timeout(120)
 def test_every_sglang_sampling_param_is_honoured_refused_or_text_only(src):
     """The embedded server's side: each SamplingParams field of SGLang is implemented, refused with
     a 400 when set (at SGLang's own default it is accepted), or changes only text."""
-    sglang = sgl.class_fields(src, sgl.SAMPLING_PARAMS, "SamplingParams")
+    sglang = sglang_api.class_fields(src, sgl.SAMPLING_PARAMS, "SamplingParams")
     honoured = {f.encode_name for f in msgspec.structs.fields(wire.SamplingParams)} - set(wire.REFUSED_SAMPLING)
     unaccounted = set(sglang) - honoured - set(wire.REFUSED_SAMPLING) - set(wire.IGNORED_SAMPLING)
     problems = [f"SamplingParams.{n} ({sglang[n]}) is not honoured, refused or text-only" for n in sorted(unaccounted)]
@@ -32,7 +34,7 @@ def test_every_sglang_sampling_param_is_honoured_refused_or_text_only(src):
 
 
 def test_refused_and_logprob_generate_fields_are_sglangs(src):
-    sglang = sgl.class_fields(src, sgl.IO_STRUCT, "GenerateReqInput")
+    sglang = sglang_api.class_fields(src, sgl.IO_STRUCT, "GenerateReqInput")
     honoured = {"input_ids", "text", "sampling_params", "return_logprob", "logprob_start_len", "top_logprobs_num",
                 "rid", "stream", "lora_path"}  # fmt: skip
     assert honoured | {f.encode_name for f in msgspec.structs.fields(wire.GenerateReqInput)} == honoured | set(
@@ -45,7 +47,7 @@ def test_refused_and_logprob_generate_fields_are_sglangs(src):
 
 
 def test_logprob_meta_keys_are_sglangs(src):
-    written = sgl.meta_info_keys(src)
+    written = sglang_answers.meta_info_keys(src)
     for key in ("input_token_logprobs", "output_token_logprobs", "input_top_logprobs", "output_top_logprobs"):
         assert key in written, f"sglang {src.version} writes no meta_info[{key!r}]"
 
@@ -69,7 +71,7 @@ def test_keep_mode_is_refused_while_sglang_flushes_under_held_requests(src):
     default, which it refuses while requests are held, so the load fails. Until the client sends
     flush_cache false, --partial-rollout-mode keep must be refused on SGLang (and recompute,
     pause mode abort, is its default)."""
-    flushes = sgl.field_default(src, sgl.IO_STRUCT, "UpdateWeightFromDiskReqInput", "flush_cache") is True
+    flushes = sglang_api.field_default(src, sgl.IO_STRUCT, "UpdateWeightFromDiskReqInput", "flush_cache") is True
     sent_flag = "flush_cache" in inspect.getsource(EngineClient.update_weights_from_disk)
     refused = _config_error(**{"async": {"partial_rollout_mode": "keep"}})
     assert (refused is not None) == (flushes and not sent_flag), (

@@ -10,6 +10,9 @@ from typing import Any
 
 import msgspec
 import pytest
+import sglang_answers
+import sglang_api
+import sglang_ast
 import sglang_source as sgl
 from sglang_checks import (
     COLLECTIVE_EXTENSIONS,
@@ -33,17 +36,17 @@ def test_generate_response_fields_are_produced(src):
     problems = response_problems(
         "/generate response",
         replies.GenerateResponse,
-        sgl.generate_top_level_keys(src),
+        sglang_answers.generate_top_level_keys(src),
         source=f"the dicts {sgl.TOKENIZER_MANAGER} returns",
     )
     problems += response_problems(
         "meta_info",
         replies.MetaInfo,
-        sgl.meta_info_keys(src),
-        source="the meta_info keys written in " + ", ".join(sgl.meta_info_sources(src)),
+        sglang_answers.meta_info_keys(src),
+        source="the meta_info keys written in " + ", ".join(sglang_answers.meta_info_sources(src)),
         allowed=KNOWN_EXTENSIONS["meta_info"],
     )
-    finish_keys, finish_types = sgl.finish_reason_keys(src)
+    finish_keys, finish_types = sglang_answers.finish_reason_keys(src)
     problems += response_problems(
         "meta_info.finish_reason", replies.FinishReason, finish_keys, source=f"to_json() in {sgl.SCHEDULE_BATCH}"
     )
@@ -70,11 +73,11 @@ def test_sometimes_sent_fields_are_optional_in_the_client():
 def test_collective_responses_are_produced(src):
     """The {"success", "message"} answers of the collective routes (decoded through a variable
     route in `_weights_call`, so client_decodes() does not see them)."""
-    routes = sgl.routes(src)
+    routes = sglang_api.routes(src)
     problems = []
     for route in ("/init_weights_update_group", "/update_weights_from_distributed", "/destroy_weights_update_group",
                   "/begin_weight_update", "/end_weight_update", "/update_weights_from_tensor"):
-        produced = {k: v for r in routes[route] for k, v in sgl.handler_dict_keys(src, r).items()}
+        produced = {k: v for r in routes[route] for k, v in sglang_api.handler_dict_keys(src, r).items()}
         problems += response_problems(f"response of {route}", replies.CollectiveResult, produced,
                                       source=f"the {route} handler's answer", allowed=COLLECTIVE_EXTENSIONS)
     assert not problems, f"sglang {src.version}:\n" + "\n".join(problems)
@@ -88,10 +91,10 @@ def test_lora_responses_are_sglangs_and_its_launch_flags_exist(src):
     with policies.lora.sglang_flags: each must be a server flag, the target "all" one it accepts."""
     from policies import lora
 
-    fields = sgl.class_fields(src, sgl.IO_STRUCT, "LoRAUpdateOutput")
+    fields = sglang_api.class_fields(src, sgl.IO_STRUCT, "LoRAUpdateOutput")
     read = {f.encode_name for f in msgspec.structs.fields(replies.LoRAUpdateOutput)}
     assert read <= set(fields), f"sglang {src.version}: LoRAUpdateOutput has {sorted(fields)}, client reads {read}"
-    server = sgl.server_flags(src)
+    server = sglang_api.server_flags(src)
     flags = lora.sglang_flags(lora.LoraSpec(rank=8, alpha=16.0))
     missing = [f"--{name}" for name in flags if f"--{name}" not in server]
     assert not missing, f"sglang {src.version} has no server flags {missing}"
@@ -111,7 +114,7 @@ def test_version_spans_match_what_sglang_writes(src):
         if isinstance(node, ast.FunctionDef) and node.name == "add_weight_versions_to_meta_info":
             for inner in ast.walk(node):
                 if isinstance(inner, ast.Dict):
-                    sgl._add_dict_keys(written, inner, path)
+                    sglang_ast.add_dict_keys(written, inner, path)
     problems = response_problems("meta_info.weight_versions[]", replies.VersionSpan, written,
                                  source=f"add_weight_versions_to_meta_info ({path})")
     assert written and not problems, f"sglang {src.version}:\n" + "\n".join(problems)
@@ -142,7 +145,8 @@ def test_mutation_response_field_is_caught(src):
         [(n if n != "weight_version" else "weights_version", Any) for n in struct_names(replies.MetaInfo)],
     )
     problems = response_problems(
-        "meta_info", drifted, sgl.meta_info_keys(src), source="meta_info", allowed=KNOWN_EXTENSIONS["meta_info"]
+        "meta_info", drifted, sglang_answers.meta_info_keys(src), source="meta_info",
+        allowed=KNOWN_EXTENSIONS["meta_info"],
     )
     assert problems == ["meta_info (MetaInfo): 'weights_version' is not in meta_info"]
     update = msgspec.defstruct("WeightUpdateResult", [("succes", bool)])

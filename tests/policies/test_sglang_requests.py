@@ -28,7 +28,7 @@ import inspect
 from typing import Any
 
 import pytest
-import sglang_source as sgl
+import sglang_api
 from sglang_checks import (
     CLIENT_FILE,
     DEPRECATED_IN_USE,
@@ -63,7 +63,7 @@ def test_every_client_method_is_exercised(sent):
 
 
 def test_routes_and_methods_exist(src, sent):
-    problems = route_problems(sent, sgl.routes(src))
+    problems = route_problems(sent, sglang_api.routes(src))
     assert not problems, f"sglang {src.version}:\n" + "\n".join(problems)
 
 
@@ -83,10 +83,9 @@ def test_control_body_fields_exist(src, sent):
     problems = control_body_problems(src, sent)
     assert not problems, f"sglang {src.version}:\n" + "\n".join(problems)
     # the request models the bodies were checked against, found from the handlers' signatures
-    routes = sgl.routes(src)
-    models = {
-        path: sgl.request_model(src, routes[path][0]) for path in {s.path for s in sent if s.body} if path in routes
-    }
+    routes = sglang_api.routes(src)
+    posted = {s.path for s in sent if s.body}
+    models = {path: sglang_api.request_model(src, routes[path][0]) for path in posted if path in routes}
     assert models["/pause_generation"][1] == "PauseGenerationReqInput"
     assert models["/abort_request"][1] == "AbortReq"
     assert models["/update_weights_from_disk"][1] == "UpdateWeightFromDiskReqInput"
@@ -116,7 +115,7 @@ def test_tensor_payload_is_what_sglangs_flattened_bucket_loader_reads(src, sent)
     loader = next(n for n in ast.walk(src.tree(updater))
                   if isinstance(n, ast.FunctionDef) and n.name == "update_weights_from_tensor")
     assert weight_ipc.LOAD_FORMAT in {c.value for c in ast.walk(loader) if isinstance(c, ast.Constant)}
-    fields = sgl.class_fields(src, "sglang/srt/weight_sync/tensor_bucket.py", "FlattenedTensorMetadata")
+    fields = sglang_api.class_fields(src, "sglang/srt/weight_sync/tensor_bucket.py", "FlattenedTensorMetadata")
     ours = weight_ipc.metadata(weight_ipc.weight_sync.BucketMeta(["w"], ["bfloat16"], [[2, 3]]))
     assert set(vars(ours[0])) == set(fields)
 
@@ -138,15 +137,15 @@ def test_tensor_payload_is_what_sglangs_flattened_bucket_loader_reads(src, sent)
 
 
 def test_pause_modes_are_sglang_modes(src):
-    model = sgl.request_model(src, sgl.routes(src)["/pause_generation"][0])
-    modes = sgl.literal_values(src, *model, "mode")
+    model = sglang_api.request_model(src, sglang_api.routes(src)["/pause_generation"][0])
+    modes = sglang_api.literal_values(src, *model, "mode")
     assert set(PAUSE_MODES) <= modes, f"{model[1]}.mode allows {sorted(modes)}; client allows {PAUSE_MODES}"
 
 
 def test_deprecated_routes_are_not_used(src, sent):
     """A route SGLang deprecates (its handler's docstring says so) will be removed: the client must
     move off it, or it is listed in DEPRECATED_IN_USE with the reason it stays."""
-    deprecated = sgl.deprecated_routes(src)
+    deprecated = sglang_api.deprecated_routes(src)
     used = {s.path for s in sent} & set(deprecated)
     assert used == set(DEPRECATED_IN_USE), "\n".join(f"{r}: {deprecated[r]}" for r in sorted(used))
 
@@ -196,7 +195,7 @@ def test_mutation_body_field_is_caught(src, sent):
 
 def test_mutation_route_is_caught(src, sent):
     drifted = [Sent("pause", "POST", "/pause_generations", {"mode": "abort"}), Sent("x", "GET", "/abort_request", None)]
-    problems = route_problems(drifted, sgl.routes(src))
+    problems = route_problems(drifted, sglang_api.routes(src))
     assert len(problems) == 2
     assert any("no route /pause_generations" in p for p in problems)
     assert any("GET /abort_request; SGLang accepts only ['POST']" in p for p in problems)
