@@ -49,3 +49,4 @@ def ray_backend(ray_address: str):
     yield Backend("ray", ray_address)
     assert_ray_released()
 
+

@@ -15,12 +15,16 @@ async def hung_tool_sometimes(conv):
 
 
 async def slow_tool(conv):
-    """The calculator episode with a tool that takes 3 seconds: generation is then slower than
-    training, so a checkpoint always catches episodes between their turns."""
-    original = calculator.calculate
+    """A two-turn episode whose tool takes 3 seconds, called by every episode whatever the policy
+    wrote (a random-init policy seldom writes a call): generation is then slower than training,
+    so a checkpoint always catches episodes between their turns."""
+    await conv.generate()
+    result = await conv.call_tool(slow_echo, "4")  # the tool's own latency, not a wait for an event
+    conv.append_text(f"{calculator.RESPONSE} {result} {calculator.END_RESPONSE}")
+    answer = await conv.generate()
+    return calculator.reward(conv.prompt, True, answer.text)
 
-    async def slow_calculate(expression):
-        await asyncio.sleep(3.0)  # the tool's own latency, not a wait for an event
-        return original(expression)
 
-    return await calculator.generate(conv, calculate=slow_calculate)
+async def slow_echo(value: str) -> str:
+    await asyncio.sleep(3.0)
+    return value

@@ -24,8 +24,15 @@ from tests.integration.runs import (
     wait_for_steps,
 )
 
+SLOW = pytest.mark.slow  # the default suite keeps one bound per backend (CI's 10 minutes on 2 cores); the
+# bound itself is tested at every setting, on both pause modes, in tests/actors/test_loop_staleness.py
 
-@pytest.mark.parametrize("max_staleness", [0, 1, 3])
+
+@pytest.mark.parametrize("max_staleness, backend", [
+    (1, "local"), (3, "ray"),
+    pytest.param(0, "local", marks=SLOW), pytest.param(3, "local", marks=SLOW),
+    pytest.param(0, "ray", marks=SLOW), pytest.param(1, "ray", marks=SLOW),
+], indirect=["backend"])
 def test_run_respects_staleness_and_balances_ledger(max_staleness, backend, tmp_path):
     run_dir = tmp_path / f"s{max_staleness}"
     proc = launch(run_dir, backend, "--max-staleness", str(max_staleness), "--use-tis")
@@ -52,6 +59,7 @@ def test_run_respects_staleness_and_balances_ledger(max_staleness, backend, tmp_
     assert not engines_of(run_dir)
 
 
+@pytest.mark.parametrize("backend", LOCAL_AND_SLOW_RAY, indirect=True)
 def test_reward_that_raises_or_hangs_is_counted_and_run_completes(backend, tmp_path):
     proc = launch(tmp_path / "r", backend, "--num-rollout", "4", "--eval-interval", "0",
                   "--custom-rm-path", "tests.integration.bad_rewards:raises_or_hangs", "--reward-timeout", "0.5")
@@ -63,6 +71,7 @@ def test_reward_that_raises_or_hangs_is_counted_and_run_completes(backend, tmp_p
     assert not engines_of(tmp_path / "r")
 
 
+@pytest.mark.parametrize("backend", LOCAL_AND_SLOW_RAY, indirect=True)
 def test_ctrl_c_stops_cleanly_without_orphans(backend, tmp_path):
     """On either backend, SIGINT to the launcher ends the run with status 130, an ``interrupted``
     summary, and every process of the run gone: on local its child processes, on Ray the engine

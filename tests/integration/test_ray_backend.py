@@ -37,6 +37,7 @@ def assert_ledger_balanced(summary: dict) -> None:
     assert ledger["duplicates"] == 0
 
 
+@pytest.mark.slow  # ~32 s; engine restarts run in the default suite on local (tests/integration/test_faults.py)
 def test_a_killed_engine_host_is_restarted_and_the_run_completes(ray_backend: Backend, tmp_path):
     run_dir = tmp_path / "engine-kill"
     proc = start(run_dir, ray_backend)
