@@ -1,11 +1,16 @@
-"""SFT then RL on a real model (issue 22.5): SmolLM2-135M-Instruct on reasoning-gym's gsm_symbolic.
+"""SFT then RL on a real model (issue 22.5): SmolLM2-135M-Instruct on reasoning-gym's gsm_symbolic
+or chain_sum.
 
-    python benchmarks/sft_rl_demo.py data  --out DIR            # train/eval JSONL files (SFT messages, RL prompts)
+    python benchmarks/sft_rl_demo.py data  --out DIR [--task chain_sum]  # SFT messages, RL prompts: train/eval
     python benchmarks/sft_rl_demo.py eval  --model HF_DIR --data DIR/eval_rl.jsonl [--n 64]
 
 ``data`` writes, from reasoning-gym (seeded, offline): ``sft.jsonl`` (``messages``: the question,
 then the worked solution ending in ``#### N`` as the assistant's turn), ``rl.jsonl`` (``prompt``
 + ``label``, disjoint problems), ``eval_rl.jsonl`` and ``eval_sft.jsonl`` (held-out, another seed).
+With ``--task chain_sum`` (the real-model recipe's task: two terms of one or two digits) the
+assistant's turn is the worked sum (``47 + 8 = 55``), the held-out problems are the recipe's own
+held-out file's (no expression of them in any training row), and the base model already answers
+about a third of them, so both stages have room to show.
 ``eval`` measures greedy held-out accuracy (``#### N`` or the last number equals the label, the
 ``--rm-type gsm8k`` rule) and the held-out SFT loss (per-token mean over assistant tokens), with
 transformers directly, so base, SFT and RL checkpoints are scored by the same code. The runs
@@ -32,19 +37,33 @@ from policies.sft import assistant_mask  # noqa: E402
 INSTRUCTION = " Solve it step by step and end with '#### <answer>'."
 
 
-def write_data(out: Path, *, n_sft: int, n_rl: int, n_eval: int) -> None:
+def write_data(out: Path, *, n_sft: int, n_rl: int, n_eval: int, task: str = "gsm_symbolic") -> None:
     import reasoning_gym as rg
 
     out.mkdir(parents=True, exist_ok=True)
-    train = list(rg.create_dataset("gsm_symbolic", size=n_sft + n_rl, seed=1))
-    held = list(rg.create_dataset("gsm_symbolic", size=n_eval, seed=2))
+    if task == "chain_sum":
+        from launchers.recipes import chain_sum
 
-    def user(e: dict) -> str:
-        return e["question"] + INSTRUCTION
+        problems = list(rg.create_dataset("chain_sum", size=(n_sft + n_rl) * 2 + chain_sum.N_EVAL * 4, seed=1,
+                                          **chain_sum.TASK))
+        train, held = chain_sum.split(problems)  # held-out expressions never in training rows
+        train, held = train[:n_sft + n_rl], held[:n_eval]
 
-    def solution(e: dict) -> str:
-        cot = e["metadata"]["answer_cot"].strip()
-        return cot if "####" in cot else f"{cot}\n#### {e['answer']}"
+        def user(e: dict) -> str:
+            return e["question"]
+
+        def solution(e: dict) -> str:
+            return f"{e['metadata']['expression']} = {e['answer']}"
+    else:
+        train = list(rg.create_dataset("gsm_symbolic", size=n_sft + n_rl, seed=1))
+        held = list(rg.create_dataset("gsm_symbolic", size=n_eval, seed=2))
+
+        def user(e: dict) -> str:
+            return e["question"] + INSTRUCTION
+
+        def solution(e: dict) -> str:
+            cot = e["metadata"]["answer_cot"].strip()
+            return cot if "####" in cot else f"{cot}\n#### {e['answer']}"
 
     def dump(name: str, rows: list[dict]) -> None:
         with open(out / name, "w") as f:
@@ -57,7 +76,6 @@ def write_data(out: Path, *, n_sft: int, n_rl: int, n_eval: int) -> None:
     dump("eval_rl.jsonl", [{"prompt": user(e), "label": e["answer"]} for e in held])
     dump("eval_sft.jsonl", [{"messages": [{"role": "user", "content": user(e)},
                                           {"role": "assistant", "content": solution(e)}]} for e in held])
-
 
 @torch.no_grad()
 def evaluate(model_dir: str, data: Path, *, n: int, max_new_tokens: int, batch: int, generate: bool = True) -> dict:
@@ -109,6 +127,7 @@ def main() -> None:
     d.add_argument("--n-sft", type=int, default=400)
     d.add_argument("--n-rl", type=int, default=400)
     d.add_argument("--n-eval", type=int, default=64)
+    d.add_argument("--task", choices=["gsm_symbolic", "chain_sum"], default="gsm_symbolic")
     e = sub.add_parser("eval")
     e.add_argument("--model", required=True)
     e.add_argument("--data", type=Path, required=True)
@@ -119,7 +138,7 @@ def main() -> None:
     e.add_argument("--loss-only", action="store_true", help="held-out SFT loss only (no generation)")
     a = p.parse_args()
     if a.cmd == "data":
-        write_data(a.out, n_sft=a.n_sft, n_rl=a.n_rl, n_eval=a.n_eval)
+        write_data(a.out, n_sft=a.n_sft, n_rl=a.n_rl, n_eval=a.n_eval, task=a.task)
         return
     torch.set_num_threads(a.threads)
     print(json.dumps(evaluate(a.model, a.data, n=a.n, max_new_tokens=a.max_new_tokens, batch=a.batch,
