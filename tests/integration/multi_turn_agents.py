@@ -2,6 +2,7 @@
 multi-turn run tests."""
 
 import asyncio
+import os
 
 from launchers.recipes import calculator
 
@@ -14,17 +15,28 @@ async def hung_tool_sometimes(conv):
     return await calculator.generate(conv)
 
 
-async def slow_tool(conv):
-    """A two-turn episode whose tool takes 3 seconds, called by every episode whatever the policy
-    wrote (a random-init policy seldom writes a call): generation is then slower than training,
-    so a checkpoint always catches episodes between their turns."""
+HOLD = "ASYNCRL_TEST_HOLD"  # "G,N": groups from G on stop after their first turn; the N of them
+_first_turns = {"n": 0, "all": asyncio.Event()}  # ... before which the group batch before G may not end
+
+
+async def held_after_a_turn(conv):
+    """A two-turn episode for the kill-and-resume test, event-driven so that its checkpoint always
+    holds episodes between their turns, whatever the machine's speed. With ``HOLD=G,N`` set (the
+    first run only): episodes of groups >= G stop after their first turn until the run is killed,
+    and those of the groups just before G (G - N/8 .. G - 1, 8 samples a group) finish only once
+    all N held episodes have their first turn, so the step that trains them, and its checkpoint,
+    come after every held episode has a turn. Unset (the resumed run): plain two turns."""
+    hold = os.environ.get(HOLD)
+    first, n = map(int, hold.split(",")) if hold else (-1, 0)
+    g = conv.sample.group_id
     await conv.generate()
-    result = await conv.call_tool(slow_echo, "4")  # the tool's own latency, not a wait for an event
-    conv.append_text(f"{calculator.RESPONSE} {result} {calculator.END_RESPONSE}")
+    if hold and g >= first:
+        _first_turns["n"] += 1
+        if _first_turns["n"] >= n:
+            _first_turns["all"].set()
+        await asyncio.Event().wait()  # held: the run is killed with this episode mid-way
+    if hold and first - n // 8 <= g < first:
+        await _first_turns["all"].wait()
+    conv.append_text(f"{calculator.RESPONSE} 4 {calculator.END_RESPONSE}")
     answer = await conv.generate()
     return calculator.reward(conv.prompt, True, answer.text)
-
-
-async def slow_echo(value: str) -> str:
-    await asyncio.sleep(3.0)
-    return value

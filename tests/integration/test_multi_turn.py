@@ -13,6 +13,7 @@ import psutil
 import pytest
 
 from runtime import checkpoint
+from tests.integration.multi_turn_agents import HOLD
 from tests.integration.runs import engines_of, launch, start, wait_for_checkpoint
 
 CALC = ["--recipe", "calculator", "--eval-num-prompts", "8", "--global-batch-size", "32",
@@ -28,9 +29,12 @@ def read_jsonl(path):
 def test_a_multi_turn_run_sigkilled_mid_episode_resumes_without_losing_or_repeating_a_group(backend, tmp_path):
     steps, save = 8, tmp_path / "ckpt"
     flags = [*CALC, "--num-rollout", str(steps), "--save", str(save), "--save-interval", "3",
-             "--custom-generate-function-path", "tests.integration.multi_turn_agents:slow_tool"]
+             "--custom-generate-function-path", "tests.integration.multi_turn_agents:held_after_a_turn"]
     first = tmp_path / "first"
-    proc = start(first, backend, "--eval-interval", "0", *flags, stdout=subprocess.DEVNULL, start_new_session=True)
+    # groups 12.. (after the checkpoint's 3 steps of 4) hold after their first turn until the kill
+    env = {**os.environ, HOLD: f"{3 * GROUPS},{GROUPS * 8}"}
+    proc = start(first, backend, "--eval-interval", "0", *flags, stdout=subprocess.DEVNULL, start_new_session=True,
+                 env=env)
     try:
         wait_for_checkpoint(proc)
         os.killpg(proc.pid, signal.SIGKILL)
@@ -42,7 +46,9 @@ def test_a_multi_turn_run_sigkilled_mid_episode_resumes_without_losing_or_repeat
     saved = checkpoint.load(save)
     # the checkpoint holds episodes caught mid-way: transcripts with turns, some not finished
     live = [s for g in saved.state.live for s in g.samples]
-    assert any(s.turns for s in live), "no live episode in the checkpoint"
+    held = set(range(3 * GROUPS, 4 * GROUPS))  # held after their first turn (multi_turn_agents.py)
+    assert held <= {g.group_id for g in saved.state.live}, "no live episode in the checkpoint"
+    assert all(s.turns for s in live if s.group_id in held)
     at = saved.state.version
 
     second = tmp_path / "second"
