@@ -53,14 +53,33 @@ class EpisodeEval(msgspec.Struct):
     wall_s: float
 
 
+class LiveSlot(msgspec.Struct):
+    """A slot of a running episode, in a checkpoint: resumed by running episode ``episode`` again."""
+
+    group_id: int
+    admitted_version: int
+    deadline_version: int
+    episode: int
+
+
 class EpisodeDriver:
-    def __init__(self, *, agents: Sequence[Served], episode_fn: EpisodeFn, timeout_s: float, seed: int = 0):
+    def __init__(self, *, agents: Sequence[Served], episode_fn: EpisodeFn, timeout_s: float, seed: int = 0,
+                 started: int = 0, resume: Mapping[str, Sequence[LiveSlot]] | None = None):
+        """``started``, ``resume``: a checkpoint's episode count and each agent's live slots."""
         self.agents = {a.name: a for a in agents}
         self.episode_fn = episode_fn
         self.timeout_s = timeout_s
         self.seed = seed
         self.training = {a.name for a in agents if a.buffer is not None}  # reserved for at admission
-        self.started = 0
+        self.started = started
+        self._live: dict[int, dict[str, list[Ticket]]] = {}  # running episode -> its slots
+        self._resume: dict[int, dict[str, list[Ticket]]] = collections.defaultdict(dict)
+        for name, slots in (resume or {}).items():
+            for s in sorted(slots, key=lambda s: s.group_id):
+                ticket = Ticket(s.group_id, s.admitted_version, s.deadline_version)
+                self._resume[s.episode].setdefault(name, []).append(ticket)
+        # an episode still in admission at a checkpoint had not counted as started there
+        self.started = max([started, *(index + 1 for index in self._resume)])
         self.in_flight = 0
         self.counters: collections.Counter[str] = collections.Counter()
         self._figures: dict[str, list[float]] = collections.defaultdict(list)  # since ``take_figures``
@@ -74,11 +93,27 @@ class EpisodeDriver:
         """Admit and start episodes until cancelled. A crashing episode *task* is a bug of the
         driver (episode failures are caught and counted): it ends the run loudly."""
         async with asyncio.TaskGroup() as episodes:
+            for index, tickets in sorted(self._resume.items()):  # a checkpoint's running episodes, again
+                self._add_running(1)
+                episodes.create_task(self._run(index, tickets, resumed=True), name=f"episode-{index}-resumed")
+            self._resume.clear()
             while True:
-                tickets = await self._admit()
-                index, self.started = self.started, self.started + 1
+                # slots held while admission waits on another agent are live too: a checkpoint
+                # taken then records them under the episode that will run them
+                index, tickets = self.started, {}
+                self._live[index] = tickets
+                await self._admit(tickets)
+                self.started += 1
                 self._add_running(1)
                 episodes.create_task(self._run(index, tickets), name=f"episode-{index}")
+
+    def live_slots(self, name: str) -> list[LiveSlot]:
+        """``name``'s slots in running episodes that are not yet buffered, for its checkpoint
+        (synchronous: one instant of the event loop)."""
+        ledger = self.agents[name].ledger
+        return [LiveSlot(t.group_id, t.admitted_version, t.deadline_version, index)
+                for index, tickets in self._live.items() for t in tickets.get(name, ())
+                if ledger.is_live(t.group_id) and ledger.state(t.group_id) < State.BUFFERED]
 
     async def retire(self, name: str) -> None:
         """``name``'s learner is done: later episodes serve it without slots, and an admission
@@ -88,8 +123,8 @@ class EpisodeDriver:
         if buffer is not None:
             await buffer.close()
 
-    async def _admit(self) -> dict[str, list[Ticket]]:
-        tickets: dict[str, list[Ticket]] = {}
+    async def _admit(self, tickets: dict[str, list[Ticket]]) -> None:
+        """Fill ``tickets`` with every training agent's share, agent after agent."""
         self._blocked = True
         self._sync_idle()
         try:
@@ -106,7 +141,6 @@ class EpisodeDriver:
         finally:
             self._blocked = False
             self._sync_idle()
-        return tickets
 
     def _add_running(self, n: int) -> None:
         self.in_flight += n
@@ -120,8 +154,9 @@ class EpisodeDriver:
             self.clock.exit()
         self._idle = idle
 
-    async def _run(self, index: int, tickets: dict[str, list[Ticket]]) -> None:
-        handles = self._handles(tickets, evaluation=False)
+    async def _run(self, index: int, tickets: dict[str, list[Ticket]], *, resumed: bool = False) -> None:
+        handles = self._handles(tickets, evaluation=False, resumed=resumed)
+        self._live[index] = tickets
         try:
             outcome, figures = await self._call(index, handles, evaluation=False)
             returned = self._collect(handles, outcome)
@@ -129,11 +164,15 @@ class EpisodeDriver:
             raise
         except Exception as e:  # noqa: BLE001 - the user's episode failing is counted, not fatal
             await self._drop_all(handles, tickets, "episode_error")
+            self._live.pop(index, None)
             self._count("episode_timeouts" if isinstance(e, TimeoutError) else "episode_errors", e)
             return
         finally:
             self._add_running(-1)
-        await self._deliver(index, handles, returned)
+        try:
+            await self._deliver(index, handles, returned)
+        finally:
+            self._live.pop(index, None)
         self.counters["episodes_completed"] += 1
         for key, value in figures.items():
             self._figures[key].append(value)
@@ -175,12 +214,13 @@ class EpisodeDriver:
                            errors=errors, wall_s=time.monotonic() - t0)
 
     # -- one episode -----------------------------------------------------------------------------
-    def _handles(self, tickets: dict[str, list[Ticket]], *, evaluation: bool) -> dict[str, AgentHandle]:
+    def _handles(self, tickets: dict[str, list[Ticket]], *, evaluation: bool, resumed: bool = False
+                 ) -> dict[str, AgentHandle]:
         def untracked() -> int:
             return -next(self._ids)
 
-        return {name: AgentHandle(a, tickets.get(name), evaluation=evaluation, untracked=untracked)
-                for name, a in self.agents.items()}
+        return {name: AgentHandle(a, tickets.get(name), evaluation=evaluation, untracked=untracked,
+                                  overflow_served=resumed) for name, a in self.agents.items()}
 
     async def _call(self, index: int, handles: dict[str, AgentHandle], *, evaluation: bool
                     ) -> tuple[Outcome, dict[str, float]]:

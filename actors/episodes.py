@@ -60,9 +60,12 @@ class AgentHandle:
     """One agent as one episode sees it: its generation API and its tokenizer."""
 
     def __init__(self, agent: Served, tickets: Sequence[Ticket] | None, *, evaluation: bool,
-                 untracked: Callable[[], int]):
+                 untracked: Callable[[], int], overflow_served: bool = False):
         self.agent = agent
         self.evaluation = evaluation
+        # a resumed episode holds only the slots still live at the checkpoint: groups past them are
+        # served, not trained (their slots ended before the checkpoint)
+        self._overflow_served = overflow_served
         # the slots reserved for this episode; None: the agent is served here, not trained
         self._tickets = None if tickets is None else collections.deque(tickets)
         self._untracked = untracked  # fresh negative group ids for groups that are never trained
@@ -95,7 +98,7 @@ class AgentHandle:
         if n < 1:
             raise EpisodeError(f"agent {self.name}: generate needs n >= 1, got {n}")
         ticket = None
-        if self._tickets is not None:
+        if self._tickets is not None and not (self._overflow_served and not self._tickets):
             if not self._tickets:
                 raise EpisodeError(f"agent {self.name}: more than {self.agent.groups_per_episode} trained groups "
                                    "in one episode (groups_per_episode)")

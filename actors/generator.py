@@ -29,7 +29,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Coroutine, Hashable, Sequence
 from typing import Any
 
 import msgspec
@@ -214,13 +214,19 @@ class Generator:
         self._due = (ticket.deadline_version, n)
         return ticket.deadline_version, n // self.buffer.groups_per_step
 
-    async def _run_group(self, ticket: Ticket, prompt: Prompt, samples: list[Sample] | None = None, *,
-                         share: Hashable | None = None) -> None:
-        self._add_active(1)
+    def _run_group(self, ticket: Ticket, prompt: Prompt, samples: list[Sample] | None = None, *,
+                   share: Hashable | None = None) -> Coroutine[Any, Any, None]:
+        """The group's coroutine; it is live (in a checkpoint's snapshot) from this call on, not
+        from when its task first runs: a checkpoint may come in between."""
         gid = ticket.group_id
         samples = samples or [Sample(group_id=gid, index=i, prompt_ids=prompt.input_ids)
                               for i in range(self.n_samples)]
         live = self._live[gid] = _Live(ticket, prompt, samples)
+        return self._group(live, share)
+
+    async def _group(self, live: _Live, share: Hashable | None) -> None:
+        self._add_active(1)
+        ticket, prompt, samples, gid = live.ticket, live.prompt, live.samples, live.ticket.group_id
         try:
             await self._generate_group(ticket, prompt, samples, share)
         finally:

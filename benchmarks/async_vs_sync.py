@@ -43,7 +43,7 @@ def training_alone(argv: list[str], run_dir: Path, batches: list[list[Group]], w
                    ) -> tuple[float, dict[str, float]]:
     cfg = cli.resolve(argv + ["--run-dir", str(run_dir)])
     sched = build(cfg, prepare_run_dir(cfg), Path(tempfile.mkdtemp()), Progress(total_steps=1, mode="off"))
-    trainer, out = sched.a.learner.trainer, weights_dir()
+    trainer, out = sched.agent.learner.trainer, weights_dir()
     # fresh copies, made before the clock starts; batch i was trained at version i in the run that made it
     batches = [msgspec.convert(msgspec.to_builtins(batch), list[Group]) for batch in batches]
     freeze_heap()  # as the loops do: a full collection here would stall the trainer's calls
@@ -68,9 +68,9 @@ async def whole_loop(argv: list[str], run_dir: Path, warmup: int, trained: list[
     weights = weights_dir()  # where a run puts them (shared memory)
     sched = build(cfg, prepare_run_dir(cfg), weights, Progress(total_steps=1, mode="off"))
     marks: list[dict[str, float]] = []  # CPU at the end of warm-up and at the last step
-    on_step = sched.a.learner.on_step
+    on_step = sched.agent.learner.on_step
     if trained is not None:
-        trainer = sched.a.learner.trainer
+        trainer = sched.agent.learner.trainer
         step = trainer.step
 
         def recording_step(batch: list[Group], version: int) -> StepStats:
@@ -81,10 +81,10 @@ async def whole_loop(argv: list[str], run_dir: Path, warmup: int, trained: list[
 
     def count_cpu(rec):  # noqa: ANN001, ANN202
         on_step(rec)
-        if rec.step in (warmup + 1, sched.a.learner.num_steps):
+        if rec.step in (warmup + 1, sched.agent.learner.num_steps):
             marks.append(cpu_seconds())
 
-    sched.a.learner.on_step = count_cpu
+    sched.agent.learner.on_step = count_cpu
     try:
         await sched.run()
     finally:
@@ -93,7 +93,7 @@ async def whole_loop(argv: list[str], run_dir: Path, warmup: int, trained: list[
     waits = {k: sum(line[k] for line in lines) / len(lines) for k in ("learner/wait_frac", "generator/wait_frac")}
     for k in ("staleness/mean", "response_len/mean"):
         waits[k] = sum(line[k] for line in lines) / len(lines)
-    waits |= {f"cpu/{k}": v for k, v in cpu_per_step(marks, sched.a.learner.num_steps - warmup - 1).items()}
+    waits |= {f"cpu/{k}": v for k, v in cpu_per_step(marks, sched.agent.learner.num_steps - warmup - 1).items()}
     return per_step([line["time_s"] for line in read_metrics(run_dir / "metrics.jsonl")], warmup), waits
 
 

@@ -33,7 +33,8 @@ from solo import generation_alone, per_step
 
 from buffers.types import Group
 from runtime import cli
-from runtime.launch import build, initial_checkpoint, prepare_run_dir, run_event_loop, train
+from runtime.agents import initial_checkpoint
+from runtime.launch import build, prepare_run_dir, run_event_loop, train
 from runtime.metrics import read_metrics
 from runtime.progress import Progress
 
@@ -46,7 +47,7 @@ def training_alone(argv: list[str], run_dir: Path, batches: list[list[Group]], w
     """The trainer's steps on G's batches, nothing else (no engine, no sync)."""
     cfg = cli.resolve(argv + ["--run-dir", str(run_dir)])
     sched = build(cfg, prepare_run_dir(cfg), Path(tempfile.mkdtemp()), Progress(total_steps=1, mode="off"))
-    trainer = sched.a.learner.trainer
+    trainer = sched.agent.learner.trainer
     times = [time.monotonic()]
     for i, batch in enumerate(batches):
         trainer.step(msgspec.convert(msgspec.to_builtins(batch), list[Group]), i)  # batch i: version i

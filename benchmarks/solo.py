@@ -79,7 +79,8 @@ async def generation_alone(argv: list[str], run_dir: Path, warmup: int
                            ) -> tuple[float, list[list[Group]], dict[str, float]]:
     """(G in s/step, the batches made, CPU s/step by role) for the launch flags ``argv``."""
     cfg = cli.resolve(argv + ["--run-dir", str(run_dir)])
-    a = build(cfg, prepare_run_dir(cfg), Path(tempfile.mkdtemp()), Progress(total_steps=1, mode="off")).a
+    sched = build(cfg, prepare_run_dir(cfg), Path(tempfile.mkdtemp()), Progress(total_steps=1, mode="off"))
+    a, generator = sched.agent, sched.producer.generator
     trainer = NoTraining()
     a.learner.close()  # its real trainer: G trains nothing
     a.learner.trainer, a.learner.publisher = trainer, ServeAtOnce(a.buffer)
@@ -95,7 +96,7 @@ async def generation_alone(argv: list[str], run_dir: Path, warmup: int
     a.learner.on_step = on_step
     await a.engines.start()
     freeze_heap()
-    gen = asyncio.create_task(a.generator.run(), name="generator")
+    gen = asyncio.create_task(generator.run(), name="generator")
     try:
         await a.learner.run()
     finally:

@@ -142,8 +142,8 @@ class EngineProbe:
 def engine_tokens(lines: list[dict]) -> list[float]:
     """Cumulative engine tokens at each metrics line, rebuilt from ``throughput/tokens_per_s``:
     the scheduler's rate over its last ``THROUGHPUT_WINDOW`` steps, the first window counted from
-    the run's start (``runtime/scheduler.py``)."""
-    from runtime.scheduler import THROUGHPUT_WINDOW
+    the run's start (``runtime/step_line.py``)."""
+    from runtime.step_line import THROUGHPUT_WINDOW
 
     span = THROUGHPUT_WINDOW - 1  # marks in the window, less one
     cum: list[float] = []

@@ -80,6 +80,18 @@ class BufferState(msgspec.Struct):
     ready: list[Group]
 
 
+class BufferStats(msgspec.Struct):
+    """The buffer's figures on a metrics line (``buffer/*``)."""
+
+    groups: int  # ready for training
+    pending: int  # reserved, still generating
+    capacity: int
+    expired: int  # over-provisioned groups past their deadline
+    carried: int  # deadlines passed and extended (the mask rule)
+    masked_tokens: int  # tokens handed out with loss mask 0 for being too stale
+    served_version: int
+
+
 @dataclasses.dataclass(frozen=True)
 class Ticket:
     """A reserved admission slot: the group's id, served version at admission, and deadline."""
@@ -291,6 +303,10 @@ class StalenessBuffer:
         return [self._ready[gid] for _, gid, _ in chosen]
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def stats(self) -> BufferStats:
+        return BufferStats(groups=self.n_ready, pending=self.n_pending, capacity=self.capacity, expired=self.expired,
+                           carried=self.carried, masked_tokens=self.masked_tokens, served_version=self.served_version)
+
     def snapshot(self) -> BufferState:
         """Synchronous, so it is one consistent instant of the event loop."""
         return BufferState(admitted=self.admitted, dropped=self.dropped, pending=dict(self._pending),

@@ -58,17 +58,23 @@ class TrainerProcess(trainer_api.RemoteTrainer):
         self._lock = threading.Lock()
         self.where = f"the trainer process {self._proc.pid}"
         self._conn.send((str(model_path), dict(trainer_kwargs, threads=threads)))
+        self._building = True
         if wait:
             self.started()
 
     def started(self) -> None:
-        """Until the child has built its trainer; its construction error, if it failed."""
+        """Until the child has built its trainer; its construction error, if it failed. With
+        ``wait=False`` the first call waits for it, so the child builds while the caller goes on
+        (a run starts its engines meanwhile)."""
+        self._building = False
         reply = msgspec.msgpack.decode(self.receive(), type=trainer_api.Reply)
         if reply.error is not None:
             raise trainer_api.RemoteFailure(f"the trainer failed to start in {self.where}:\n{reply.error}")
 
     def _exchange(self, raw: bytes, request: trainer_api.Request) -> bytes:
         with self._lock:
+            if self._building:
+                self.started()
             self.send(raw)
             return self.receive()
 

@@ -1,25 +1,24 @@
-"""Agents: several policies in one run, each a first-class set of actors.
+"""Agents: one policy each, with actors of its own; a run is one agent or several.
 
-An agent is one policy with actors of its own: an engine set, and, unless it is frozen, a buffer,
-ledger, learner (its own trainer process and optimizer), weight broadcaster, policy version and
-staleness bound. Nothing is shared between agents but the event loop and the episode driver:
-a weight update of one agent reaches only its own engines, and each agent's staleness is counted
-against its own version. A frozen agent is served, never trained: its version stays where it
-started.
+An agent owns an engine set, and, unless it is frozen, a buffer, ledger, learner (its own trainer
+process and optimizer), weight broadcaster, policy version and staleness bound. Nothing is shared
+between agents but the event loop and the producer that feeds them (the generator of a one-agent
+run, the episode driver of a multi-agent one): a weight update of one agent reaches only its own
+engines, and each agent's staleness is counted against its own version. A frozen agent is served,
+never trained: its version stays where it started.
 
-Configuration: one ``[agents.NAME]`` table per agent (``AgentConfig``); a field it leaves unset
-inherits the run's shared sections ([model] shape, [optimizer] lr, [async] max_staleness,
-[rollout] engines, samples, temperature, response length, steps). Layers, later winning: the
-shared sections < the recipe's agent tables < the ``--config`` file's < ``--agent NAME.FIELD=VALUE``.
-The ``[episodes]`` table (``EpisodesConfig``) names the episode function that drives them all.
+``build_agent`` is the one build path for every agent of every run: the same buffer rule
+(capacity, over-provisioning, the mask rule), weight transport, time slicing, checkpoint restore
+and trainer host, whether the run has one agent or several (``runtime.agent_config``).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
-import re
+import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 
@@ -27,101 +26,28 @@ from actors.broadcaster import WeightBroadcaster
 from actors.learner import Learner
 from actors.rollout import SampleRunner
 from buffers.buffer import StalenessBuffer
+from launchers.recipes.task import Task
+from policies import lora as lora_flags
+from policies.engine.process import EngineProcess
+from policies.engine.sglang_process import with_engine
+from policies.model import qwen3_config, write_random_checkpoint
 from policies.trainer_api import Trainer
-from runtime.config import Config, ConfigError, NonNeg, NonNegF, Pos, PosF
+from runtime import checkpoint, preflight, run_task, train_config, weight_transport
+from runtime.agent_config import AgentConfig
+from runtime.config import Config, ConfigError, LoraConfig
+from runtime.core.failures import FailureBudget
 from runtime.core.ledger import Ledger
-
-NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")
-
-
-class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """One ``[agents.NAME]`` table. The defaults shown are used only where the run's shared
-    sections give none (module docstring)."""
-
-    frozen: bool = False  # served, never trained: its version never changes
-    hf_checkpoint: str = ""  # a local HF directory; empty: a random-init model of the shape below
-    num_layers: Pos = 2
-    hidden_size: Pos = 64
-    num_attention_heads: Pos = 4
-    num_query_groups: Pos = 2
-    ffn_hidden_size: Pos = 128
-    max_position_embeddings: Pos = 64
-    vocab_size: NonNeg = 0  # 0: the tokenizer's
-    lr: PosF = 1e-3
-    entropy_coef: NonNegF = 0.0  # [grpo]'s, for this agent
-    max_staleness: NonNeg = 1  # in this agent's own versions
-    rollout_num_engines: Pos = 1  # engines of its own
-    n_samples_per_prompt: Pos = 8  # generate()'s default n
-    rollout_temperature: NonNegF = 1.0
-    rollout_max_response_len: Pos = 8
-    groups_per_step: Pos = 4  # groups one optimizer step trains
-    groups_per_episode: Pos = 1  # trained groups one episode may produce (its slots, reserved at admission)
-    num_steps: Pos = 100  # optimizer steps; the run ends when every trained agent has taken its own
+from runtime.engines import EngineSet
+from runtime.ipc_weights import IpcWeights
+from runtime.local_hosts import local_trainer
+from runtime.time_slice import time_slice
 
 
-class EpisodesConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The ``[episodes]`` table."""
+class Hosts(Protocol):
+    """Where another backend runs the heavy parts, behind the local classes' interfaces."""
 
-    episode_fn: str = ""  # module:function: async (actors.episodes.Episode) -> {agent: [group, ...]}
-    episode_timeout: PosF = 120.0  # seconds for one episode; past it, it counts as failed
-    eval_episodes: NonNeg = 16  # evaluation episodes (greedy, untrained) per evaluation; 0: none
-
-
-def inherited(cfg: Config) -> dict[str, Any]:
-    """What an agent table leaves unset, from the run's shared sections."""
-    m, r = cfg.model, cfg.rollout
-    return {
-        **{f: getattr(m, f) for f in m.__struct_fields__}, "hf_checkpoint": cfg.ckpt.hf_checkpoint,
-        "lr": cfg.optimizer.lr, "entropy_coef": cfg.grpo.entropy_coef, "max_staleness": cfg.async_.max_staleness,
-        "rollout_num_engines": r.rollout_num_engines,
-        "n_samples_per_prompt": r.n_samples_per_prompt, "rollout_temperature": r.rollout_temperature,
-        "rollout_max_response_len": r.rollout_max_response_len, "groups_per_step": r.groups_per_step,
-        "num_steps": r.num_steps,
-    }
-
-
-def agent_configs(cfg: Config, tables: dict[str, Any]) -> dict[str, AgentConfig]:
-    """Validate the ``[agents.NAME]`` tables; the first problem raises ``ConfigError`` naming it."""
-    if not tables:
-        raise ConfigError("[agents]", "a multi-agent run needs at least one [agents.NAME] table")
-    out = {}
-    for name, table in tables.items():
-        where = f"[agents.{name}]"
-        if not NAME.fullmatch(name):
-            raise ConfigError(where, "an agent name is a letter then letters, digits, _ or -")
-        if not isinstance(table, dict):
-            raise ConfigError(where, "must be a table")
-        try:
-            a = msgspec.convert(inherited(cfg) | table, AgentConfig, strict=False)
-        except msgspec.ValidationError as e:
-            raise _field_error(where, e) from None
-        _check(where, a)
-        out[name] = a
-    if all(a.frozen for a in out.values()):
-        raise ConfigError("[agents]", "every agent is frozen: nothing to train")
-    return out
-
-
-def _check(where: str, a: AgentConfig) -> None:
-    if a.hidden_size % a.num_attention_heads:
-        raise ConfigError(f"{where} hidden_size", f"{a.hidden_size} is not divisible by {a.num_attention_heads} heads")
-    if a.num_attention_heads % a.num_query_groups:
-        raise ConfigError(f"{where} num_query_groups", "must divide num_attention_heads")
-    # the episode driver's no-deadlock rule (actors/episodes.py): the buffer, (s + 1) x G groups,
-    # holds one step's G groups beside one episode's share less one
-    room = a.max_staleness * a.groups_per_step + 1
-    if not a.frozen and a.groups_per_episode > room:
-        raise ConfigError(f"{where} groups_per_episode", f"{a.groups_per_episode} exceeds max_staleness x "
-                          f"groups_per_step + 1 = {room}: the learner could wait for slots that cannot open")
-
-
-def _field_error(where: str, e: msgspec.ValidationError) -> ConfigError:
-    reason, _, at = str(e).rpartition(" - at `")
-    field = at.rstrip("`").removeprefix("$.")
-    unknown = re.search(r"unknown field `([^`]+)`", str(e))
-    if unknown:
-        return ConfigError(f"{where} {unknown.group(1)}", "unknown field")
-    return ConfigError(f"{where} {field}" if reason else where, reason or str(e))
+    def engine(self, index: int, model_path: str, **kwargs: Any) -> EngineProcess: ...  # EngineProcess's kwargs
+    def trainer(self, model_path: str, **kwargs: Any) -> Trainer: ...  # TrainerProcess's kwargs
 
 
 @dataclasses.dataclass(eq=False)
@@ -141,19 +67,25 @@ class Agent:
 
     @classmethod
     def assemble(cls, name: str, config: AgentConfig, *, engines: Any, trainer: Trainer | None, tokenizer: Any,
-                 runner: SampleRunner, eval_runner: SampleRunner, weights_dir: Path,
-                 weight_sync_timeout_s: float, pause_mode: str = "in_place") -> Agent:
-        """Wire an agent around its engines and (unless frozen) its trainer."""
-        agent = cls(name, config, engines, Ledger(), runner, eval_runner, tokenizer)
+                 runner: SampleRunner, eval_runner: SampleRunner, weights_dir: Path, weight_sync_timeout_s: float,
+                 pause_mode: str = "in_place", buffer: StalenessBuffer | None = None, ledger: Ledger | None = None,
+                 version: int = 0, publish_files: bool = True) -> Agent:
+        """Wire an agent around its engines and (unless frozen) its trainer; ``buffer``/``ledger``:
+        restored ones (a resume), else new ones under the agent's own staleness rule.
+        ``publish_files``: False when nothing reads weight files (an SFT run has no engine)."""
+        agent = cls(name, config, engines, ledger or Ledger(), runner, eval_runner, tokenizer)
         if config.frozen:
             return agent
         assert trainer is not None, f"agent {name} is trained: it needs a trainer"
-        agent.buffer = StalenessBuffer(groups_per_step=config.groups_per_step, max_staleness=config.max_staleness)
+        agent.buffer = buffer or StalenessBuffer(groups_per_step=config.groups_per_step,
+                                                 max_staleness=config.max_staleness)
         agent.broadcaster = WeightBroadcaster(engines=engines, buffer=agent.buffer, timeout_s=weight_sync_timeout_s,
-                                              pause_mode=pause_mode)
+                                              pause_mode=pause_mode, served_version=version,
+                                              collective=getattr(engines, "collective", None) is not None
+                                              or not publish_files)
         agent.learner = Learner(trainer=trainer, buffer=agent.buffer, ledger=agent.ledger,
                                 publisher=agent.broadcaster, num_steps=config.num_steps,
-                                max_staleness=config.max_staleness, weights_dir=weights_dir)
+                                max_staleness=config.max_staleness, weights_dir=weights_dir, version=version)
         return agent
 
     @property
@@ -162,7 +94,7 @@ class Agent:
 
     @property
     def version(self) -> int:
-        """Its policy version: optimizer steps taken (a frozen agent's stays 0)."""
+        """Its policy version: optimizer steps taken (a frozen agent's stays where it started)."""
         return self.learner.version if self.learner is not None else 0
 
     @property
@@ -179,8 +111,143 @@ class Agent:
 
     def counters(self) -> dict[str, int]:
         """Engine and rollout fault counts of this agent."""
-        out: dict[str, int] = {}
+        out: collections.Counter[str] = collections.Counter()
         for source in (self.runner.counters, self.eval_runner.counters, getattr(self.engines, "counters", {})):
-            for kind, n in source.items():
-                out[kind] = out.get(kind, 0) + n
-        return out
+            out.update(source)
+        return dict(out)
+
+
+def sampling_params(*, temperature: float, top_p: float, top_k: int, max_new_tokens: int,
+                    stop_token_ids: list[int]) -> dict[str, Any]:
+    return {"temperature": temperature, "top_p": top_p, "top_k": top_k, "max_new_tokens": max_new_tokens,
+            "stop_token_ids": stop_token_ids}
+
+
+def initial_checkpoint(cfg: Config, task: Task, out_dir: Path) -> str:
+    """The HF directory the agent starts from: the run's model source, else a random-init model of
+    the [model] shape written to ``out_dir/initial_model``."""
+    if run_task.model_source(cfg):
+        return run_task.model_source(cfg)
+    m, tok = cfg.model, task.tokenizer
+    if m.vocab_size and m.vocab_size < len(tok):
+        raise ConfigError("--vocab-size", f"{m.vocab_size} is below the tokenizer's {len(tok)} tokens")
+    config = qwen3_config(
+        vocab_size=m.vocab_size or len(tok), num_layers=m.num_layers, hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size, max_position_embeddings=m.max_position_embeddings,
+        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    return str(write_random_checkpoint(out_dir / "initial_model", config, tok, seed=cfg.run.seed))
+
+
+def is_sft(cfg: Config) -> bool:
+    return cfg.grpo.loss_type == "sft_loss"
+
+
+def lora_spec(c: LoraConfig) -> lora_flags.LoraSpec | None:
+    """The adapter to train (--lora-rank > 0), else None: full fine-tuning."""
+    if not c.enabled:
+        return None
+    return lora_flags.LoraSpec(rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
+                               target_modules=c.target_modules or "all-linear")
+
+
+def own_config(cfg: Config, ac: AgentConfig, index: int) -> Config:
+    """The shared sections as this agent sees them: its own model shape, model to start from and
+    seed (its checkpoint to resume is the caller's: ``--load`` itself, or ``--load``/NAME)."""
+    model = msgspec.convert({f: getattr(ac, f) for f in cfg.model.__struct_fields__}, type(cfg.model))
+    replace = msgspec.structs.replace
+    ckpt = replace(cfg.ckpt, hf_checkpoint=ac.hf_checkpoint or cfg.ckpt.hf_checkpoint, load="")
+    return replace(cfg, model=model, ckpt=ckpt, run=replace(cfg.run, seed=cfg.run.seed + index))
+
+
+def build_agent(cfg: Config, name: str, ac: AgentConfig, index: int, *, task: Task, home: Path, log_dir: Path,
+                weights: Path, resume: checkpoint.Resume | None, hosts: Hosts | None, engine_dtype: str,
+                transport: str, budget: FailureBudget | None = None) -> Agent:
+    """One agent's actors: its checkpoint, engine set, samplers and (unless frozen) trainer, buffer,
+    learner and broadcaster; restored from ``resume`` when given. ``home``: where its initial model
+    goes; ``weights``: its weights directory for file transports; ``budget``: the run's failure
+    budget its samplers report to."""
+    r, a, e = cfg.rollout, cfg.async_, cfg.eval
+    own = own_config(cfg, ac, index)
+    initial = initial_checkpoint(own, task, home) if not resume or cfg.grpo.use_kl_loss else None
+    model_path = str(resume.model_dir) if resume else initial
+    lora, adapter = lora_spec(cfg.lora), None
+    if lora is not None and resume:  # engines and trainer adapt the base; the adapter is version v's
+        model_path, adapter = str(Path(resume.path) / "base"), str(Path(resume.path) / "adapter")
+    version = resume.state.version if resume else 0
+    sft = is_sft(cfg)  # no engine: the data is the sample (actors/sft_samples.py)
+    engines = EngineSet(model_path=model_path, n=0 if sft else ac.rollout_num_engines, log_dir=log_dir,
+                        threads=cfg.perf.engine_threads, max_running_requests=cfg.perf.engine_max_running_requests,
+                        timeout_s=a.engine_timeout, start_timeout_s=a.engine_start_timeout, fault=cfg.fault,
+                        weight_version=version, dtype=engine_dtype, adapters=lora is not None, adapter=adapter,
+                        process_factory=with_engine(
+        hosts.engine if hosts else None, engine=cfg.engine.engine, host=cfg.engine.engine_host,
+        passthrough=(lora_flags.sglang_flags(lora) if lora else {}) | cfg.engine.sglang_args))
+    exact, seed = a.partial_rollout_mode == "recompute", r.rollout_seed + 1000 * index
+    context = preflight.model_context(own, str(resume.model_dir) if resume else None)
+    runner = SampleRunner(engines=engines, decode=task.decode, seed=seed, exact_answer_versions=exact,
+                          max_context=context, budget=budget, sampling_params=sampling_params(
+        temperature=ac.rollout_temperature, top_p=r.rollout_top_p, top_k=r.rollout_top_k,
+        max_new_tokens=ac.rollout_max_response_len, stop_token_ids=task.stop_token_ids))
+    eval_runner = SampleRunner(engines=engines, decode=task.decode, seed=seed + 1, exact_answer_versions=exact,
+                               max_context=context, budget=budget, sampling_params=sampling_params(
+        temperature=e.eval_temperature, top_p=e.eval_top_p, top_k=-1 if e.eval_temperature == 0 else r.rollout_top_k,
+        max_new_tokens=e.eval_max_response_len or ac.rollout_max_response_len, stop_token_ids=task.stop_token_ids))
+    trainer, buffer, ledger = None, None, None
+    if not ac.frozen:
+        trainer = _trainer(cfg, ac, model_path, task, version=version, ref_path=cfg.ckpt.ref_load or initial,
+                           hosts=hosts, lora=lora, temperature=1.0 if sft else ac.rollout_temperature)
+        if resume:
+            trainer.load_checkpoint(resume.path)
+        # an adapter travels as files (only its own weights: small)
+        _attach_transport(engines, trainer, transport="shm" if lora else transport, dtype=engine_dtype, cfg=cfg)
+        buffer, ledger = _buffer(cfg, ac), Ledger()
+        if resume:
+            buffer.restore(resume.state.buffer, served_version=version)
+            ledger = Ledger.restore(resume.state.ledger)
+            for gid in resume.live_group_ids:
+                ledger.restart(gid)
+    weights.mkdir(parents=True, exist_ok=True)
+    agent = Agent.assemble(name, ac, engines=engines, trainer=trainer, tokenizer=task.tokenizer, runner=runner,
+                           eval_runner=eval_runner, weights_dir=weights, weight_sync_timeout_s=a.weight_sync_timeout,
+                           pause_mode=a.pause_mode, buffer=buffer, ledger=ledger, version=version,
+                           publish_files=not sft)
+    if agent.learner is not None and cfg.placement.colocate:
+        time_slice(agent.learner, engines)
+    return agent
+
+
+def _buffer(cfg: Config, ac: AgentConfig) -> StalenessBuffer:
+    """The agent's buffer under the run's rule: capacity, over-provisioning, the mask rule."""
+    r, a = cfg.rollout, cfg.async_
+    return StalenessBuffer(groups_per_step=ac.groups_per_step, max_staleness=ac.max_staleness,
+                           capacity=a.buffer_capacity,  # the buffer bounds it by (s + 1) x G
+                           extra=(a.over_sampling_batch_size or r.rollout_batch_size) - r.rollout_batch_size,
+                           mask_stale=a.partial_expiry == "mask")
+
+
+def _trainer(cfg: Config, ac: AgentConfig, model_path: str, task: Task, *, version: int, ref_path: str | None,
+             hosts: Hosts | None, lora: lora_flags.LoraSpec | None, temperature: float) -> Trainer:
+    replace = msgspec.structs.replace
+    optim = replace(cfg.optimizer, lr=ac.lr, lr_decay_iters=cfg.optimizer.lr_decay_iters or ac.num_steps)
+    # a local trainer process builds while the engines start (its first call waits for it)
+    new_trainer = hosts.trainer if hosts else functools.partial(local_trainer, ranks=cfg.placement.learner_ranks,
+                                                                wait=False)
+    # the KL reference: --ref-load, else the policy the run started from (also after a resume)
+    return new_trainer(model_path, grpo=replace(cfg.grpo, entropy_coef=ac.entropy_coef), optim=optim,
+                       temperature=temperature, pad_id=task.tokenizer.pad_token_id,
+                       threads=cfg.perf.learner_threads, version=version, ref_path=ref_path, lora=lora,
+                       **cfg.perf.trainer_kwargs,
+                       **train_config.trainer_kwargs(cfg.train, cfg.perf.recompute_granularity))
+
+
+def _attach_transport(engines: EngineSet, trainer: Trainer, *, transport: str, dtype: str, cfg: Config) -> None:
+    """Weights from the trainer itself (no files): a broadcast group, or CUDA IPC when colocated."""
+    a, p = cfg.async_, cfg.placement
+    if transport in ("nccl", "gloo"):
+        engines.collective = weight_transport.CollectiveWeights(
+            trainer, backend=transport, dtype=dtype, bucket_bytes=p.weight_bucket_mb << 20,
+            timeout_s=a.weight_sync_timeout)
+    elif transport == "ipc":
+        engines.collective = IpcWeights(trainer, dtype=dtype, timeout_s=a.weight_sync_timeout)

@@ -35,7 +35,7 @@ import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +51,12 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from runtime import placement  # noqa: E402
-from runtime.config import Config, ConfigError  # noqa: E402
+from runtime.agent_config import RunSpec  # noqa: E402
+from runtime.config import ConfigError  # noqa: E402
 from runtime.core.errors import RunFailed  # noqa: E402
 from runtime.ray_actors import RayHosts  # noqa: E402
+
+Train = Callable[[RunSpec, Path, Any], Awaitable[dict[str, Any]]]  # runtime.launch.train
 
 NAMESPACE = "asyncrl"
 CONNECT_TIMEOUT_S = 20.0  # ray.init against an address that answers but is no Ray head can retry forever
@@ -64,9 +67,11 @@ PROBE_TIMEOUT_S = 3.0  # a TCP connect to the head's port: an unreachable addres
 MAX_TEMP_DIR = 40
 
 
-def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
-    """Train ``cfg`` on Ray and return the summary; raises what ``runtime.launch.train`` raises, as
-    the local backend does (``RunFailed``, ``CheckpointError``, ``ConfigError``, ``KeyboardInterrupt``)."""
+def run(spec: RunSpec, run_dir: Path, train: Train) -> dict[str, Any]:
+    """Run ``train`` (``runtime.launch.train``, passed in: it is pickled by reference into the
+    controller) on Ray and return the summary; raises what ``train`` raises, as the local backend
+    does (``RunFailed``, ``CheckpointError``, ``ConfigError``, ``KeyboardInterrupt``)."""
+    cfg = spec.base
     run_dir = run_dir.resolve()  # actors may have another working directory
     layout = placement.plan(cfg.placement, num_engines=cfg.rollout.rollout_num_engines,
                             learner_threads=cfg.perf.learner_threads, engine_threads=cfg.perf.engine_threads)
@@ -80,7 +85,7 @@ def run(cfg: Config, run_dir: Path) -> dict[str, Any]:
         hosts = RayHosts(group=group, layout=layout, tag=str(run_dir), trainer_timeout_s=cfg.async_.stall_timeout)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         controller = Controller.options(name=f"{run_dir}:controller", scheduling_strategy=here).remote()
-        return _outcome(controller.run.remote(cfg, str(run_dir), hosts))
+        return _outcome(controller.run.remote(spec, str(run_dir), hosts, train))
     finally:
         ray.shutdown()  # a cluster this run started stops with it; its actors and placement group end
 
@@ -116,18 +121,20 @@ class Controller:
     """``runtime.launch.train`` in an async actor: every light, long-lived actor of the run as an
     asyncio task on this actor's one event loop, exactly as on the local backend."""
 
-    async def run(self, cfg: Config, run_dir: str, hosts: RayHosts) -> tuple[str, str, dict[str, Any] | None]:
+    async def run(self, spec: RunSpec, run_dir: str, hosts: RayHosts, train: Train
+                  ) -> tuple[str, str, dict[str, Any] | None]:
         """``(kind, message, summary)``: kind ``completed`` with the summary, or the error's kind and
         its one line (exceptions are returned, not raised, so the driver gets them without Ray's
         wrapping)."""
         import transformers
 
-        from runtime import checkpoint, launch
+        from runtime import checkpoint
+        from runtime.logs import setup_logging
 
         transformers.utils.logging.disable_progress_bar()
-        launch.setup_logging(Path(run_dir))
+        setup_logging(Path(run_dir))
         try:
-            return "completed", "", await launch.train(cfg, Path(run_dir), hosts=hosts)
+            return "completed", "", await train(spec, Path(run_dir), hosts)
         except RunFailed as e:
             return "failed", str(e), None
         except checkpoint.CheckpointError as e:

@@ -13,6 +13,11 @@ instant of the event loop and encoded at once, so it is consistent with them:
                                      samples, the driver's RNG
     SAVE_DIR/latest                  the name of the newest complete checkpoint (written last, atomically)
 
+A multi-agent run keeps one such directory per trained agent (``SAVE_DIR/NAME/``), each taken by
+that agent's learner at its own steps; its live groups are the slots of episodes still running
+(``LiveSlot``), which a resume runs again with only those slots trained, so every slot still
+ends exactly once in that agent's ledger whatever the other agents' checkpoints hold.
+
 Resume: engines start on ``model/`` at version v; ready groups go back into the buffer with their
 deadlines; live groups go back to ADMITTED in the ledger and are continued from the tokens they
 had (their deadlines unchanged, so the staleness bound still holds); the data cursor continues.
@@ -28,12 +33,14 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
 
-from actors.generator import Generator, LiveGroupState, RedoGroup
+from actors.episode_driver import LiveSlot
+from actors.generator import LiveGroupState, RedoGroup
 from buffers.buffer import BufferState, StalenessBuffer
 from runtime.core.ledger import Ledger, LedgerState
 
@@ -50,6 +57,16 @@ class RunState(msgspec.Struct):
     live: list[LiveGroupState]
     py_random: Any  # random.getstate() as plain lists
     redo: list[RedoGroup] = []  # expired groups waiting to be regenerated (over-provisioned runs)
+    slots: list[LiveSlot] = []  # a multi-agent run's live groups: slots of episodes still running
+
+
+class ProducerState(msgspec.Struct):
+    """What the producer (generator or episode driver) contributes to one agent's checkpoint."""
+
+    cursor: int  # the data cursor (prompts admitted) or episodes started
+    live: list[LiveGroupState] = []
+    redo: list[RedoGroup] = []
+    slots: list[LiveSlot] = []
 
 
 class Resume(msgspec.Struct):
@@ -64,6 +81,11 @@ class Resume(msgspec.Struct):
     def trainer_state(self) -> Path:
         return Path(self.path) / "trainer.pt"
 
+    @property
+    def live_group_ids(self) -> list[int]:
+        """Groups admitted and not yet buffered at the checkpoint: generated again on resume."""
+        return [g.group_id for g in self.state.live] + [s.group_id for s in self.state.slots]
+
 
 class SavesTrainer(Protocol):
     async def save_trainer(self, out_dir: Path) -> None: ...
@@ -71,16 +93,17 @@ class SavesTrainer(Protocol):
 
 class Checkpointer:
     def __init__(self, *, save_dir: Path, interval: int, num_steps: int, learner: SavesTrainer,
-                 buffer: StalenessBuffer, ledger: Ledger, generator: Generator, announce=print,  # noqa: ANN001
-                 tokenizer_dir: str | Path | None = None):
-        """``tokenizer_dir``: the run's HF model directory, whose tokenizer, chat template and
+                 buffer: StalenessBuffer, ledger: Ledger, producer: Callable[[], ProducerState],
+                 announce: Callable[[str], None] = print, tokenizer_dir: str | Path | None = None):
+        """``producer``: the producer's part of this agent's state, taken synchronously.
+        ``tokenizer_dir``: the run's HF model directory, whose tokenizer, chat template and
         generation config each checkpoint's ``model/`` gets too, so that it is a complete HF model
         directory another run can start from (``--hf-checkpoint``: SFT, then RL)."""
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
         self.save_dir = save_dir
         self.interval = interval
         self.num_steps = num_steps
-        self.learner, self.buffer, self.ledger, self.generator = learner, buffer, ledger, generator
+        self.learner, self.buffer, self.ledger, self.producer = learner, buffer, ledger, producer
         self.announce = announce
         self.saved: list[int] = []
 
@@ -89,9 +112,9 @@ class Checkpointer:
             await self.save(version)
 
     async def save(self, version: int) -> Path:
-        live, redo = self.generator.snapshot()
-        state = RunState(version=version, cursor=self.generator.cursor, ledger=self.ledger.snapshot(),
-                         buffer=self.buffer.snapshot(), live=live, redo=redo, py_random=random.getstate())
+        p = self.producer()
+        state = RunState(version=version, cursor=p.cursor, ledger=self.ledger.snapshot(), buffer=self.buffer.snapshot(),
+                         live=p.live, redo=p.redo, slots=p.slots, py_random=random.getstate())
         data = msgspec.msgpack.encode(state)  # now, before any await: one consistent instant
         self.save_dir.mkdir(parents=True, exist_ok=True)
         tmp, final = self.save_dir / f".step{version}.partial", self.save_dir / f"step{version}"

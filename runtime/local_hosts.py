@@ -29,13 +29,15 @@ def gpus_asked(p: PlacementConfig) -> tuple[int, int]:
     return learner, learner if p.colocate else p.rollout_num_gpus
 
 
-def local_trainer(model_path: str, *, ranks: int, gpus: list[int] | None = None, **kwargs: Any) -> Trainer:
+def local_trainer(model_path: str, *, ranks: int, gpus: list[int] | None = None, wait: bool = True,
+                  **kwargs: Any) -> Trainer:
     """The trainer's host on this machine: one process, or ``ranks`` data-parallel processes (rank r
-    on ``gpus[r]`` when given, else on CPU)."""
+    on ``gpus[r]`` when given, else on CPU). ``wait=False``: one process builds its trainer while
+    the caller goes on (its first call waits for it); ranks always start in step."""
     if gpus:
         kwargs["device"] = "cuda"
     if ranks == 1:
-        return TrainerProcess(model_path, gpus=",".join(map(str, gpus)) if gpus else None, **kwargs)
+        return TrainerProcess(model_path, gpus=",".join(map(str, gpus)) if gpus else None, wait=wait, **kwargs)
     return TrainerRanks(model_path, world_size=ranks, gpus=[str(g) for g in gpus] if gpus else None, **kwargs)
 
 

@@ -14,7 +14,7 @@ import json
 import shutil
 import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from runtime import checkpoint, run_task
@@ -26,9 +26,10 @@ RUN_FILES = ("config.toml", "metrics.jsonl", "groups.jsonl", "summary.json", "tr
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
 
 
-def check_start(cfg: Config, run_dir: Path, *, overwrite: bool) -> None:
-    """Every start-time check for a one-agent run (``python -m runtime.launch``)."""
-    check_run_dir(run_dir, resuming=bool(cfg.ckpt.load), overwrite=overwrite)
+def check_start(cfg: Config, run_dir: Path, *, overwrite: bool, resuming: bool | None = None) -> None:
+    """Every start-time check for a run's shared sections (``python -m runtime.launch``);
+    ``resuming``: whether it resumes, when ``--load`` is not the checkpoint itself (``check_agents``)."""
+    check_run_dir(run_dir, resuming=bool(cfg.ckpt.load) if resuming is None else resuming, overwrite=overwrite)
     if cfg.ckpt.save:
         check_writable_dir(Path(cfg.ckpt.save), flag="--save")
     for path, flag in ((cfg.ckpt.hf_checkpoint, "--hf-checkpoint"), (cfg.ckpt.ref_load, "--ref-load")):
@@ -41,6 +42,19 @@ def check_start(cfg: Config, run_dir: Path, *, overwrite: bool) -> None:
             raise ConfigError("--load", str(e)) from None
     if cfg.run.backend == "local":  # on Ray the engines run on the cluster's nodes, not here
         check_engine(cfg.engine.engine, cfg.engine.engine_host)
+
+
+def check_agents(load: str, agents: Mapping[str, tuple[bool, str]]) -> None:
+    """A multi-agent run's own checks: each agent's model (``hf_checkpoint``), and with ``--load``
+    each trained agent's checkpoint in ``LOAD/NAME``. ``agents``: name -> (frozen, hf_checkpoint)."""
+    for name, (frozen, model) in agents.items():
+        if model:
+            check_model_dir(Path(model), flag=f"[agents.{name}] hf_checkpoint")
+        if load and not frozen:
+            try:
+                checkpoint.load(Path(load) / name)
+            except checkpoint.CheckpointError as e:
+                raise ConfigError("--load", f"agent {name}: {e}") from None
 
 
 def check_run_dir(run_dir: Path, *, resuming: bool, overwrite: bool) -> None:
@@ -110,13 +124,15 @@ def check_engine(engine: str, host: str) -> None:
         raise ConfigError("--engine-host", f"cannot bind {host!r} on this machine: {e.strerror or e}") from None
 
 
-def model_context(cfg: Config) -> int:
+def model_context(cfg: Config, model_dir: str | None = None) -> int:
     """Tokens the policy's model can attend to (prompt + response): its ``max_position_embeddings``,
-    or SGLang's ``--context-length`` when passed through."""
+    or SGLang's ``--context-length`` when passed through. ``model_dir``: the model it starts from,
+    when known (a resumed agent's checkpoint), else ``--load``'s or the run's model source."""
     override = cfg.engine.sglang_args.get("context-length") if cfg.engine.engine == "sglang" else None
     if override is not None and not isinstance(override, bool):
         return int(override)
-    source = cfg.ckpt.load and Path(checkpoint.load(cfg.ckpt.load).model_dir) or run_task.model_source(cfg)
+    source = (model_dir or cfg.ckpt.load and Path(checkpoint.load(cfg.ckpt.load).model_dir)
+              or run_task.model_source(cfg))
     if source:
         config = json.loads((Path(source) / "config.json").read_text())
         return int(config.get("max_position_embeddings") or config.get("max_seq_len") or 1 << 30)

@@ -30,16 +30,6 @@ class AsyncConfig(Section):
         """The engines' /pause_generation mode for ``partial_rollout_mode``."""
         return "in_place" if self.partial_rollout_mode == "keep" else "abort"
 
-    def capacity(self, groups_per_step: int) -> int:
-        """Groups that may be admitted and not yet trained (the buffer's bound).
-
-        AReaL's rule: admitted - dropped <= (version + max_staleness + 1) * groups_per_step, so at
-        most ``(max_staleness + 1) * groups_per_step`` groups are outstanding; a smaller explicit
-        capacity trades throughput for memory and freshness.
-        """
-        bound = (self.max_staleness + 1) * groups_per_step
-        return bound if self.buffer_capacity is None else min(bound, self.buffer_capacity)
-
 
 class FaultConfig(Section):
     """FAULT: engine health checks, restarts, and fault injection (chaos) for testing them."""

@@ -100,6 +100,10 @@ class Ledger:
         """A live group's state (LedgerError for one that ended or never was)."""
         return self._get(gid)
 
+    def is_live(self, gid: int) -> bool:
+        """Admitted and not ended."""
+        return gid in self._live
+
     def snapshot(self) -> LedgerState:
         return LedgerState(live={g: int(s) for g, s in self._live.items()}, ended=bytes(self._ended),
                            dropped=dict(self._dropped), trained=self._trained, duplicates=self._duplicates,

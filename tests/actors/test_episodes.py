@@ -1,5 +1,5 @@
 """Several agents in one run, under controlled timing: the real episode driver, buffers, learners,
-broadcasters and multi-agent scheduler, with a fake engine set per agent and fake trainers
+broadcasters and the scheduler, with a fake engine set per agent and fake trainers
 (tests/actors/fakes.py). Every fake token's id is 100 + the version of the engine weights that
 produced it, so each agent's recorded token versions can be checked against ground truth."""
 
@@ -12,9 +12,12 @@ import pytest
 
 from actors.episode_driver import EpisodeDriver
 from actors.rollout import SampleRunner
-from runtime.agents import Agent, AgentConfig
-from runtime.multi import MultiScheduler
+from runtime.agent_config import AgentConfig
+from runtime.agents import Agent
+from runtime.producers import EpisodeEvals, EpisodeFeed
 from runtime.progress import Progress
+from runtime.scheduler import Scheduler
+from runtime.summary import summarize
 from tests.actors.fakes import TOKEN_BASE, FakeEngines, FakeTrainer
 from tests.conftest import run
 
@@ -78,8 +81,8 @@ async def talk(ep):
 
 def run_agents(agents, episode_fn, tmp, *, timeout_s=10.0, eval_episodes=2):
     driver = EpisodeDriver(agents=agents, episode_fn=episode_fn, timeout_s=timeout_s)
-    scheduler = MultiScheduler(agents, driver, run_dir=tmp, eval_interval=5, eval_episodes=eval_episodes,
-                               stall_timeout_s=30, progress=Progress(total_steps=1, mode="off"))
+    scheduler = Scheduler(agents, EpisodeFeed(driver), EpisodeEvals(driver, eval_episodes), run_dir=tmp,
+                          eval_interval=5, stall_timeout_s=30, progress=Progress(total_steps=1, mode="off"))
     run(scheduler.run(), timeout=60)
     return scheduler
 
@@ -107,7 +110,7 @@ def test_weight_updates_reach_only_their_own_agents_engines(tmp_path):
         assert [v for _, v in updates] == sorted(v for _, v in updates) and updates[-1][1] == steps
         assert s.engine_versions[agent.name] == [str(steps)]
         trained_lags(agent)  # every token dated by its own agent's engines
-    assert s.summary(status="completed")["agents"]["a"]["version"] == 6
+    assert summarize(s, status="completed")["agents"]["a"]["version"] == 6
 
 
 @pytest.mark.parametrize("slow", ["a", "b"])
@@ -122,7 +125,7 @@ def test_each_agents_staleness_bound_holds_against_its_own_version(slow, tmp_pat
     for agent in (a, b):
         counts = agent.ledger.counts()
         assert counts.balanced and counts.duplicates == 0
-        assert s.summary(status="completed")["agents"][agent.name]["staleness_max_observed"] <= \
+        assert summarize(s, status="completed")["agents"][agent.name]["staleness_max_observed"] <= \
             agent.config.max_staleness
 
 
@@ -140,7 +143,7 @@ def test_a_frozen_agents_version_never_changes(tmp_path):
     assert b.engines.updates == [] and b.engines.version == 0 and set(served) == {0}
     assert b.ledger.counts().admitted == 0  # served, never admitted for training
     assert s.engine_versions == {"a": ["8"], "b": ["0"]}
-    assert s.summary(status="completed")["agents"]["b"]["frozen"] is True
+    assert summarize(s, status="completed")["agents"]["b"]["frozen"] is True
 
 
 def test_an_exception_in_the_episode_is_counted_and_the_run_goes_on(tmp_path):
@@ -157,7 +160,7 @@ def test_an_exception_in_the_episode_is_counted_and_the_run_goes_on(tmp_path):
         return await talk(ep)
 
     s = run_agents([a, b], flaky, tmp_path, timeout_s=0.5)
-    counters = s.fault_counts()
+    counters = s.lines.fault_counts(s.counters)
     assert counters["episode_errors"] >= 2 and counters["episode_timeouts"] == 1
     for agent in (a, b):
         assert agent.version == 6

@@ -5,9 +5,14 @@ example. Each run is a few seconds of training after about fifteen of start-up."
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
+import pytest
 
 from runtime.metrics import read_metrics
 from tests.integration.runs import engines_of
@@ -77,3 +82,54 @@ def test_the_embedding_example_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "step 3:" in proc.stdout and "done: version 3" in proc.stdout
     assert not engines_of(tmp_path)
+
+
+@pytest.mark.timeout(600)  # two start-ups of two agents each
+def test_a_multi_agent_run_sigkilled_after_checkpoints_resumes_losing_and_repeating_nothing(tmp_path):
+    """Each trained agent checkpoints at its own steps; SIGKILL of the launcher's process group after
+    both have one, then --load: every agent ends at its step count, and every group of every agent
+    is trained exactly once across the two runs (episodes running at a checkpoint are run again for
+    the slots still live there)."""
+    save, first, second = tmp_path / "ckpt", tmp_path / "first", tmp_path / "second"
+    steps = {"proposer": 6, "solver": 12}
+    flags = ["--recipe", "coevolve", "--agent", "proposer.num_steps=6", "--agent", "solver.num_steps=12",
+             "--eval-interval", "0", "--eval-episodes", "0", "--progress", "lines", "--save", str(save),
+             "--save-interval", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.launch", "--run-dir", str(first), *flags], cwd=ROOT,
+                            text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        saved: set[str] = set()
+        for line in proc.stderr:
+            if line.startswith("checkpoint at step"):
+                saved |= {name for name in steps if f"/{name}/" in line}
+            if saved == set(steps):
+                break
+        else:
+            raise AssertionError(f"the run ended before both agents checkpointed (exit {proc.wait()})")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    psutil.wait_procs(engines_of(first), timeout=30)
+    assert not engines_of(first)
+    # each agent's checkpoint the resume starts from (the resumed run saves into the same directory)
+    at = {name: int((save / name / "latest").read_text().strip().removeprefix("step")) for name in steps}
+
+    done = subprocess.run([sys.executable, "-m", "runtime.launch", "--run-dir", str(second), *flags, "--load",
+                           str(save)], cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((second / "summary.json").read_text())
+    records = [json.loads(x) for x in (first / "groups.jsonl").read_text().splitlines()]
+    resumed = [json.loads(x) for x in (second / "groups.jsonl").read_text().splitlines()]
+    for name, n in steps.items():
+        agent = summary["agents"][name]
+        assert agent["version"] == n
+        ledger = agent["ledger"]
+        assert ledger["duplicates"] == 0
+        assert ledger["admitted"] == ledger["trained"] + sum(ledger["dropped"].values()) + ledger["in_flight"]
+        before = [g for r in records if r["agent"] == name and r["step"] <= at[name] for g in r["groups"]]
+        after = [r for r in resumed if r["agent"] == name]
+        assert [r["step"] for r in after] == list(range(at[name] + 1, n + 1))
+        trained = before + [g for r in after for g in r["groups"]]
+        assert len(trained) == len(set(trained)) == ledger["trained"]

@@ -117,13 +117,13 @@ def test_actor_crash_is_reported_with_traceback_and_engines_stop(tmp_path):
     def broken_step(batch, version):
         raise ZeroDivisionError("learner bug")
 
-    scheduler.a.learner.trainer.step = broken_step
+    scheduler.agent.learner.trainer.step = broken_step
     with pytest.raises(RunFailed) as e:
         asyncio.run(asyncio.wait_for(scheduler.run(), 120))
     text = str(e.value)
     assert "actor 'learner' crashed" in text and "ZeroDivisionError: learner bug" in text
     assert "Traceback" in text
-    assert all(not p.alive for p in scheduler.a.engines.processes)
+    assert all(not p.alive for p in scheduler.agent.engines.processes)
     assert os.path.exists(run_dir / "metrics.jsonl")
 
 

@@ -2,11 +2,11 @@
 
 import pytest
 
-from runtime import multi_launch
+from runtime import agent_config
 
 
 def resolve(*argv):
-    return multi_launch.resolve(list(argv), prog="launch")
+    return agent_config.resolve_multi(list(argv), prog="launch")
 
 
 def error_of(capsys, *argv) -> str:
@@ -19,11 +19,11 @@ def error_of(capsys, *argv) -> str:
 
 
 def test_multi_agent_runs_are_recognised(tmp_path):
-    assert multi_launch.requested(["--recipe", "coevolve"])
-    assert not multi_launch.requested([]) and not multi_launch.requested(["--recipe", "copy4"])
+    assert agent_config.requested(["--recipe", "coevolve"])
+    assert not agent_config.requested([]) and not agent_config.requested(["--recipe", "copy4"])
     config = tmp_path / "a.toml"
     config.write_text("[agents.x]\nlr = 1e-4\n")
-    assert multi_launch.requested(["--config", str(config)])
+    assert agent_config.requested(["--config", str(config)])
 
 
 def test_agent_tables_inherit_the_shared_sections_and_layer(tmp_path):
@@ -48,7 +48,7 @@ def test_agent_tables_inherit_the_shared_sections_and_layer(tmp_path):
     (["--agent", "solver"], "--agent"),
     (["--episode-fn", "nocolon"], "--episode-fn"),
     (["--eval-episodes", "-1"], "[episodes] eval_episodes"),
-    (["--save", "ckpt"], "--save"),
+    (["--actor-num-gpus-per-node", "1"], "--actor-num-gpus-per-node"),
 ])
 def test_an_invalid_agent_config_is_one_line_naming_the_field(capsys, argv, names):
     assert names in error_of(capsys, "--recipe", "coevolve", *argv)

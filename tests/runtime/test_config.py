@@ -15,8 +15,17 @@ def test_defaults_recipe_toml_and_flags_layer_in_order(tmp_path):
     assert cfg.optimizer.lr == 0.25  # the flag beats the file
     assert cfg.async_.max_staleness == 3 and cfg.grpo.use_tis is True
     assert cfg.rollout.rollout_max_response_len == 6  # from the default recipe
-    assert cfg.async_.capacity(cfg.rollout.groups_per_step) == 4 * 32
+    assert cfg.rollout.groups_per_step == 32
 
+
+def test_the_staleness_bound_is_the_buffers_and_an_explicit_capacity_only_lowers_it():
+    from runtime.agent_config import single
+    from runtime.agents import _buffer
+
+    for flags, capacity in ((["--max-staleness", "3"], 4 * 16), (["--buffer-capacity", "20"], 20),
+                            (["--max-staleness", "0", "--buffer-capacity", "40"], 16)):
+        spec = single(cli.resolve(flags))
+        assert _buffer(spec.base, spec.agents["policy"]).capacity == capacity
 
 def test_resolved_config_round_trips_through_toml(tmp_path):
     cfg = cli.resolve(["--eps-clip-high", "0.28", "--run-dir", "x"])

@@ -155,7 +155,7 @@ def test_a_crashed_run_still_closes_its_trace(tmp_path):
     def broken_step(batch, version):
         raise ZeroDivisionError("learner bug")
 
-    scheduler.a.learner.trainer.step = broken_step
+    scheduler.agent.learner.trainer.step = broken_step
     with pytest.raises(RunFailed, match="ZeroDivisionError"):
         asyncio.run(asyncio.wait_for(scheduler.run(), 120))
     events = json.loads((run_dir / "trace.json").read_text())  # closed: plain json.loads works
