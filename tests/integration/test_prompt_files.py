@@ -24,6 +24,8 @@ def launch(run_dir: Path, *flags: str, env: dict[str, str]) -> subprocess.Comple
     return subprocess.run([sys.executable, "-m", "runtime.launch", "--run-dir", str(run_dir), "--progress", "lines",
                            *flags], cwd=ROOT, capture_output=True, text=True, timeout=280, env=env)
 
+# the cursor's exact resume across an epoch stays in the default suite (tests/launchers/test_prompt_data.py)
+@pytest.mark.slow
 @pytest.mark.timeout(600)  # two short runs: ~60 s on an idle 2-core machine, several times that when busy
 def test_prompt_file_run_and_exact_resume(tmp_path: Path) -> None:
     model = build_chat_model(tmp_path / "model")

@@ -55,6 +55,7 @@ def test_a_killed_engine_host_is_restarted_and_the_run_completes(ray_backend: Ba
     assert not engines_of(run_dir)
 
 
+@pytest.mark.slow  # ~24 s; a killed trainer ends a local run in one line in the default suite (test_bad_inputs.py)
 def test_a_killed_trainer_actor_ends_the_run_with_one_line(ray_backend: Backend, tmp_path):
     run_dir = tmp_path / "trainer-kill"
     proc = start(run_dir, ray_backend, "--num-rollout", "1000")
