@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from policies.engine import generate_body
+import policies.engine.generate_body as generate_body  # the module itself, not through the package __init__
 from policies.engine.errors import EngineError, EngineLost
 from policies.engine.generate_body import SGLANG_SAMPLING_KEYS
 from policies.engine.replies import (

@@ -69,11 +69,7 @@ class FakeEngines:
                     break
         finally:
             await self._count(in_flight=-1)
-        self.generated_tokens += len(out)
-        return GenerateOutput(output_ids=out, logprobs=[-1.0] * len(out), finish_reason=finish,
-                              weight_version=str(self.version), prompt_tokens=len(input_ids),
-                              completion_tokens=len(out), latency_s=0.0,
-                              token_versions=versions if self.report_token_versions else None)
+        return self._answer(input_ids, out, versions, finish)
 
     async def _outlive(self, input_ids, sampling_params) -> GenerateOutput:
         """The answer that outlives updates: one token per weight version until it holds
@@ -104,6 +100,9 @@ class FakeEngines:
                 await self._count(parked=-1)
         finally:
             await self._count(in_flight=-1)
+        return self._answer(input_ids, out, versions, finish)
+
+    def _answer(self, input_ids, out: list[int], versions: list[str], finish: str) -> GenerateOutput:
         self.generated_tokens += len(out)
         return GenerateOutput(output_ids=out, logprobs=[-1.0] * len(out), finish_reason=finish,
                               weight_version=str(self.version), prompt_tokens=len(input_ids),
