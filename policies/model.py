@@ -20,7 +20,10 @@ def qwen3_config(
     pad_token_id: int,
     bos_token_id: int,
     eos_token_id: int,
+    kv_channels: int = 0,
 ) -> Qwen3Config:
+    """kv_channels: the head size (Megatron's name; Qwen3-0.6B: 16 heads x 128 over hidden 1024); 0:
+    hidden_size // num_attention_heads."""
     return Qwen3Config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -28,7 +31,7 @@ def qwen3_config(
         num_hidden_layers=num_layers,
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_query_groups,
-        head_dim=hidden_size // num_attention_heads,
+        head_dim=kv_channels or hidden_size // num_attention_heads,
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=True,
         pad_token_id=pad_token_id,

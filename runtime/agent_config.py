@@ -42,6 +42,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     hidden_size: Pos = 64
     num_attention_heads: Pos = 4
     num_query_groups: Pos = 2
+    kv_channels: NonNeg = 0  # the head size; 0: hidden_size / num_attention_heads
     ffn_hidden_size: Pos = 128
     max_position_embeddings: Pos = 64
     vocab_size: NonNeg = 0  # 0: the tokenizer's
@@ -101,7 +102,7 @@ def agent_configs(cfg: Config, tables: dict[str, Any]) -> dict[str, AgentConfig]
 
 
 def _check(where: str, a: AgentConfig) -> None:
-    if a.hidden_size % a.num_attention_heads:
+    if a.hidden_size % a.num_attention_heads and not a.kv_channels:
         raise ConfigError(f"{where} hidden_size", f"{a.hidden_size} is not divisible by {a.num_attention_heads} heads")
     if a.num_attention_heads % a.num_query_groups:
         raise ConfigError(f"{where} num_query_groups", "must divide num_attention_heads")

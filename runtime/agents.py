@@ -135,6 +135,7 @@ def initial_checkpoint(cfg: Config, task: Task, out_dir: Path) -> str:
         vocab_size=m.vocab_size or len(tok), num_layers=m.num_layers, hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
         ffn_hidden_size=m.ffn_hidden_size, max_position_embeddings=m.max_position_embeddings,
+        kv_channels=m.kv_channels,
         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
     return str(write_random_checkpoint(out_dir / "initial_model", config, tok, seed=cfg.run.seed))

@@ -26,6 +26,7 @@ class ModelConfig(Section):
     hidden_size: Pos = 64
     num_attention_heads: Pos = 4
     num_query_groups: Pos = 2  # key/value heads
+    kv_channels: NonNeg = 0  # the head size; 0: hidden-size / num-attention-heads (Qwen3-0.6B: 128 over 1024)
     ffn_hidden_size: Pos = 128
     max_position_embeddings: Pos = 64
     vocab_size: NonNeg = 0  # 0: the tokenizer's; larger pads the embedding (e.g. 151936, Qwen3's)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The Megatron learner on one lent GPU (nvidia-h200), in two calls that each fit a device command:
+#   bench: the GPU tests (tests/policies/test_megatron_gpu.py: one step against the HF learner
+#          within bf16, the default loop with --train-backend megatron), then
+#          benchmarks/megatron_gpu.py (parity at the Qwen3-0.6B shape, tokens/s and peak memory
+#          beside the HF learner at the learner-at-scale shapes, checkpoint save/load)
+#   loops: the default recipe's task, time-boxed: megatron at the recipe's own shape, then megatron
+#          and the fsdp (HF) learner at Qwen3-0.6B's shape; prints each run's eval curve
+#   run(kind="nvidia-h200", carry=[".whl"], command="bash benchmarks/megatron_gpu_session.sh bench")
+# .whl/: megatron-core 0.16.1, msgspec, psutil, rich (+ deps), pytest (+ deps) for Python 3.12.
+set -uo pipefail
+mode=${1:-bench}
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+out=${OUT:-/tmp/out}; mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+if [ "$mode" = bench ]; then
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/policies/test_megatron_gpu.py 2>&1 | tail -12
+  timeout 330 python3 benchmarks/megatron_gpu.py --out "$out" 2>&1 | grep -v -e "Loading weights" -e "Writing model" \
+    | tail -14
+  exit 0
+fi
+qwen06=(--num-layers 28 --hidden-size 1024 --num-attention-heads 16 --num-query-groups 8 --kv-channels 128
+        --ffn-hidden-size 3072 --vocab-size 151936)
+loop() {  # name seconds flags...: a time-boxed run (SIGTERM ends it with its summary), then its curve
+  local name=$1 secs=$2; shift 2
+  timeout "$secs" python3 -m runtime.launch --actor-num-gpus-per-node 1 --rollout-num-gpus 1 --colocate \
+    --num-rollout 2000 --eval-interval 10 --run-dir "/tmp/loop_$name" --progress lines "$@" > "$out/loop_$name.log" 2>&1
+  python3 - "$name" "/tmp/loop_$name" <<'EOF'
+import json, sys
+name, run = sys.argv[1], sys.argv[2]
+try:
+    rows = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
+except OSError as e:
+    print(name, "no metrics:", e); sys.exit()
+evals = [(r["step"], round(r["time_s"]), k.split("/", 1)[1], round(v, 3)) for r in rows for k, v in r.items()
+         if k.startswith("eval/") and isinstance(v, (int, float))]
+train = [r.get("learner/train_s", 0) for r in rows[1:]]
+print(f"{name}: {len(rows)} steps, train_s/step {sum(train) / max(len(train), 1):.2f}, "
+      f"stale max {max((r.get('staleness/max', 0) for r in rows), default=0)}; eval (step, s, task, reward): {evals}")
+EOF
+  tail -2 "$out/loop_$name.log"
+}
+loop megatron_small 150 --train-backend megatron
+loop megatron_qwen06 180 --train-backend megatron "${qwen06[@]}" --lr 1e-4
+loop fsdp_qwen06 180 --train-backend fsdp "${qwen06[@]}" --lr 1e-4
