@@ -120,7 +120,9 @@ def _check_ckpt(c: CkptConfig) -> None:
 
 def _check_model(m: ModelConfig) -> None:
     if m.hidden_size % m.num_attention_heads and not m.kv_channels:
-        raise ConfigError("--hidden-size", f"{m.hidden_size} is not divisible by {m.num_attention_heads} heads (or give --kv-channels)")
+        raise ConfigError(
+            "--hidden-size", f"{m.hidden_size} not divisible by {m.num_attention_heads} heads (or set --kv-channels)"
+        )
     if m.num_attention_heads % m.num_query_groups:
         raise ConfigError("--num-query-groups", "must divide --num-attention-heads")
 

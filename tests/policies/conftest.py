@@ -61,9 +61,7 @@ def engine(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         asyncio.run(proc.stop())
 
 
-def run_with_client(
-    url: str, body: Callable[[EngineClient], Awaitable[None]], *, timeout_s: float = 30
-) -> None:
+def run_with_client(url: str, body: Callable[[EngineClient], Awaitable[None]], *, timeout_s: float = 30) -> None:
     """Run `body(client)` on a fresh event loop, bounded by timeout_s so a bug cannot hang pytest."""
 
     async def main() -> None:
@@ -78,9 +76,7 @@ async def stats(client: EngineClient) -> dict:
     return (await client.get_server_info())["internal_states"][0]
 
 
-async def wait_until(
-    client: EngineClient, predicate: Callable[[dict], bool], *, timeout_s: float = 10
-) -> dict:
+async def wait_until(client: EngineClient, predicate: Callable[[dict], bool], *, timeout_s: float = 10) -> dict:
     """Poll the engine's counters until predicate(stats) holds; fail after timeout_s."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -143,3 +139,9 @@ def contract(src):
     if module is None:
         pytest.skip(f"sglang {src.version} has no {sgl.API_CONTRACT}")
     return module
+
+
+@pytest.fixture(scope="module")
+def hf_models(tiny_model_dir, tiny_model_dir_b):
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    return {d: load(d).eval() for d in (tiny_model_dir, tiny_model_dir_b)}
