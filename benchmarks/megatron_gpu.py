@@ -140,17 +140,26 @@ def throughput(make, shapes, vocab, device) -> dict:
             print(key, out[key], flush=True)
         # the resume files, written and read back on this device
         if isinstance(trainer, MegatronTrainer) and not trainer.par.recompute_granularity:
-            ckpt = Path(tempfile.mkdtemp())
-            trainer.save_checkpoint(ckpt)
-            trainer.load_checkpoint(ckpt)
-            out["checkpoint"] = sorted(p.name for p in ckpt.iterdir())
-            print("checkpoint ok", out["checkpoint"], flush=True)
+            out["checkpoint"] = guarded(checkpoint_round_trip, trainer)
+            print("checkpoint", out["checkpoint"], flush=True)
     finally:
         getattr(trainer, "close", lambda: None)()
         del trainer
         gc.collect()
         torch.cuda.empty_cache() if device == "cuda" else None
     return out
+
+
+def checkpoint_round_trip(trainer) -> dict:
+    """Save (megatron's distributed checkpoint + HF export) and load back; the weights are unchanged."""
+    before = {k: v.detach().float().cpu().clone() for k, v in trainer.model.state_dict().items()
+              if isinstance(v, torch.Tensor)}
+    ckpt = Path(tempfile.mkdtemp())
+    trainer.save_checkpoint(ckpt)
+    trainer.load_checkpoint(ckpt)
+    after = trainer.model.state_dict()
+    moved = max((after[k].detach().float().cpu() - v).abs().max().item() for k, v in before.items())
+    return {"files": sorted(p.name for p in ckpt.iterdir()), "max_weight_change": moved}
 
 
 def gpu_loop(run_dir: Path, seconds: float) -> dict:

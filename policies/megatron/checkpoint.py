@@ -26,6 +26,12 @@ from safetensors.torch import save_file
 
 from policies.megatron import convert, publish
 
+# the distributed optimizer's state as its own buckets, each rank writing and reading its shard with no
+# communication (resharding only across data parallel ranks). megatron-core 0.16's default,
+# "fully_sharded_model_space", builds flattened ShardedTensors its own torch_dist backend then
+# refuses ("ShardedTensor.flattened_range is not supported": measured on the lent H200).
+OPTIM_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+
 
 def hf_reader(path: Path):
     """``name -> tensor`` over the checkpoint's safetensors file(s), read lazily."""
@@ -84,8 +90,8 @@ def save(trainer, out_dir: Path) -> None:
     if trainer.opt.on_gpu:
         from megatron.core import dist_checkpointing
         model_sd = trainer.model.sharded_state_dict()  # the bare model: DDP would prefix "module."
-        dist_checkpointing.save({"model": model_sd, "optimizer": trainer.opt.optimizer.sharded_state_dict(model_sd)},
-                                str(shards))
+        optim_sd = trainer.opt.optimizer.sharded_state_dict(model_sd, metadata=OPTIM_FORMAT)
+        dist_checkpointing.save({"model": model_sd, "optimizer": optim_sd}, str(shards))
     else:
         torch.save(trainer.opt.optimizer.state_dict(), shards / f"optimizer.{dist.get_rank()}.pt")
     if dist.get_rank() == 0:
@@ -100,7 +106,8 @@ def load(trainer, ckpt_dir: Path) -> None:
         from megatron.core import dist_checkpointing
         model_sd = trainer.model.sharded_state_dict()
         state = dist_checkpointing.load(
-            {"model": model_sd, "optimizer": trainer.opt.optimizer.sharded_state_dict(model_sd, is_loading=True)},
+            {"model": model_sd,
+             "optimizer": trainer.opt.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_FORMAT)},
             str(shards))
         trainer.model.load_state_dict(state["model"])
         trainer.opt.optimizer.load_state_dict(state["optimizer"])

@@ -84,6 +84,8 @@ class MegatronTrainer:
         model = build(self.hf_config, self.par, dtype=self.dtype, on_gpu=self.device.type == "cuda",
                       pre_process=stage == 0, post_process=stage == pp - 1)
         checkpoint.load_hf(model, Path(path), self.hf_config)
+        if self.device.type == "cuda" and self.par.recompute_granularity:
+            autocast_recomputed_layers(model)
         return model
 
     # -- one step ------------------------------------------------------------------------------
@@ -242,3 +244,18 @@ def _stats(parts: list[dict], *, grad_norm: float, lr: float, n_samples: int) ->
                      tis_clipfrac=total["bounded"] / n, kl=total["kl"] / n, entropy=total["entropy"] / n,
                      grad_norm=grad_norm, n_tokens=int(total["tokens"]), n_samples=n_samples, lr=lr,
                      correction=correction)
+
+
+def autocast_recomputed_layers(model: torch.nn.Module) -> None:
+    """Each decoder layer (and its core attention) enters bf16 autocast itself.
+
+    Why: megatron's activation recompute reruns layers in backward, on autograd's own thread, where
+    the step's autocast context (thread-local) is gone, and its CheckpointFunction does not restore
+    it as torch.utils.checkpoint does: the rerun multiplied bf16 activations by the fp32 master
+    weights and failed (measured on the lent H200). Entering autocast again inside the forward
+    changes nothing when it is already on, so the recomputed values equal the first ones."""
+    for layer in _unwrap(model).decoder.layers:
+        layer.forward = torch.autocast("cuda", dtype=torch.bfloat16)(layer.forward)
+        core = getattr(getattr(layer, "self_attention", None), "core_attention", None)
+        if core is not None:
+            core.forward = torch.autocast("cuda", dtype=torch.bfloat16)(core.forward)
