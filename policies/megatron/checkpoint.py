@@ -109,8 +109,9 @@ def load(trainer, ckpt_dir: Path) -> None:
             {"model": model_sd,
              "optimizer": trainer.opt.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_FORMAT)},
             str(shards))
-        trainer.model.load_state_dict(state["model"])
-        trainer.opt.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():  # the fp32 main params it copies into are views of leaves that require grad
+            trainer.model.load_state_dict(state["model"])
+            trainer.opt.optimizer.load_state_dict(state["optimizer"])
     else:
         trainer.opt.optimizer.load_state_dict(torch.load(shards / f"optimizer.{dist.get_rank()}.pt",
                                                          weights_only=True))
