@@ -105,6 +105,7 @@ def load(trainer, ckpt_dir: Path) -> None:
     if trainer.opt.on_gpu:
         from megatron.core import dist_checkpointing
         model_sd = trainer.model.sharded_state_dict()
+        _allocate_adam_state(trainer.opt.optimizer)
         state = dist_checkpointing.load(
             {"model": model_sd,
              "optimizer": trainer.opt.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_FORMAT)},
@@ -119,3 +120,21 @@ def load(trainer, ckpt_dir: Path) -> None:
     torch.set_rng_state(state["rng"])
     if trainer.ref is not None and (ckpt_dir / "reference").is_dir():
         load_hf(trainer.ref, ckpt_dir / "reference", trainer.hf_config)
+
+
+def _allocate_adam_state(optimizer) -> None:
+    """Give a fresh distributed optimizer's inner torch AdamW its state (step 0, zero moments) before a
+    load, which then overwrites it.
+
+    Why: building the sharded state dict to load into calls the optimizer's ``state_dict()``, which
+    without Transformer Engine or Apex reads every parameter's ``step`` and asserts they agree: on a
+    trainer that has not stepped there are none (AssertionError, measured on the lent H200).
+    NOTE: written after the device allotment ran out; not yet run on a GPU."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            step_device = None if group.get("fused") or group.get("capturable") else "cpu"
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=step_device or p.device),
+                                      "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}

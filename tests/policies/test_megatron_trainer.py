@@ -178,3 +178,26 @@ def test_cpu_refuses_what_needs_cuda_in_one_line(checkpoint):
     from policies.megatron.model import Parallelism
     with pytest.raises(ValueError, match="need CUDA"):
         megatron(checkpoint, parallelism=Parallelism(recompute_granularity="full"))
+
+
+def test_the_state_allocated_before_a_gpu_load_is_a_fresh_adamw():
+    """Before loading a distributed checkpoint, the GPU resume gives the optimizer's inner AdamW a
+    state (step 0, zero moments; megatron's state_dict() asserts on an empty one). That state must
+    be one torch's AdamW steps from exactly as from nothing. The megatron wrapper around the AdamW
+    is a stand-in (a namespace with ``.optimizer``): its DistributedOptimizer allocates on CUDA."""
+    from types import SimpleNamespace
+
+    from policies.megatron.checkpoint import _allocate_adam_state
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    prefilled, fresh = torch.optim.AdamW(params, lr=0.1), torch.optim.AdamW(twins, lr=0.1)
+    _allocate_adam_state(SimpleNamespace(optimizer=prefilled))
+    assert {s["step"].item() for s in prefilled.state.values()} == {0.0} and len(prefilled.state) == 2
+    for _ in range(2):
+        for p, q in zip(params, twins, strict=True):
+            p.grad = q.grad = torch.ones_like(p)
+        prefilled.step()
+        fresh.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, twins, strict=True))
