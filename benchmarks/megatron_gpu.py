@@ -13,7 +13,7 @@ Prints a table and writes it to DIR/megatron_gpu.md (and DIR/megatron_gpu.json).
 On the lent GPU machine the image has no megatron-core: the carried ``.whl`` must hold it
 (``bash ../shared/device/wheels.sh megatron-core==0.16.1``; the device tool carries the session
 checkout's ``.whl``), then ``PYTHONPATH=/tmp/site:$PWD python3 benchmarks/megatron_gpu.py --out $OUT``.
-Not yet run on a GPU (see the Megatron section of README.md).
+First run on the lent H200 on 2026-12-03: BENCHMARKS.md, results/megatron_gpu/.
 """
 
 from __future__ import annotations
