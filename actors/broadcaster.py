@@ -67,6 +67,10 @@ class WeightBroadcaster:
         self._served_path: Path | None = None  # kept for refits until superseded
         self._changed = asyncio.Condition()
 
+    def stats(self) -> SyncRecord | None:
+        """The latest sync's figures (``sync/*``), None before the first."""
+        return self.records[-1] if self.records else None
+
     async def publish(self, version: int, path: Path | None) -> None:
         """The learner's weights at ``version`` are in ``path``; returns at once. Without files
         (collective), returns once the trainer has sent them: the run loop syncs them meanwhile."""

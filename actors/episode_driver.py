@@ -62,6 +62,15 @@ class LiveSlot(msgspec.Struct):
     episode: int
 
 
+class EpisodeStats(msgspec.Struct):
+    """The episode driver's figures on a metrics line (``episodes/*``, ``episode/*``)."""
+
+    started: int  # episodes admitted so far
+    running: int  # episodes in flight
+    wait_frac: float  # share of the time since the last stats() with admission closed and none running
+    figures: dict[str, float]  # the mean of each figure training episodes logged since the last stats()
+
+
 class EpisodeDriver:
     def __init__(self, *, agents: Sequence[Served], episode_fn: EpisodeFn, timeout_s: float, seed: int = 0,
                  started: int = 0, resume: Mapping[str, Sequence[LiveSlot]] | None = None):
@@ -82,7 +91,7 @@ class EpisodeDriver:
         self.started = max([started, *(index + 1 for index in self._resume)])
         self.in_flight = 0
         self.counters: collections.Counter[str] = collections.Counter()
-        self._figures: dict[str, list[float]] = collections.defaultdict(list)  # since ``take_figures``
+        self._figures: dict[str, list[float]] = collections.defaultdict(list)  # since the last ``stats()``
         # time rollout is idle: admission closed and no episode running (a closed admission
         # while episodes run is not lost time: the engines are busy)
         self.clock = WaitClock("episodes")
@@ -177,7 +186,12 @@ class EpisodeDriver:
         for key, value in figures.items():
             self._figures[key].append(value)
 
-    def take_figures(self) -> dict[str, float]:
+    def stats(self) -> EpisodeStats:
+        """Figures since the last call (the wait share and the episodes' figures are laps)."""
+        return EpisodeStats(started=self.started, running=self.in_flight, wait_frac=self.clock.lap(),
+                            figures=self._take_figures())
+
+    def _take_figures(self) -> dict[str, float]:
         """The mean of each figure training episodes logged since the last call."""
         out = {key: sum(vs) / len(vs) for key, vs in self._figures.items() if vs}
         self._figures.clear()

@@ -73,6 +73,13 @@ class RedoGroup(msgspec.Struct):
     prompt: Prompt
 
 
+class GeneratorStats(msgspec.Struct):
+    """The generator's figures on a metrics line (``generator/wait_frac``, ``data/cursor``)."""
+
+    wait_frac: float  # share of the time since the last stats() blocked on admission with nothing generating
+    cursor: int  # index of the next prompt to admit
+
+
 class Generator:
     def __init__(self, *, prompts: Callable[[int], Prompt], buffer: StalenessBuffer, ledger: Ledger,
                  runner: SampleRunner, scorer: RewardScorer, n_samples: int, cursor: int = 0,
@@ -107,6 +114,10 @@ class Generator:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._due: tuple[int | None, int] = (None, 0)  # the last admitted deadline, and groups admitted with it - 1
         buffer.on_expire = self._expire
+
+    def stats(self) -> GeneratorStats:
+        """Figures since the last call (the wait share is a lap of the clock)."""
+        return GeneratorStats(wait_frac=self.clock.lap(), cursor=self.cursor)
 
     async def run(self) -> None:
         """Admit groups until cancelled. A crashing group task is a bug: it ends the run loudly

@@ -70,6 +70,12 @@ class StepRecord(msgspec.Struct):
     reward_components: dict[str, float] = {}  # mean of each part of a dict reward (--reward-key)
 
 
+class LearnerStats(msgspec.Struct):
+    """The learner's figures on a metrics line (``learner/*``)."""
+
+    wait_frac: float  # share of the time since the last stats() spent waiting for a batch
+
+
 @dataclasses.dataclass(eq=False)
 class _Job:
     """One step on the compute thread: train ``batch`` at ``version``, then save the new weights
@@ -107,6 +113,10 @@ class Learner:
         self.clock = WaitClock("learner")
         # one thread, jobs in order: a queued job starts the moment the one before it ends
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="learner-compute")
+
+    def stats(self) -> LearnerStats:
+        """Figures since the last call (the wait share is a lap of the clock)."""
+        return LearnerStats(wait_frac=self.clock.lap())
 
     async def run(self) -> None:
         """Train until ``num_steps`` versions exist; returning is the run's normal completion."""

@@ -43,7 +43,8 @@ class PromptFeed:
         """The one learner is done: the run ends (the generator is cancelled with it)."""
 
     def line(self) -> dict[str, Any]:
-        return {"generator/wait_frac": self.generator.clock.lap(), "data/cursor": self.generator.cursor}
+        stats = self.generator.stats()
+        return {"generator/wait_frac": stats.wait_frac, "data/cursor": stats.cursor}
 
     def counters(self) -> dict[str, int]:
         """Reward failures, prompts dropped for their length, and the endpoint's (malformed calls, ...)."""
@@ -96,9 +97,9 @@ class EpisodeFeed:
         await self.driver.retire(name)
 
     def line(self) -> dict[str, Any]:
-        d = self.driver
-        return {"episodes/started": d.started, "episodes/running": d.in_flight, "episodes/wait_frac": d.clock.lap(),
-                **{f"episode/{k}": v for k, v in d.take_figures().items()}}
+        stats = self.driver.stats()
+        return {"episodes/started": stats.started, "episodes/running": stats.running,
+                "episodes/wait_frac": stats.wait_frac, **{f"episode/{k}": v for k, v in stats.figures.items()}}
 
     def counters(self) -> dict[str, int]:
         """Episode failures (``episode_errors``, ``episode_timeouts``, ...)."""

@@ -1,5 +1,8 @@
 """A metrics line per learner step: the union of what each actor reports, one schema for any run.
 
+Each actor reports a typed record (``Learner.stats()``, ``StalenessBuffer.stats()``,
+``WeightBroadcaster.stats()``, ``Generator.stats()``, the ledger's ``counts()``, the trainer's
+``StepStats``); a line is their union under fixed prefixes, never a reach into an actor's fields.
 Every agent's keys (``reward/mean``, ``learner/wait_frac``, ``buffer/*``, ``ledger/*``, ``train/*``,
 ``correction/*``, ``sync/*``, ``throughput/tokens_per_s``) carry ``agent/NAME/`` when the run has
 several agents, and stand bare when it has one; the producer's keys (``generator/wait_frac`` and
@@ -73,7 +76,7 @@ class Lines:
             **{f"reward/{k}": v for k, v in rec.reward_components.items()},
             "staleness/max": rec.staleness_max, "staleness/mean": rec.staleness_mean,
             "max_staleness": agent.config.max_staleness,
-            "learner/wait_frac": agent.learner.clock.lap(), "learner/train_s": rec.train_s,
+            **{f"learner/{k}": v for k, v in _items(agent.learner.stats())}, "learner/train_s": rec.train_s,
             # whole batches ready behind this step: the data prefetch (an SFT run's is read, not generated)
             "data/prefetch_queue_depth": agent.buffer.n_ready // agent.buffer.groups_per_step,
             **{f"buffer/{k}": v for k, v in _items(agent.buffer.stats())},
@@ -84,9 +87,9 @@ class Lines:
             "ledger/dropped": sum(ledger.dropped.values()), "ledger/in_flight": ledger.in_flight,
             "ledger/duplicates": ledger.duplicates,
         }
-        if agent.broadcaster.records:
-            last = agent.broadcaster.records[-1]
-            keys |= {"sync/version": last.version, "sync/total_s": last.total_s, "sync/paused_s": last.paused_s}
+        sync = agent.broadcaster.stats()
+        if sync is not None:
+            keys |= {f"sync/{k}": v for k, v in _items(sync)}
         return keys
 
     def _throughput(self, agent: Agent) -> float:

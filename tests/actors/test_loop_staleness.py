@@ -4,6 +4,7 @@ broadcaster, driven by a fake engine set and a fake trainer (tests/actors/fakes.
 import asyncio
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from actors.broadcaster import WeightBroadcaster
@@ -43,6 +44,8 @@ async def loop(*, max_staleness, engine_tick_s, learner_delay_s, steps=12, group
     bc = WeightBroadcaster(engines=engines, buffer=buffer, timeout_s=10, pause_mode=pause)
     learner = Learner(trainer=trainer, buffer=buffer, ledger=ledger, publisher=bc, num_steps=steps,
                       max_staleness=max_staleness, weights_dir=tmp)
+    if out is not None:
+        out.update(broadcaster=bc, learner=learner)
     tasks = [asyncio.create_task(gen.run(), name="generator"), asyncio.create_task(bc.run(), name="bc")]
     try:
         await learner.run()
@@ -212,3 +215,18 @@ def test_carried_partials_keep_every_token_and_train_none_past_the_bound(max_sta
     assert counts.trained == 16 * 3 and counts.duplicates == 0 and counts.balanced and counts.dropped == {}
     # regenerated only when nothing of a ready group could train any more (and then counted)
     assert out["generator"].expired["expired_mask"] == buffer.expired
+
+
+def test_each_actor_reports_a_typed_stats_record(tmp_path):
+    """What a metrics line is made of: each actor's own record (no reach into its fields)."""
+    parts: dict = {}
+    _, ledger, _, _ = run(loop(max_staleness=1, engine_tick_s=0.0005, learner_delay_s=0.01, steps=4, tmp=tmp_path,
+                               out=parts))
+    gen, bc, learner, buffer = parts["generator"], parts["broadcaster"], parts["learner"], parts["buffer"]
+    g = gen.stats()
+    assert g.cursor == ledger.counts().admitted > 0 and 0.0 <= g.wait_frac <= 1.0
+    sync = bc.stats()
+    assert sync is not None and 1 <= sync.version <= 4 and sync.total_s >= sync.paused_s >= 0
+    assert 0.0 <= learner.stats().wait_frac <= 1.0
+    assert buffer.stats().served_version <= sync.version  # the buffer hears of a sync after its record
+    assert msgspec.structs.asdict(g).keys() == {"wait_frac", "cursor"}

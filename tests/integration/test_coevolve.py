@@ -47,7 +47,12 @@ def test_coevolve_trains_each_agent_on_its_own_engines(tmp_path):
     for name in ("proposer", "solver"):
         mine = [line for line in lines if line["agent"] == name]
         assert [line[f"agent/{name}/version"] for line in mine] == list(range(1, len(mine) + 1))
-        assert all({f"agent/{name}/reward/mean", f"agent/{name}/staleness/max"} <= line.keys() for line in mine)
+        assert all({f"agent/{name}/reward/mean", f"agent/{name}/staleness/max", f"agent/{name}/learner/wait_frac"}
+                   <= line.keys() for line in mine)
+        assert any(f"agent/{name}/sync/total_s" in line for line in mine)  # the broadcaster's stats()
+    # the episode driver's stats(): one schema on every line
+    assert all({"episodes/started", "episodes/running", "episodes/wait_frac"} <= line.keys() for line in lines)
+    assert lines[-1]["episodes/started"] >= lines[0]["episodes/started"] > 0
     assert any("agent/proposer/eval/reward" in line for line in lines)
     assert "[agents.solver]" in (run_dir / "config.toml").read_text()
     assert not engines_of(run_dir)
