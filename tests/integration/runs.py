@@ -9,9 +9,12 @@ in Ray actors, on the one cluster the test session starts; the launcher connects
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -103,3 +106,18 @@ def wait_for_checkpoint(proc: subprocess.Popen[str]) -> None:
         if line.startswith("checkpoint at step"):
             return
     raise AssertionError(f"the run ended without a checkpoint (exit {proc.wait()}):\n{''.join(seen[-30:])}")
+
+
+def kill_run(proc: subprocess.Popen[str], run_dir: Path, before: Callable[[], None] = lambda: None) -> None:
+    """SIGKILL a run started with ``start_new_session=True``, its whole process group at once (a crash:
+    no handler runs), after ``before()`` (e.g. waiting for a checkpoint); then wait until its engines
+    are gone."""
+    try:
+        before()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    psutil.wait_procs(engines_of(run_dir), timeout=30)  # they die with their parent, or their host actor
+    assert not engines_of(run_dir)

@@ -5,17 +5,14 @@ example. Each run is a few seconds of training after about fifteen of start-up."
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
 from runtime.metrics import read_metrics
-from tests.integration.runs import engines_of
+from tests.integration.runs import engines_of, kill_run
 
 ROOT = Path(__file__).resolve().parents[2]
 SHORT = ["--recipe", "coevolve", "--agent", "proposer.num_steps=6", "--agent", "solver.num_steps=12",
@@ -102,22 +99,17 @@ def test_a_multi_agent_run_sigkilled_after_checkpoints_resumes_losing_and_repeat
              "--save-interval", "2"]
     proc = subprocess.Popen([sys.executable, "-m", "runtime.launch", "--run-dir", str(first), *flags], cwd=ROOT,
                             text=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
+
+    def both_checkpointed() -> None:
         saved: set[str] = set()
         for line in proc.stderr:
             if line.startswith("checkpoint at step"):
                 saved |= {name for name in steps if f"/{name}/" in line}
             if saved == set(steps):
-                break
-        else:
-            raise AssertionError(f"the run ended before both agents checkpointed (exit {proc.wait()})")
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    psutil.wait_procs(engines_of(first), timeout=30)
-    assert not engines_of(first)
+                return
+        raise AssertionError(f"the run ended before both agents checkpointed (exit {proc.wait()})")
+
+    kill_run(proc, first, before=both_checkpointed)
     # each agent's checkpoint the resume starts from (the resumed run saves into the same directory)
     at = {name: int((save / name / "latest").read_text().strip().removeprefix("step")) for name in steps}
 

@@ -5,14 +5,11 @@ of the faults."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.integration.runs import (
@@ -20,6 +17,7 @@ from tests.integration.runs import (
     LOCAL_AND_SLOW_RAY,
     assert_ray_released,
     engines_of,
+    kill_run,
     launch,
     start,
     wait_for_checkpoint,
@@ -94,16 +92,12 @@ def sigkill_then_resume(backend, tmp_path, *extra: str, lora: bool = False) -> N
     first = tmp_path / "first"
     proc = start(first, backend, "--eval-interval", "0", *flags, stdout=subprocess.DEVNULL,
                  start_new_session=True)
-    try:
+
+    def after_the_first_checkpoint() -> None:
         wait_for_checkpoint(proc)
-        time.sleep(random.uniform(0.0, 2.0))  # a random moment after the first checkpoint
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    psutil.wait_procs(engines_of(first), timeout=30)  # they die with their parent, or their host actor
-    assert not engines_of(first)
+        time.sleep(random.uniform(0.0, 2.0))  # a random moment after it
+
+    kill_run(proc, first, before=after_the_first_checkpoint)
     if backend.name == "ray":  # the dead driver's controller, which checkpoints, is gone too
         assert_ray_released()
     checkpoint = int((save / "latest").read_text().strip().removeprefix("step"))

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 
-import psutil
 import pytest
 
 from runtime import checkpoint
 from tests.integration.multi_turn_agents import HOLD
-from tests.integration.runs import engines_of, launch, start, wait_for_checkpoint
+from tests.integration.runs import kill_run, launch, start, wait_for_checkpoint
 
 CALC = ["--recipe", "calculator", "--eval-num-prompts", "8", "--global-batch-size", "32",
         "--rollout-batch-size", "4"]
@@ -35,14 +33,7 @@ def test_a_multi_turn_run_sigkilled_mid_episode_resumes_without_losing_or_repeat
     env = {**os.environ, HOLD: f"{3 * GROUPS},{GROUPS * 8}"}
     proc = start(first, backend, "--eval-interval", "0", *flags, stdout=subprocess.DEVNULL, start_new_session=True,
                  env=env)
-    try:
-        wait_for_checkpoint(proc)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    psutil.wait_procs(engines_of(first), timeout=30)
+    kill_run(proc, first, before=lambda: wait_for_checkpoint(proc))
     saved = checkpoint.load(save)
     # the checkpoint holds episodes caught mid-way: transcripts with turns, some not finished
     live = [s for g in saved.state.live for s in g.samples]
