@@ -37,7 +37,7 @@ import msgspec
 
 from buffers.buffer import StalenessBuffer
 from buffers.types import Group, Sample
-from policies.trainer import StepStats
+from policies.step_stats import StepStats
 from policies.trainer_api import Trainer
 from runtime.core import trace
 from runtime.core.ledger import Ledger
