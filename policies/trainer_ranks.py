@@ -16,6 +16,8 @@ so every rank is killed at once and the call (and every later one) raises, never
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from policies import trainer_api, weight_sync
+from policies import trainer_api
 from policies.trainer_process import TrainerDied, TrainerProcess
 
 
@@ -36,7 +38,10 @@ class TrainerRanks(trainer_api.RemoteTrainer):
             raise ValueError(f"TrainerRanks is for 2 or more ranks, got {world_size} (use TrainerProcess)")
         if gpus is not None and len(gpus) != world_size:
             raise ValueError(f"{world_size} ranks need {world_size} GPUs, got {gpus}")
-        url = f"tcp://127.0.0.1:{weight_sync.free_port()}"
+        # the ranks meet through a file, not a TCP port picked here: another process could take a
+        # free port before rank 0 binds it (EADDRINUSE, seen with parallel test workers)
+        self._rendezvous = tempfile.mkdtemp(prefix="asyncrl-ranks-")
+        url = f"file://{self._rendezvous}/store"
         self._ranks: list[TrainerProcess] = []
         self._lock = threading.Lock()
         self._dead: str | None = None
@@ -96,3 +101,4 @@ class TrainerRanks(trainer_api.RemoteTrainer):
     def close(self) -> None:
         for p in self._ranks:
             p.close()
+        shutil.rmtree(self._rendezvous, ignore_errors=True)

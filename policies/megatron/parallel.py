@@ -21,7 +21,6 @@ from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 
 from policies.megatron.model import Parallelism
-from policies.weight_sync import free_port
 
 
 def init(par: Parallelism, *, device: str, seed: int = 1234, timeout_s: float = 600.0, rank: int = 0,
@@ -39,8 +38,8 @@ def init(par: Parallelism, *, device: str, seed: int = 1234, timeout_s: float = 
         elif "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend, timeout=timeout)
         else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                                    timeout=timeout)
+            # one rank: an in-process store, no port to race for
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         created = True
     if device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))

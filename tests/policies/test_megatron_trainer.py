@@ -91,7 +91,9 @@ def test_two_ranks_take_the_one_rank_step(checkpoint, tmp_path, tp):
         want_weights = dict(single.weights.tensors())
     finally:
         single.close()
-    url = f"tcp://127.0.0.1:{weight_sync.free_port()}"
+    # a file rendezvous: a free TCP port picked here could be taken by another test worker's
+    # connection before rank 0 binds it (EADDRINUSE, seen in CI)
+    url = f"file://{tmp_path / 'rendezvous'}"
     procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("megatron_rank.py")), str(checkpoint),
                                str(tmp_path), str(r), "2", url, str(tp)], stderr=subprocess.PIPE, text=True)
              for r in range(2)]
