@@ -92,22 +92,10 @@ class SampleRunner:
         start = time.monotonic()
         for s in samples:
             s.timing.submitted = start
-            if s.status == Status.PENDING and not s.response_ids and not self.fits(s.prompt_ids, limit):
-                s.fail(f"prompt of {len(s.prompt_ids)} tokens + {limit} new tokens exceeds the "
-                       f"model's context of {self.max_context}")
-                self.counters["prompts_too_long"] += 1
+            self._refuse_if_too_long(s, limit)
         errors = failovers = 0
         while todo := self._pending(samples, limit):
-            inputs, params, rids = [], [], []
-            for s in todo:
-                key = (self.seed, s.group_id, s.index, s.n_segments) + ((attempt,) if attempt else ())
-                seed = hash(key) % 2**31
-                params.append(dict(self.sampling_params, max_new_tokens=limit - len(s.response_ids),
-                                   sampling_seed=seed))
-                inputs.append(s.prompt_ids + s.response_ids)
-                # a readable rid: engine logs and the trace name the sample
-                kind = "g" if s.group_id >= 0 else "eval"  # the evaluator's ids are < 0
-                rids.append(f"{kind}{s.group_id}-{s.index}-{s.n_segments}-{next(self._rids)}")
+            inputs, params, rids = self._round(todo, limit, attempt)
             try:
                 if share is not None:
                     outs = await self._shared.generate_batch(share, inputs, params, rids)
@@ -135,6 +123,26 @@ class SampleRunner:
             if s.status != Status.FAILED:
                 s.response_text = self.decode(s.response_ids)
                 self.budget.ok("engine")
+
+    def _refuse_if_too_long(self, s: Sample, limit: int) -> None:
+        """A new sample whose prompt leaves no room for ``limit`` tokens fails (counted), unsent."""
+        if s.status == Status.PENDING and not s.response_ids and not self.fits(s.prompt_ids, limit):
+            s.fail(f"prompt of {len(s.prompt_ids)} tokens + {limit} new tokens exceeds the "
+                   f"model's context of {self.max_context}")
+            self.counters["prompts_too_long"] += 1
+
+    def _round(self, todo: list[Sample], limit: int, attempt: int) -> tuple[list[list[int]], list[dict], list[str]]:
+        """One round's batch: each pending sample's tokens so far, its sampling parameters (the rest of
+        its budget, its seed) and a readable rid (engine logs and the trace name the sample)."""
+        inputs, params, rids = [], [], []
+        for s in todo:
+            key = (self.seed, s.group_id, s.index, s.n_segments) + ((attempt,) if attempt else ())
+            params.append(dict(self.sampling_params, max_new_tokens=limit - len(s.response_ids),
+                               sampling_seed=hash(key) % 2**31))
+            inputs.append(s.prompt_ids + s.response_ids)
+            kind = "g" if s.group_id >= 0 else "eval"  # the evaluator's ids are < 0
+            rids.append(f"{kind}{s.group_id}-{s.index}-{s.n_segments}-{next(self._rids)}")
+        return inputs, params, rids
 
     def _pending(self, samples: list[Sample], limit: int) -> list[Sample]:
         for s in samples:

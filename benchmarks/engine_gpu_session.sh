@@ -10,11 +10,7 @@
 # iniconfig, packaging, pytest-timeout) for Python 3.12 (see ../shared/device/wheels.sh).
 set -uo pipefail
 mode=${1:-final}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-out=${OUT:-/tmp/out}; mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source benchmarks/device_setup.sh  # wheels, PYTHONPATH, $out, the GPUs
 gpu_tests=(tests/policies/test_engine_kv.py tests/policies/test_engine_swap_versions.py)
 if [ "$mode" = profile ]; then
   python3 -m pytest -q -p no:cacheprovider -o addopts="" -k "cuda" "${gpu_tests[@]}" 2>&1 | tail -6

@@ -108,6 +108,44 @@ def raw_broadcast(nbytes: int, reps: int = 20) -> float:
     return float(out[0].strip().splitlines()[-1])
 
 
+def table(g: dict[int, float], t: float, sync: dict, loops: dict[int, dict], raw: float, *, extra: list[str],
+          elapsed_s: float) -> str:
+    """The report: (a) sync cost against a raw broadcast, (b) pauses, (c) G, T and each loop against
+    max(G, T), (d) who waited. ``g``: generation alone per queue depth; ``loops``: the async loops."""
+    ks, asy = list(loops), next(iter(loops.values()))
+    bound = {k: max(g[k], t) for k in ks}
+    import torch
+
+    gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "no GPU"
+    rows = [
+        f"machine: {platform.node()}, {gpu}; {time.strftime('%Y-%m-%d')}; {elapsed_s:.0f}s; "
+        f"flags: {' '.join(extra) or '(defaults)'}",
+        "",
+        "| measure | value | note |",
+        "|---|---|---|",
+        f"| weight bytes per sync | {asy['sync/bytes'] / 2**30:.3f} GiB | in the engine's dtype, tied embedding "
+        f"once |",
+        f"| raw NCCL broadcast, same bytes | {raw * 1e3:.1f} ms | GPU 0 -> GPU 1, bare processes |",
+        *(f"| (a) weight sync, {name} loop: trainer's broadcast (flatten + send) | "
+          f"{w['sync/mean_broadcast_s'] * 1e3:.1f} ms | {w['sync/mean_broadcast_s'] / raw:.2f} x raw (target <= 3); "
+          f"until loaded on the engine: {w['sync/mean_transfer_s'] * 1e3:.1f} ms |"
+          for name, w in (("async", asy), ("sync", sync))),
+        *(f"| (b) generation paused per sync, {name} loop | {w['sync/mean_paused_s'] * 1e3:.1f} ms | "
+          f"whole sync (publish to served): {w['sync/mean_s'] * 1e3:.1f} ms |" for name, w in (("async", asy),
+                                                                                              ("sync", sync))),
+        *(f"| (c) G: generation alone, queue of {k + 1} batches | {g[k]:.4f} s/step | |" for k in ks),
+        f"| (c) T: training alone | {t:.4f} s/step | |",
+        f"| (c) sync loop (max_staleness 0) | {sync['s_per_step']:.4f} s/step | {sync['s_per_step'] / bound[ks[0]]:.2f}"
+        f" x max(G,T) with G of {ks[0] + 1} batches |",
+        *(f"| (c) async loop (max_staleness {k}) | {w['s_per_step']:.4f} s/step | {w['s_per_step'] / bound[k]:.2f} x "
+          f"max(G,T) (target <= 1.1), {w['s_per_step'] / sync['s_per_step']:.2f} x sync |" for k, w in loops.items()),
+        *(f"| (d) {name} loop waits | learner {w['learner/wait_frac']:.0%}, generator {w['generator/wait_frac']:.0%} "
+          f"| mean staleness {w['staleness/mean']:.2f} |"
+          for name, w in (("sync", sync), *((f"async (max_staleness {k})", w) for k, w in loops.items()))),
+    ]
+    return "\n".join(rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=40)
@@ -137,40 +175,8 @@ def main() -> None:
     sync = run_event_loop(whole_loop(base + ["--max-staleness", "0"], out / "sync", args.warmup))
     loops = {k: run_event_loop(whole_loop(base + ["--max-staleness", str(k)], out / f"async{k}", args.warmup))
              for k in ks}
-    asy = loops[ks[0]]
-    raw = raw_broadcast(int(asy["sync/bytes"]))
-    g = {k: gens[k][0] for k in ks}
-    bound = {k: max(g[k], t) for k in ks}
-    import torch
-
-    gpu = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) or "no GPU"
-    rows = [
-        f"machine: {platform.node()}, {gpu}; {time.strftime('%Y-%m-%d')}; {time.monotonic() - t0:.0f}s; "
-        f"flags: {' '.join(extra) or '(defaults)'}",
-        "",
-        "| measure | value | note |",
-        "|---|---|---|",
-        f"| weight bytes per sync | {asy['sync/bytes'] / 2**30:.3f} GiB | in the engine's dtype, tied embedding "
-        f"once |",
-        f"| raw NCCL broadcast, same bytes | {raw * 1e3:.1f} ms | GPU 0 -> GPU 1, bare processes |",
-        *(f"| (a) weight sync, {name} loop: trainer's broadcast (flatten + send) | "
-          f"{w['sync/mean_broadcast_s'] * 1e3:.1f} ms | {w['sync/mean_broadcast_s'] / raw:.2f} x raw (target <= 3); "
-          f"until loaded on the engine: {w['sync/mean_transfer_s'] * 1e3:.1f} ms |"
-          for name, w in (("async", asy), ("sync", sync))),
-        *(f"| (b) generation paused per sync, {name} loop | {w['sync/mean_paused_s'] * 1e3:.1f} ms | "
-          f"whole sync (publish to served): {w['sync/mean_s'] * 1e3:.1f} ms |" for name, w in (("async", asy),
-                                                                                              ("sync", sync))),
-        *(f"| (c) G: generation alone, queue of {k + 1} batches | {g[k]:.4f} s/step | |" for k in ks),
-        f"| (c) T: training alone | {t:.4f} s/step | |",
-        f"| (c) sync loop (max_staleness 0) | {sync['s_per_step']:.4f} s/step | {sync['s_per_step'] / bound[ks[0]]:.2f}"
-        f" x max(G,T) with G of {ks[0] + 1} batches |",
-        *(f"| (c) async loop (max_staleness {k}) | {w['s_per_step']:.4f} s/step | {w['s_per_step'] / bound[k]:.2f} x "
-          f"max(G,T) (target <= 1.1), {w['s_per_step'] / sync['s_per_step']:.2f} x sync |" for k, w in loops.items()),
-        *(f"| (d) {name} loop waits | learner {w['learner/wait_frac']:.0%}, generator {w['generator/wait_frac']:.0%} "
-          f"| mean staleness {w['staleness/mean']:.2f} |"
-          for name, w in (("sync", sync), *((f"async (max_staleness {k})", w) for k, w in loops.items()))),
-    ]
-    text = "\n".join(rows)
+    raw = raw_broadcast(int(loops[ks[0]]["sync/bytes"]))
+    text = table({k: gens[k][0] for k in ks}, t, sync, loops, raw, extra=extra, elapsed_s=time.monotonic() - t0)
     print(text)
     (out / "table.md").write_text(text + "\n")
 

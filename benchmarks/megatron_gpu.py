@@ -23,7 +23,6 @@ import gc
 import inspect
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -96,15 +95,11 @@ def parity(path, cfg, device, max_tokens) -> dict:
     mt = MegatronTrainer(path, grpo=GRPO, optim=OPTIM, temperature=1.0, pad_id=0, device=device,
                          max_tokens_per_gpu=max_tokens)
     got = mt.step(data, 0)
-    lay = convert.Layout.of(cfg)
     errs, cos = {}, {}
-    for name, p in mt.model.named_parameters():
-        g = getattr(p, "main_grad", None)  # megatron DDP's fp32 gradient buffer (GPU)
-        g = p.grad if g is None else g
-        for hf_name, t in convert.to_hf(name, [g.detach().double()], lay):
-            ref = hf_grads[hf_name]
-            errs[hf_name] = ((t - ref).norm() / ref.norm().clamp(min=1e-30)).item()
-            cos[hf_name] = torch.nn.functional.cosine_similarity(t.flatten(), ref.flatten(), dim=0).item()
+    for hf_name, t in convert.hf_gradients(mt.model, cfg).items():
+        ref = hf_grads[hf_name]
+        errs[hf_name] = ((t - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+        cos[hf_name] = torch.nn.functional.cosine_similarity(t.flatten(), ref.flatten(), dim=0).item()
     mt.close()
     worst = max(errs, key=errs.get)
     return {"hf": {k: getattr(want, k) for k in ("loss", "entropy", "grad_norm", "tis_mean")},
@@ -162,26 +157,6 @@ def checkpoint_round_trip(trainer) -> dict:
     return {"files": sorted(p.name for p in ckpt.iterdir()), "max_weight_change": moved}
 
 
-def gpu_loop(run_dir: Path, seconds: float) -> dict:
-    """The default recipe on one GPU, the megatron learner and the engine sharing it (IPC weights)."""
-    cmd = [sys.executable, "-m", "runtime.launch", "--train-backend", "megatron", "--actor-num-gpus-per-node", "1",
-           "--rollout-num-gpus", "1", "--colocate", "--num-rollout", "200", "--run-dir", str(run_dir),
-           "--progress", "lines"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds)
-        tail = proc.stderr.strip().splitlines()[-3:]
-    except subprocess.TimeoutExpired as e:
-        err = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        tail = ["timed out", *err.splitlines()[-3:]]
-    summary = run_dir / "summary.json"
-    out = {"tail": tail}
-    if summary.exists():
-        s = json.loads(summary.read_text())
-        out.update({k: s.get(k) for k in ("steps", "first_eval_reward", "final_eval_reward")},
-                   transport=s.get("weight_sync", {}).get("transport"))
-    return out
-
-
 def guarded(fn, *args) -> dict:
     """One section's result, or its error (the run goes on: one device call must tell all)."""
     try:
@@ -198,8 +173,6 @@ def main() -> None:
     ap.add_argument("--max-tokens-per-gpu", type=int, default=16384)
     ap.add_argument("--learners", default="megatron,megatron_recompute,hf")
     ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--loop-seconds", type=float, default=0.0, help="then the default recipe's loop on this GPU "
-                    "with --train-backend megatron (colocated engine, IPC weights), for at most this long")
     args = ap.parse_args()
     device = "cpu" if args.tiny else "cuda"
     cfg = model_config(args.tiny)
@@ -231,10 +204,6 @@ def main() -> None:
             cells += ["OOM", "-"] if r.get("oom") else [f"{r.get('tokens_per_s', 0):,.0f}",
                                                          f"{r.get('peak_gib', 0):.1f}"]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    if args.loop_seconds > 0:
-        result["loop"] = guarded(gpu_loop, args.out / "loop", args.loop_seconds)
-        print("loop", json.dumps(result["loop"]), flush=True)
-        (args.out / "megatron_gpu.json").write_text(json.dumps(result, indent=1))
     table = "\n".join(lines)
     (args.out / "megatron_gpu.md").write_text(table + "\n\n" + json.dumps(result["parity"], indent=1) + "\n")
     print(table)

@@ -11,11 +11,7 @@
 # .whl/: megatron-core 0.16.1, msgspec, psutil, rich (+ deps), pytest (+ deps) for Python 3.12.
 set -uo pipefail
 mode=${1:-bench}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-out=${OUT:-/tmp/out}; mkdir -p "$out"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+source benchmarks/device_setup.sh  # wheels, PYTHONPATH, $out, the GPUs
 if [ "$mode" = bench ] || [ "$mode" = all ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" -W ignore::DeprecationWarning \
     tests/policies/test_megatron_gpu.py 2>&1 | tail -5

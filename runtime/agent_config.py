@@ -26,6 +26,7 @@ from launchers.recipes import get_recipe
 from runtime import cli
 from runtime import config as C
 from runtime.config import Config, ConfigError, NonNeg, NonNegF, Pos, PosF
+from runtime.config.checks import shape_problem
 
 PROG = "python -m runtime.launch"
 
@@ -102,10 +103,9 @@ def agent_configs(cfg: Config, tables: dict[str, Any]) -> dict[str, AgentConfig]
 
 
 def _check(where: str, a: AgentConfig) -> None:
-    if a.hidden_size % a.num_attention_heads and not a.kv_channels:
-        raise ConfigError(f"{where} hidden_size", f"{a.hidden_size} is not divisible by {a.num_attention_heads} heads")
-    if a.num_attention_heads % a.num_query_groups:
-        raise ConfigError(f"{where} num_query_groups", "must divide num_attention_heads")
+    problem = shape_problem(a.hidden_size, a.num_attention_heads, a.num_query_groups, a.kv_channels)
+    if problem is not None:
+        raise ConfigError(f"{where} {problem[0]}", problem[1])
     # the episode driver's no-deadlock rule (actors/episodes.py): the buffer, (s + 1) x G groups,
     # holds one step's G groups beside one episode's share less one
     room = a.max_staleness * a.groups_per_step + 1

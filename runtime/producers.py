@@ -26,7 +26,6 @@ class PromptFeed:
 
     def __init__(self, generator: Generator, endpoint: ChatEndpoint | None = None):
         self.generator, self.endpoint = generator, endpoint
-        self.clock = generator.clock
 
     async def start(self) -> None:
         if self.endpoint is not None:
@@ -82,7 +81,6 @@ class HeldOut:
 class EpisodeFeed:
     def __init__(self, driver: EpisodeDriver):
         self.driver = driver
-        self.clock = driver.clock
 
     async def start(self) -> None:
         pass

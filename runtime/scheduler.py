@@ -59,7 +59,6 @@ from runtime.chaos import Chaos
 from runtime.core import trace
 from runtime.core.errors import RunFailed
 from runtime.core.failures import FailureBudget
-from runtime.core.waits import WaitClock
 from runtime.metrics import MetricsLog
 from runtime.progress import Progress
 
@@ -73,15 +72,14 @@ REPORT_EVERY_S = 10.0  # a multi-agent run's progress line
 class Producer(Protocol):
     """What feeds the agents' buffers: ``runtime.producers.PromptFeed`` or ``EpisodeFeed``."""
 
-    clock: WaitClock
-
     async def start(self) -> None: ...  # after the engines: what it serves beside them (an endpoint)
     async def run(self) -> None: ...  # admits and generates until cancelled
     async def stop(self) -> None: ...
     async def retire(self, name: str) -> None: ...  # ``name``'s learner is done
     def line(self) -> dict[str, Any]: ...  # its keys on a metrics line
     def counters(self) -> dict[str, int]: ...  # its fault counts
-    def dump(self) -> str: ...
+    def dump(self) -> str: ...  # what it is waiting on (the stall watchdog's dump)
+    def summary(self) -> dict[str, Any]: ...  # its part of summary.json
 
 
 class Evaluation(Protocol):

@@ -133,8 +133,8 @@ def _allocate_adam_state(optimizer) -> None:
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = opt.optimizer
         for group in inner.param_groups:
-            step_device = None if group.get("fused") or group.get("capturable") else "cpu"
+            on_device = group.get("fused") or group.get("capturable")  # where torch's AdamW keeps ``step``
             for p in group["params"]:
                 if not inner.state[p]:
-                    inner.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=step_device or p.device),
-                                      "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                    step = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+                    inner.state[p] = {"step": step, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}

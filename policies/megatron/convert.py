@@ -143,3 +143,14 @@ def to_hf(name: str, shards: list[Tensor], lay: Layout) -> Iterator[tuple[str, T
         yield h + "mlp.up_proj.weight", torch.cat(ups, 0)
         return
     raise KeyError(f"no HF name for Megatron tensor {name!r}")
+
+
+def hf_gradients(model: torch.nn.Module, hf_config) -> dict[str, Tensor]:
+    """This (TP=1) model's gradients under HF names, in float64: megatron DDP's fp32 ``main_grad``
+    where it keeps one (GPU), else ``.grad``. For comparing a step with the HF learner's."""
+    lay, out = Layout.of(hf_config), {}
+    for name, p in model.named_parameters():
+        grad = getattr(p, "main_grad", None)
+        grad = p.grad if grad is None else grad
+        out.update(to_hf(name, [grad.detach().double()], lay))
+    return out

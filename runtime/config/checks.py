@@ -118,13 +118,21 @@ def _check_ckpt(c: CkptConfig) -> None:
         raise ConfigError("--save-interval", "needs --save DIR")
 
 
+def shape_problem(hidden_size: int, num_attention_heads: int, num_query_groups: int, kv_channels: int
+                  ) -> tuple[str, str] | None:
+    """(field, problem) of a random-init model's attention shape, or None: the one rule for the run's
+    [model] and each [agents.NAME] table."""
+    if hidden_size % num_attention_heads and not kv_channels:
+        return "hidden_size", f"{hidden_size} is not divisible by {num_attention_heads} heads (or set kv_channels)"
+    if num_attention_heads % num_query_groups:
+        return "num_query_groups", f"{num_query_groups} does not divide {num_attention_heads} attention heads"
+    return None
+
+
 def _check_model(m: ModelConfig) -> None:
-    if m.hidden_size % m.num_attention_heads and not m.kv_channels:
-        raise ConfigError(
-            "--hidden-size", f"{m.hidden_size} not divisible by {m.num_attention_heads} heads (or set --kv-channels)"
-        )
-    if m.num_attention_heads % m.num_query_groups:
-        raise ConfigError("--num-query-groups", "must divide --num-attention-heads")
+    problem = shape_problem(m.hidden_size, m.num_attention_heads, m.num_query_groups, m.kv_channels)
+    if problem is not None:
+        raise ConfigError("--" + problem[0].replace("_", "-"), problem[1])
 
 
 def _check_grpo(g: GrpoConfig) -> None:

@@ -67,12 +67,9 @@ def test_one_step_matches_the_hf_learner_within_bf16(checkpoint):
         assert got.n_tokens == want.n_tokens and got.n_samples == want.n_samples
         for field in ("loss", "entropy", "grad_norm", "tis_mean"):
             assert getattr(got, field) == pytest.approx(getattr(want, field), rel=3e-2, abs=1e-3), field
-        layout, cosines = convert.Layout.of(transformers.AutoConfig.from_pretrained(checkpoint)), {}
-        for name, p in trainer.model.named_parameters():
-            g = getattr(p, "main_grad", None)
-            for hf_name, t in convert.to_hf(name, [(p.grad if g is None else g).detach().double()], layout):
-                ref = hf_grads[hf_name]
-                cosines[hf_name] = torch.nn.functional.cosine_similarity(t.flatten(), ref.flatten(), dim=0).item()
+        grads = convert.hf_gradients(trainer.model, transformers.AutoConfig.from_pretrained(checkpoint))
+        cosines = {name: torch.nn.functional.cosine_similarity(t.flatten(), hf_grads[name].flatten(), dim=0).item()
+                   for name, t in grads.items()}
         assert cosines.keys() == hf_grads.keys()
         assert min(cosines.values()) > 0.99, min(cosines, key=cosines.get)
         out = transformers.AutoModelForCausalLM.from_pretrained(trainer.save_weights(checkpoint.parent / "export"))

@@ -43,6 +43,7 @@ def test_agent_tables_inherit_the_shared_sections_and_layer(tmp_path):
     (["--agent", "solver.bogus=1"], "[agents.solver] bogus"),
     (["--agent", "solver.groups_per_episode=20"], "[agents.solver] groups_per_episode"),
     (["--agent", "solver.hidden_size=30"], "[agents.solver] hidden_size"),
+    (["--agent", "solver.num_query_groups=3"], "[agents.solver] num_query_groups"),
     (["--agent", "solver.frozen=true", "--agent", "proposer.frozen=true"], "[agents]"),
     (["--agent", "9lives.lr=1"], "[agents.9lives]"),
     (["--agent", "solver"], "--agent"),

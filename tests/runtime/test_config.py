@@ -53,6 +53,8 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
         (["--loss-type", "sft_loss"], "--loss-type"),  # no --prompt-data
         (["--lora-rank", "8", "--weight-transport", "gloo"], "--weight-transport"),
         (["--no-such-flag"], "--no-such-flag"),
+        (["--hidden-size", "100", "--num-attention-heads", "3"], "--hidden-size"),  # no --kv-channels
+        (["--num-query-groups", "3"], "--num-query-groups"),  # 4 heads
     ],
 )
 def test_bad_values_exit_2_with_one_line_naming_the_flag(argv, flag, capsys):
@@ -61,6 +63,12 @@ def test_bad_values_exit_2_with_one_line_naming_the_flag(argv, flag, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and flag in err, err
+
+
+def test_kv_channels_sets_a_head_size_the_hidden_size_does_not_divide():
+    cfg = cli.resolve(["--hidden-size", "100", "--num-attention-heads", "3", "--num-query-groups", "1",
+                       "--kv-channels", "32"])
+    assert (cfg.model.hidden_size, cfg.model.kv_channels) == (100, 32)
 
 
 def test_bad_toml_field_names_its_path(tmp_path, capsys):
