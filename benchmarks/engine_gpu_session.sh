@@ -3,6 +3,7 @@
 #   profile: the GPU engine tests, then benchmarks/engine_gpu_profile.py and the engine alone at
 #            512 x (128 + 1,024)
 #   lean:    the GPU engine tests, then engine_gpu_lengths.py at the two 512-row shapes only
+#   quick:   the GPU engine tests, then the engine alone at 512 x (128 + 1,024) and 128 x (128 + 4,096)
 #   final:   the GPU engine tests, benchmarks/engine_gpu_lengths.py (every
 #            shape, HF generate beside it), then a colocated loop (default recipe, 10 steps)
 #   run(kind="nvidia-h200", carry=[".whl"], command="bash benchmarks/engine_gpu_session.sh final")
@@ -19,6 +20,11 @@ if [ "$mode" = profile ]; then
   exit 0
 fi
 python3 -m pytest -q -p no:cacheprovider -o addopts="" -k cuda "${gpu_tests[@]}" 2>&1 | tail -4
+if [ "$mode" = quick ]; then
+  timeout 200 python3 benchmarks/engine_gpu_lengths.py --shapes 512x128x1024,128x128x4096 --skip-hf --out "$out" \
+    2>&1 | grep -v -e "Loading weights" -e "Writing model" | tee "$out/lengths.txt" | tail -8
+  exit 0
+fi
 if [ "$mode" = lean ]; then  # what a short lease allows: the two 512-row shapes, HF beside them
   timeout 110 python3 benchmarks/engine_gpu_lengths.py --shapes 512x128x1024,512x20x256 --hf-steps 8 --out "$out" \
     2>&1 | grep -v -e "Loading weights" -e "Writing model" | tee "$out/lengths.txt" | tail -10

@@ -7,6 +7,10 @@
 #          beside the HF learner at the learner-at-scale shapes, checkpoint save/load)
 #   loops: the default recipe's task, time-boxed: megatron at the recipe's own shape, then megatron
 #          and the fsdp (HF) learner at Qwen3-0.6B's shape; prints each run's eval curve
+#   lrs:   the default recipe's task on Qwen3-0.6B's body (its layers, widths and heads; the recipe's
+#          14-token vocabulary: a random model over 151,936 ids never samples one of the task's
+#          tokens, so every reward is 0 and no group has an advantage), megatron at three learning
+#          rates side by side on the one GPU, time-boxed
 #   run(kind="nvidia-h200", carry=[".whl"], command="bash benchmarks/megatron_gpu_session.sh bench")
 # .whl/: megatron-core 0.16.1, msgspec, psutil, rich (+ deps), pytest (+ deps) for Python 3.12.
 set -uo pipefail
@@ -24,7 +28,7 @@ qwen06=(--num-layers 28 --hidden-size 1024 --num-attention-heads 16 --num-query-
 loop() {  # name seconds flags...: a time-boxed run (SIGTERM ends it with its summary), then its curve
   local name=$1 secs=$2; shift 2
   timeout "$secs" python3 -m runtime.launch --actor-num-gpus-per-node 1 --rollout-num-gpus 1 --colocate \
-    --num-rollout 2000 --eval-interval 10 --run-dir "/tmp/loop_$name" --progress lines "$@" > "$out/loop_$name.log" 2>&1
+    --num-rollout 2000 --eval-interval 10 --run-dir "/tmp/loop_$name" --overwrite --progress lines "$@" > "$out/loop_$name.log" 2>&1
   python3 - "$name" "/tmp/loop_$name" <<'EOF'
 import json, sys
 name, run = sys.argv[1], sys.argv[2]
@@ -32,14 +36,23 @@ try:
     rows = [json.loads(line) for line in open(f"{run}/metrics.jsonl")]
 except OSError as e:
     print(name, "no metrics:", e); sys.exit()
-evals = [(r["step"], round(r["time_s"]), k.split("/", 1)[1], round(v, 3)) for r in rows for k, v in r.items()
-         if k.startswith("eval/") and isinstance(v, (int, float))]
+evals = [(r["step"], round(r["time_s"]), round(r["eval/reward"], 3)) for r in rows if "eval/reward" in r]
+evals = evals[:: max(1, len(evals) // 12)] + evals[-1:]  # a dozen points of the curve
 train = [r.get("learner/train_s", 0) for r in rows[1:]]
 print(f"{name}: {len(rows)} steps, train_s/step {sum(train) / max(len(train), 1):.2f}, "
-      f"stale max {max((r.get('staleness/max', 0) for r in rows), default=0)}; eval (step, s, task, reward): {evals}")
+      f"stale max {max((r.get('staleness/max', 0) for r in rows), default=0)}; eval (step, s, reward): {evals}")
 EOF
   tail -2 "$out/loop_$name.log"
 }
+body=(--num-layers 28 --hidden-size 1024 --num-attention-heads 16 --num-query-groups 8 --kv-channels 128
+      --ffn-hidden-size 3072)
+if [ "$mode" = lrs ]; then
+  for lr in ${LRS:-1e-6 3e-6 1e-5}; do
+    loop "megatron_body_lr$lr" "${SECS:-200}" --train-backend megatron "${body[@]}" --lr "$lr" &
+  done
+  wait
+  exit 0
+fi
 if [ "$mode" = all ]; then
   loop megatron_qwen06 170 --train-backend megatron "${qwen06[@]}" --lr 1e-4
   exit 0

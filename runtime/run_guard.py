@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 BEAT_S = 0.25  # the loop's heartbeat period
 WARN_S = 5.0  # a loop silent this long is reported (once per blocking)
 SIGNAL_BLOCKED_S = 3.0  # after a signal, a loop silent this long cannot stop gracefully: force
+# a second signal sooner than this after the first is the same request delivered twice (GNU timeout
+# signals the command and then its process group), not a user insisting: it does not force the exit
+SIGNAL_REPEAT_S = 0.25
 SIGNAL_GRACE_S = 60.0  # after a signal, a graceful stop taking longer than this is forced
 CHILD_GRACE_S = 3.0  # children get SIGTERM, then SIGKILL after this long
 
@@ -115,6 +118,8 @@ class RunGuard:
     # -- signals ---------------------------------------------------------------------------------
     def _on_signal(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
+            if time.monotonic() - self._signalled_at < SIGNAL_REPEAT_S:
+                return
             self.force("interrupted", f"interrupted ({signal.Signals(signum).name}, a second time): forced exit",
                        code=128 + self.signum)
         self.signum, self._signalled_at = signum, time.monotonic()

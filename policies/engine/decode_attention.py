@@ -1,8 +1,12 @@
 """Decode attention over the slot buffer: one query token per row against its live columns.
 
 SlotDecoder (slot_decoder.py) calls `prepare` once per step with each row's live column range
-[start, end] and then the attention once per layer. Two implementations, same results up to
+[start, end] and then the attention once per layer. Three implementations, same results up to
 rounding:
+
+- TritonDecode (the default on CUDA when triton is importable; ASYNCRL_ENGINE_ATTENTION=sdpa turns
+  it off): triton_decode.py's split-KV kernel, each row reading only its live columns and each KV
+  head once for the query heads that share it. One compile serves every row/width bucket.
 
 - SdpaDecode: torch's scaled_dot_product_attention with a boolean mask over the step's width
   bucket. Grouped-query attention folds the query heads sharing a KV head into the query length
@@ -32,6 +36,7 @@ import torch
 log = logging.getLogger("engine.runner")
 
 FLEX_ENV = "ASYNCRL_ENGINE_FLEX"  # "1" turns FlexDecode on
+ATTENTION_ENV = "ASYNCRL_ENGINE_ATTENTION"  # "sdpa" keeps the Triton kernel off on CUDA
 
 
 class SdpaDecode:
@@ -94,6 +99,34 @@ class FlexDecode:
 
     def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
         return self._flex(q, keys, values, block_mask=self.block, scale=scale, enable_gqa=True)
+
+
+class TritonDecode:
+    name = "triton"
+
+    def __init__(self, device: torch.device, *, kv_heads: int) -> None:
+        from policies.engine import triton_decode
+
+        self._kernel, self.kv_heads = triton_decode, kv_heads
+        # (row, head, split) programs enough to keep every SM busy through a few waves
+        self._programs = 8 * torch.cuda.get_device_properties(device).multi_processor_count
+        self.starts = self.ends = None
+        self.splits = 1
+
+    @staticmethod
+    def usable(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+        if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or head_dim not in (64, 128, 256):
+            return False
+        if os.environ.get(ATTENTION_ENV, "triton") != "triton" or os.environ.get(FLEX_ENV, "0") == "1":
+            return False
+        return importlib.util.find_spec("triton") is not None
+
+    def prepare(self, starts: torch.Tensor, ends: torch.Tensor, width: int) -> None:
+        self.starts, self.ends = starts, ends
+        self.splits = self._kernel.splits_for(len(starts), self.kv_heads, width, self._programs)
+
+    def __call__(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+        return self._kernel.decode_attention(q, keys, values, self.starts, self.ends, scale, self.splits)
 
 
 def agree(got: torch.Tensor, want: torch.Tensor) -> bool:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from policies.engine import batch_cache
-from policies.engine.decode_attention import FlexDecode, SdpaDecode, agree
+from policies.engine.decode_attention import FlexDecode, SdpaDecode, TritonDecode, agree
 from policies.engine.slot_cache import SlotCache
 
 if TYPE_CHECKING:
@@ -45,8 +45,8 @@ class SlotDecoder:
     The step is HF's own computation, module by module (its embedding, RMSNorms, projections,
     rotary embedding and MLPs are called as they are), except the cache write and the attention:
     each row's new key/value is written at its column, and attention runs over the width bucket
-    keeping [start, end] of each row (decode_attention.py: SDPA with a mask; flex_attention's
-    block-sparse kernel when opted in), so each row still gets the logits of its sequence run alone
+    keeping [start, end] of each row (decode_attention.py: on a GPU a Triton split-KV kernel that
+    reads only those columns; SDPA with a mask elsewhere), so each row still gets the logits of its sequence run alone
     (padding columns and padded rows change nothing but rounding).
 
     Graphs are captured with capture_error_mode="thread_local": the weight-receiving thread may
@@ -73,9 +73,12 @@ class SlotDecoder:
         self.device = device
         self.cuda_graphs = cuda_graphs
         self._sdpa = SdpaDecode(kv_heads=self.kv_heads, group=self.group)
-        flex = FlexDecode.usable(device, dtype, self.head_dim)
-        self.attention: FlexDecode | SdpaDecode = FlexDecode() if flex else self._sdpa
-        self._check_flex = flex  # the first eager flex step is compared with SDPA
+        self.attention: TritonDecode | FlexDecode | SdpaDecode = self._sdpa
+        if TritonDecode.usable(device, dtype, self.head_dim):
+            self.attention = TritonDecode(device, kv_heads=self.kv_heads)
+        elif FlexDecode.usable(device, dtype, self.head_dim):
+            self.attention = FlexDecode()
+        self._check_flex = self.attention is not self._sdpa  # its first eager step is compared with SDPA
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._generation = -1
         self._inputs: torch.Tensor | None = None  # [4, rows capacity]: ids, positions, starts, ends
@@ -171,7 +174,7 @@ class SlotDecoder:
             self._graphs[b, w] = graph
         except Exception:
             if self.attention is not self._sdpa:
-                log.exception("CUDA graph capture with flex attention failed: decoding with SDPA")
+                log.exception("CUDA graph capture with %s attention failed: decoding with SDPA", self.attention.name)
                 self.attention = self._sdpa
             else:
                 log.exception("CUDA graph capture failed: decoding without graphs")
@@ -180,14 +183,14 @@ class SlotDecoder:
         return logits
 
     def _eager(self, inputs: torch.Tensor, w: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """`forward`, falling back to SDPA for good if flex attention fails (the cache writes a failed
-        run made are the same the rerun makes)."""
+        """`forward`, falling back to SDPA for good if the Triton or flex attention fails (the cache
+        writes a failed run made are the same the rerun makes)."""
         try:
             return self.forward(inputs, w, out=out)
         except Exception:
             if self.attention is self._sdpa:
                 raise
-            log.exception("flex attention failed: decoding with SDPA")
+            log.exception("%s attention failed: decoding with SDPA", self.attention.name)
             self.attention = self._sdpa
             self._graphs.clear()
             return self.forward(inputs, w, out=out)
@@ -220,7 +223,7 @@ class SlotDecoder:
             if check and i == 0:
                 self._sdpa.prepare(starts, ends, w)
                 if not agree(o, self._sdpa(q, keys, values, attn.scaling)):
-                    raise RuntimeError("flex attention disagrees with SDPA")
+                    raise RuntimeError(f"{attention.name} attention disagrees with SDPA")
                 self._check_flex = False
             hidden = residual + attn.o_proj(o.reshape(b, 1, -1))
             residual = hidden

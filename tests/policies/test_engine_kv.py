@@ -230,10 +230,12 @@ def test_each_model_family_decodes_on_the_slot_path_like_a_full_recompute(kind, 
 
 
 @CUDA
-def test_flex_decode_attention_matches_sdpa_on_a_gpu():
-    """The GPU's block-sparse decode attention against SDPA with a mask, on the slot buffer's strided
-    views: rows with different live ranges (one starting mid-block, one a single column)."""
-    from policies.engine.decode_attention import FlexDecode, SdpaDecode, agree
+@pytest.mark.parametrize("kind", ["triton", "flex"])
+def test_decode_attention_kernels_match_sdpa_on_a_gpu(kind):
+    """The GPU's decode kernels (Triton split-KV, flex block-sparse) against SDPA with a mask, on the
+    slot buffer's strided views: rows with different live ranges (one starting mid-block, one a
+    single column)."""
+    from policies.engine.decode_attention import FlexDecode, SdpaDecode, TritonDecode, agree
 
     rows, kv_heads, group, dim, cap, width = 6, 2, 3, 128, 640, 512
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -242,9 +244,10 @@ def test_flex_decode_attention_matches_sdpa_on_a_gpu():
     starts = torch.tensor([0, 130, 0, 300, 17, 511], device="cuda")
     ends = torch.tensor([40, 400, 511, 300, 255, 511], device="cuda")
     keys, values = buf[0, :, :, :width], buf[1, :, :, :width]
-    flex, sdpa = FlexDecode(), SdpaDecode(kv_heads=kv_heads, group=group)
-    for attention in (flex, sdpa):
+    kernel = FlexDecode() if kind == "flex" else TritonDecode(torch.device("cuda"), kv_heads=kv_heads)
+    sdpa = SdpaDecode(kv_heads=kv_heads, group=group)
+    for attention in (kernel, sdpa):
         attention.prepare(starts, ends, width)
-    got, want = flex(q, keys, values, dim**-0.5), sdpa(q, keys, values, dim**-0.5)
+    got, want = kernel(q, keys, values, dim**-0.5), sdpa(q, keys, values, dim**-0.5)
     assert got.shape == want.shape == (rows, kv_heads * group, 1, dim) and agree(got, want)
     assert not agree(got[1:], want[:-1])  # the check can fail

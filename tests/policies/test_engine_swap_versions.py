@@ -29,7 +29,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 def model_on(device: str, vocab: int, context: int) -> torch.nn.Module:
-    """Tiny, but with head_dim 128 on a GPU: the size its flex-attention decode kernel takes."""
+    """Tiny, but with head_dim 128 on a GPU: a size the Triton and flex decode kernels take."""
     config = transformers.Qwen3Config(
         vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=128 if device == "cuda" else 16, max_position_embeddings=context,
@@ -42,11 +42,15 @@ def model_on(device: str, vocab: int, context: int) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize(
-    ("device", "rows", "new", "swap_at"),
-    [("cpu", 6, 40, 17), pytest.param("cuda", 64, 700, 333, marks=CUDA)],
+    ("device", "rows", "new", "swap_at", "attention"),
+    [
+        ("cpu", 6, 40, 17, "sdpa"),
+        pytest.param("cuda", 64, 700, 333, "triton", marks=CUDA),  # the GPU default
+        pytest.param("cuda", 64, 700, 333, "flex", marks=CUDA),  # opt-in
+    ],
 )
-def test_versions_are_exact_across_a_swap_during_long_answers(device, rows, new, swap_at, monkeypatch):
-    monkeypatch.setenv(FLEX_ENV, "1")  # on a GPU: the opt-in flex-attention decode under graphs too
+def test_versions_are_exact_across_a_swap_during_long_answers(device, rows, new, swap_at, attention, monkeypatch):
+    monkeypatch.setenv(FLEX_ENV, "1" if attention == "flex" else "0")
     vocab = 50
     model = model_on(device, vocab, new + 16)
     model.model.embed_tokens.weight.mul_(5)  # spread the logits: no token's logprob near -log(vocab) by chance
@@ -79,7 +83,7 @@ def test_versions_are_exact_across_a_swap_during_long_answers(device, rows, new,
         assert all(abs(lp - floor) > 1e-3 for lp in logprobs[:switched])
         assert all(abs(lp - floor) < 1e-5 for lp in logprobs[switched:]) and set(tokens[switched:]) == {0}
     assert len({c.token_versions.index("1") for c in done}) == 1  # one boundary: the whole batch swapped at once
-    if device == "cuda":  # graphs replayed, flex attention kept (it agreed with SDPA), the cache regrown
+    if device == "cuda":  # graphs replayed, the kernel kept (it agreed with SDPA), the cache regrown
         decoder = runner._decoder
-        assert decoder.cuda_graphs and decoder._graphs and decoder.attention.name == "flex"
+        assert decoder.cuda_graphs and decoder._graphs and decoder.attention.name == attention
         assert decoder.cache.generation >= 3
