@@ -100,6 +100,7 @@ class PolicyTrainer:
         # the KL anchor (--ref-load); default: the weights it starts from
         self.ref = self._load(ref_path or model_path).eval() if grpo.use_kl_loss else None
         self._sender: weight_sync.Sender | None = None  # the weight-update group, once joined
+        self._weight_store = weight_sync.HostedStore()  # its rendezvous, rank 0 of the group
         self._exporter: weight_ipc.Exporter | None = None  # the IPC buffer, from the first ipc sync on
         self.clip_grad = optim.clip_grad
         self.optimizer = torch.optim.AdamW(
@@ -226,8 +227,9 @@ class PolicyTrainer:
 
     # -- the collective weight transport (policies/weight_sync.py): rank 0 of the update group --
     def weight_group_endpoint(self, host: str = "127.0.0.1") -> tuple[str, int]:
-        """Where this trainer will host the group's rendezvous: its address and a free port."""
-        return host, weight_sync.free_port(host)
+        """Where this trainer hosts the group's rendezvous: its address and the port of a store
+        already listening there (weight_sync.HostedStore)."""
+        return self._weight_store.endpoint(host)
 
     def init_weight_group(self, master_address: str, master_port: int, world_size: int, backend: str,
                           group_name: str, timeout_s: float, dtype: str, bucket_bytes: int) -> list[bytes]:
@@ -236,8 +238,8 @@ class PolicyTrainer:
         data-parallel group only rank 0 joins; every rank gathers the buckets it sends."""
         self.destroy_weight_group()
         pg = weight_sync.new_group(backend=backend, master_address=master_address, master_port=master_port, rank=0,
-                                   world_size=world_size, group_name=group_name, timeout_s=timeout_s) \
-            if self.rank == 0 else None
+                                   world_size=world_size, group_name=group_name, timeout_s=timeout_s,
+                                   store=self._weight_store.take(master_port)) if self.rank == 0 else None
         sender = fsdp.GatheringSender if fsdp.is_sharded(self.model) else weight_sync.Sender
         self._sender = sender(pg, self._served_tensors(), dtype=weight_sync.dtype_of(dtype), bucket_bytes=bucket_bytes)
         return [msgspec.msgpack.encode(m) for m in self._sender.plan]

@@ -105,24 +105,49 @@ def unflatten(flat: torch.Tensor, meta: BucketMeta) -> list[tuple[str, torch.Ten
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port free now on ``host`` (the rendezvous binds it a moment later; a race we accept, as
-    SGLang's callers do: a collision fails the group's creation with a clear error)."""
+    """A port free now on ``host``, for rendezvous that another process binds a moment later (a
+    race: something else may bind it first; the weight-update group avoids it with HostedStore)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
+class HostedStore:
+    """Rank 0's side of the weight-update group's rendezvous, bound before anyone is told its port.
+
+    Why: picking a free port and binding it later (what SGLang's callers do) lets another process
+    take the port in between, and the group then fails with EADDRINUSE. Here the OS picks the port
+    while the store binds it, and the engines are given the port of a store already listening.
+    `endpoint` binds a new store (dropping an unused one); `take` hands it to `new_group` once."""
+
+    def __init__(self) -> None:
+        self._store: torch.distributed.TCPStore | None = None
+
+    def endpoint(self, host: str) -> tuple[str, int]:
+        self._store = torch.distributed.TCPStore(host, 0, is_master=True, wait_for_workers=False)
+        return host, self._store.port
+
+    def take(self, port: int) -> torch.distributed.TCPStore | None:
+        """The store bound at `port` (None when the group was given another port: then it is joined
+        as a plain rendezvous)."""
+        store, self._store = self._store, None
+        return store if store is not None and store.port == port else None
+
+
 def new_group(*, backend: str, master_address: str, master_port: int, rank: int, world_size: int,
-              group_name: str, timeout_s: float) -> torch.distributed.ProcessGroup:
+              group_name: str, timeout_s: float,
+              store: torch.distributed.Store | None = None) -> torch.distributed.ProcessGroup:
     """Join (rank 0: host) the weight-update group; blocks until every rank has joined, then runs
-    one tiny broadcast so NCCL builds its communicator now rather than inside the first sync."""
+    one tiny broadcast so NCCL builds its communicator now rather than inside the first sync.
+    Rank 0 passes its HostedStore's store, already listening at ``master_port``."""
     from torch.distributed import distributed_c10d as c10d
 
     if backend not in ("nccl", "gloo"):
         raise ValueError(f"backend must be nccl or gloo, got {backend!r}")
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
-                                                   timeout=timeout))
+    if store is None:
+        store, rank, world_size = next(c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
+                                                       timeout=timeout))
     store.set_timeout(timeout)
     store = c10d.PrefixStore(group_name, store)
     # torch's helper rather than a ProcessGroup constructor: its store keys are what SGLang's

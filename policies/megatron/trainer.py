@@ -33,6 +33,7 @@ import transformers
 from megatron.core import parallel_state as ps
 
 from buffers.types import Group
+from policies import weight_sync
 from policies.advantages import grpo_advantages
 from policies.correction import bucket_stats
 from policies.lr_schedule import LrSchedule
@@ -77,6 +78,7 @@ class MegatronTrainer:
                                       warmup_iters=optim.lr_warmup_iters, decay_iters=optim.lr_decay_iters)
         self.weights = publish.HfWeights(self.model, self.hf_config)  # the bare stage, not DDP
         self._sender: publish.Sender | None = None
+        self._weight_store = weight_sync.HostedStore()  # the weight-update group's rendezvous (rank 0)
         self._exporter = None  # weight_ipc.Exporter, from the first ipc sync on
 
     def _load(self, path: str | Path) -> torch.nn.Module:
@@ -147,8 +149,7 @@ class MegatronTrainer:
 
     # -- weights out ---------------------------------------------------------------------------
     def weight_group_endpoint(self, host: str = "127.0.0.1") -> tuple[str, int]:
-        from policies.weight_sync import free_port
-        return host, free_port(host)
+        return self._weight_store.endpoint(host)  # a store already listening (weight_sync.HostedStore)
 
     def init_weight_group(self, master_address: str, master_port: int, world_size: int, backend: str,
                           group_name: str, timeout_s: float, dtype: str, bucket_bytes: int) -> list[bytes]:
@@ -156,11 +157,11 @@ class MegatronTrainer:
         collectives). Returns the bucket plan, msgpack-encoded, as ``PolicyTrainer``."""
         import msgspec
 
-        from policies import weight_sync
         self.destroy_weight_group()
         pg = weight_sync.new_group(backend=backend, master_address=master_address, master_port=master_port,
-                                   rank=0, world_size=world_size, group_name=group_name,
-                                   timeout_s=timeout_s) if torch.distributed.get_rank() == 0 else None
+                                   rank=0, world_size=world_size, group_name=group_name, timeout_s=timeout_s,
+                                   store=self._weight_store.take(master_port)) if torch.distributed.get_rank() == 0 \
+            else None
         self._sender = publish.Sender(pg, self.weights, dtype=weight_sync.dtype_of(dtype), bucket_bytes=bucket_bytes)
         return [msgspec.msgpack.encode(m) for m in self._sender.plan]
 
@@ -180,7 +181,7 @@ class MegatronTrainer:
         trainer's for life (the engines keep its handle), refilled from freshly gathered tensors."""
         import msgspec
 
-        from policies import weight_ipc, weight_sync
+        from policies import weight_ipc
         tensors = list(self.weights.tensors())
         if self._exporter is None or self._exporter.meta.dtypes[0] != dtype:
             self._exporter = weight_ipc.Exporter(tensors, dtype=weight_sync.dtype_of(dtype))
