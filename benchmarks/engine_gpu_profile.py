@@ -125,6 +125,8 @@ def attention_variants(rows: int, context: int, flex: bool) -> None:
     }
     if flex:
         variants[f"flex_attention, {w} columns"] = flex_variant(q, buf, w, starts, ends, scale)
+    for splits in (1, 2, 4):  # the engine's default kernel (policies/engine/triton_decode.py)
+        variants[f"triton split-KV, {splits} split(s)"] = triton_variant(q, buf, w, starts, ends, scale, splits)
     print(f"\n== one layer's decode attention: {rows} rows x {kv_heads} KV heads x {group} queries x {dim}")
     for name, fn in variants.items():
         if fn is None:
@@ -137,6 +139,19 @@ def attention_variants(rows: int, context: int, flex: bool) -> None:
             continue
         live = 2 * rows * kv_heads * (context + 1) * dim * 2
         print(f"{name:45s} {ms * 1e3:8.1f} us  {live / ms / 1e6:7.0f} GB/s of live K/V  max|diff| {err:.1e}")
+
+
+def triton_variant(q, buf, w, starts, ends, scale, splits):  # noqa: ANN001, ANN201
+    from policies.engine.triton_decode import decode_attention
+
+    rows, kv_heads, group, dim = q.shape
+    heads = q.reshape(rows, kv_heads * group, 1, dim)  # the engine's layout: head h = kv_head * group + g
+
+    def run() -> torch.Tensor:
+        out = decode_attention(heads, buf[0, :, :, :w], buf[1, :, :, :w], starts, ends, scale, splits)
+        return out.reshape(rows, kv_heads, group, dim)
+
+    return run
 
 
 def flex_variant(q, buf, w, starts, ends, scale):  # noqa: ANN001, ANN201
