@@ -6,7 +6,7 @@
 #          benchmarks/megatron_gpu.py (parity at the Qwen3-0.6B shape, tokens/s and peak memory
 #          beside the HF learner at the learner-at-scale shapes, checkpoint save/load)
 #   loops: the default recipe's task, time-boxed: megatron at the recipe's own shape, then megatron
-#          and the fsdp (HF) learner at Qwen3-0.6B's shape; prints each run's eval curve
+#          and the fsdp (HF) learner on Qwen3-0.6B's body (below); prints each run's eval curve
 #   lrs:   the default recipe's task on Qwen3-0.6B's body (its layers, widths and heads; the recipe's
 #          14-token vocabulary: a random model over 151,936 ids never samples one of the task's
 #          tokens, so every reward is 0 and no group has an advantage), megatron at three learning
@@ -23,8 +23,6 @@ if [ "$mode" = bench ] || [ "$mode" = all ]; then
     | grep -v Warning | tail -24
   [ "$mode" = bench ] && exit 0
 fi
-qwen06=(--num-layers 28 --hidden-size 1024 --num-attention-heads 16 --num-query-groups 8 --kv-channels 128
-        --ffn-hidden-size 3072 --vocab-size 151936)
 loop() {  # name seconds flags...: a time-boxed run (SIGTERM ends it with its summary), then its curve
   local name=$1 secs=$2; shift 2
   timeout "$secs" python3 -m runtime.launch --actor-num-gpus-per-node 1 --rollout-num-gpus 1 --colocate \
@@ -54,9 +52,9 @@ if [ "$mode" = lrs ]; then
   exit 0
 fi
 if [ "$mode" = all ]; then
-  loop megatron_qwen06 170 --train-backend megatron "${qwen06[@]}" --lr 1e-4
+  loop megatron_body 170 --train-backend megatron "${body[@]}" --lr 3e-6
   exit 0
 fi
 loop megatron_small 150 --train-backend megatron
-loop megatron_qwen06 180 --train-backend megatron "${qwen06[@]}" --lr 1e-4
-loop fsdp_qwen06 180 --train-backend fsdp "${qwen06[@]}" --lr 1e-4
+loop megatron_body 180 --train-backend megatron "${body[@]}" --lr 3e-6
+loop fsdp_body 180 --train-backend fsdp "${body[@]}" --lr 3e-6
