@@ -45,7 +45,7 @@ def _split_kernel(
 ):  # fmt: skip
     row_head = tl.program_id(0)
     split = tl.program_id(1)
-    row = row_head // kv_heads
+    row = (row_head // kv_heads).to(tl.int64)  # row * its stride passes 2**31 in a large cache
     kv_head = row_head % kv_heads
     start = tl.load(starts_ptr + row).to(tl.int32)
     end = tl.load(ends_ptr + row).to(tl.int32) + 1  # exclusive
