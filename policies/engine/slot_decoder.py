@@ -46,8 +46,8 @@ class SlotDecoder:
     rotary embedding and MLPs are called as they are), except the cache write and the attention:
     each row's new key/value is written at its column, and attention runs over the width bucket
     keeping [start, end] of each row (decode_attention.py: on a GPU a Triton split-KV kernel that
-    reads only those columns; SDPA with a mask elsewhere), so each row still gets the logits of its sequence run alone
-    (padding columns and padded rows change nothing but rounding).
+    reads only those columns; SDPA with a mask elsewhere), so each row still gets the logits of its
+    sequence run alone (padding columns and padded rows change nothing but rounding).
 
     Graphs are captured with capture_error_mode="thread_local": the weight-receiving thread may
     use the GPU meanwhile. Weight loads copy into the parameters in place, so graphs stay valid;
@@ -78,7 +78,7 @@ class SlotDecoder:
             self.attention = TritonDecode(device, kv_heads=self.kv_heads)
         elif FlexDecode.usable(device, dtype, self.head_dim):
             self.attention = FlexDecode()
-        self._check_flex = self.attention is not self._sdpa  # its first eager step is compared with SDPA
+        self._check_kernel = self.attention is not self._sdpa  # its first eager step is compared with SDPA
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._generation = -1
         self._inputs: torch.Tensor | None = None  # [4, rows capacity]: ids, positions, starts, ends
@@ -201,7 +201,7 @@ class SlotDecoder:
         ids, positions, starts, ends = inputs
         b, m, attention = inputs.shape[1], self.inner, self.attention
         capturing = inputs.is_cuda and torch.cuda.is_current_stream_capturing()
-        check = self._check_flex and attention is not self._sdpa and not capturing
+        check = self._check_kernel and attention is not self._sdpa and not capturing
         attention.prepare(starts, ends, w)
         slots = torch.arange(b, device=inputs.device)
         hidden = m.embed_tokens(ids[:, None])  # [b, 1, hidden]
@@ -224,7 +224,7 @@ class SlotDecoder:
                 self._sdpa.prepare(starts, ends, w)
                 if not agree(o, self._sdpa(q, keys, values, attn.scaling)):
                     raise RuntimeError(f"{attention.name} attention disagrees with SDPA")
-                self._check_flex = False
+                self._check_kernel = False
             hidden = residual + attn.o_proj(o.reshape(b, 1, -1))
             residual = hidden
             hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))

