@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent single-GPU machine call for the engine at RL lengths (nvidia-h200):
 #   profile: the GPU engine tests, then benchmarks/engine_gpu_profile.py and the engine alone at
-#            512 x (128 + 1,024)
+#            512 x (128 + 1,024), by default and with eager layers + torch's sampler
 #   lean:    the GPU engine tests, then engine_gpu_lengths.py at the two 512-row shapes only
 #   quick:   the GPU engine tests, then the engine alone at 512 x (128 + 1,024) and 128 x (128 + 4,096)
 #   final:   the GPU engine tests, benchmarks/engine_gpu_lengths.py (every
@@ -12,14 +12,19 @@
 set -uo pipefail
 mode=${1:-final}
 source benchmarks/device_setup.sh  # wheels, PYTHONPATH, $out, the GPUs
-gpu_tests=(tests/policies/test_engine_kv.py tests/policies/test_engine_swap_versions.py)
-if [ "$mode" = profile ]; then
-  python3 -m pytest -q -p no:cacheprovider -o addopts="" -k "cuda" "${gpu_tests[@]}" 2>&1 | tail -6
+gpu_tests=(tests/policies/test_engine_kv.py tests/policies/test_engine_swap_versions.py tests/policies/test_triton_sample.py)
+if [ "$mode" = profile ]; then  # the profile, then the engine at 512 x (128 + 1,024): default, and eager + torch sampler
+  python3 -m pytest -q -p no:cacheprovider -o addopts="" -k "cuda or gpu" "${gpu_tests[@]}" 2>&1 | tail -6
   (cd benchmarks && timeout 300 python3 engine_gpu_profile.py 2>&1) | grep -v "Loading weights" | tee "$out/profile.txt"
-  timeout 240 python3 benchmarks/engine_gpu_lengths.py --shapes 512x128x1024 --skip-hf 2>&1 | tail -8
+  for variant in default eager; do
+    env=(); [ $variant = eager ] && env=(ASYNCRL_ENGINE_COMPILE=0 ASYNCRL_ENGINE_SAMPLER=torch)
+    echo "== engine, $variant"
+    env "${env[@]}" timeout 150 python3 benchmarks/engine_gpu_lengths.py --shapes 512x128x1024 --skip-hf 2>&1 \
+      | grep -v -e "Loading weights" -e "Writing model" | tail -3
+  done
   exit 0
 fi
-python3 -m pytest -q -p no:cacheprovider -o addopts="" -k cuda "${gpu_tests[@]}" 2>&1 | tail -4
+python3 -m pytest -q -p no:cacheprovider -o addopts="" -k "cuda or gpu" "${gpu_tests[@]}" 2>&1 | tail -4
 if [ "$mode" = quick ]; then
   timeout 200 python3 benchmarks/engine_gpu_lengths.py --shapes 512x128x1024,128x128x4096 --skip-hf --out "$out" \
     2>&1 | grep -v -e "Loading weights" -e "Writing model" | tee "$out/lengths.txt" | tail -8

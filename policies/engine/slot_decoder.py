@@ -6,6 +6,7 @@ Used by ModelRunner (runner.py) for the models it supports; see SlotDecoder's do
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,33 @@ log = logging.getLogger("engine.runner")
 MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral")
 # rotary embeddings whose cos/sin depend on the position alone (dynamic types rescale with the length)
 STATIC_ROPE = ("default", "linear", "llama3")
+COMPILE_ENV = "ASYNCRL_ENGINE_COMPILE"  # "0": decoder layers stay eager on CUDA; "1": compiled on any device
+
+
+def compile_wanted(device: torch.device) -> bool:
+    """Compile the decoder layers' non-attention work: on CUDA by default (ASYNCRL_ENGINE_COMPILE=0
+    turns it off), elsewhere only when ASYNCRL_ENGINE_COMPILE=1."""
+    default = "1" if device.type == "cuda" else "0"
+    return os.environ.get(COMPILE_ENV, default) == "1"
+
+
+def attention_inputs(layer, hidden, cos, sin, rope, qk_norm: bool, head_dim: int):  # noqa: ANN001, ANN201
+    """One decoder layer up to its attention: q [b, heads, 1, d], k and v [b, kv_heads, 1, d] (HF's
+    modules as they are: the input RMSNorm, q/k/v projections, Qwen3's q/k norms, rotary)."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    shape = (hidden.shape[0], 1, -1, head_dim)
+    q, k = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape)
+    if qk_norm:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return q, k, attn.v_proj(x).view(shape).transpose(1, 2)
+
+
+def attention_output(layer, hidden, o):  # noqa: ANN001, ANN201
+    """The rest of the layer after attention's output o [b, heads, 1, d]: o_proj, residuals, the MLP."""
+    hidden = hidden + layer.self_attn.o_proj(o.reshape(hidden.shape[0], 1, -1))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
 
 class SlotDecoder:
@@ -79,6 +107,15 @@ class SlotDecoder:
         elif FlexDecode.usable(device, dtype, self.head_dim):
             self.attention = FlexDecode()
         self._check_kernel = self.attention is not self._sdpa  # its first eager step is compared with SDPA
+        self._before, self._after = attention_inputs, attention_output
+        self.compiled = compile_wanted(device)
+        if self.compiled:
+            # ~50 small kernels per layer (RMSNorms, rotary, residuals, SiLU) fuse into a few: at 512
+            # rows they were a third of a step's GPU time. The two functions are the same code for
+            # every layer (the layer's weights are inputs to the graph), and dynamic=True covers
+            # every row bucket, so a process compiles each once. Failure falls back to eager.
+            self._before = torch.compile(attention_inputs, dynamic=True)
+            self._after = torch.compile(attention_output, dynamic=True)
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._generation = -1
         self._inputs: torch.Tensor | None = None  # [4, rows capacity]: ids, positions, starts, ends
@@ -173,7 +210,11 @@ class SlotDecoder:
                 self.forward(inputs, w, out=self._logits[:b])
             self._graphs[b, w] = graph
         except Exception:
-            if self.attention is not self._sdpa:
+            if self.compiled:
+                log.exception("CUDA graph capture of the compiled decoder layers failed: eager layers from now")
+                self.compiled = False
+                self._before, self._after = attention_inputs, attention_output
+            elif self.attention is not self._sdpa:
                 log.exception("CUDA graph capture with %s attention failed: decoding with SDPA", self.attention.name)
                 self.attention = self._sdpa
             else:
@@ -183,17 +224,23 @@ class SlotDecoder:
         return logits
 
     def _eager(self, inputs: torch.Tensor, w: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """`forward`, falling back to SDPA for good if the Triton or flex attention fails (the cache
-        writes a failed run made are the same the rerun makes)."""
-        try:
-            return self.forward(inputs, w, out=out)
-        except Exception:
-            if self.attention is self._sdpa:
-                raise
-            log.exception("%s attention failed: decoding with SDPA", self.attention.name)
-            self.attention = self._sdpa
-            self._graphs.clear()
-            return self.forward(inputs, w, out=out)
+        """`forward`, falling back for good to eager layers if their compile fails, then to SDPA if
+        the Triton or flex attention fails (the cache writes a failed run made are the same the
+        rerun makes)."""
+        while True:
+            try:
+                return self.forward(inputs, w, out=out)
+            except Exception:
+                if self.compiled:
+                    log.exception("compiled decoder layers failed: decoding with eager layers")
+                    self.compiled = False
+                    self._before, self._after = attention_inputs, attention_output
+                elif self.attention is not self._sdpa:
+                    log.exception("%s attention failed: decoding with SDPA", self.attention.name)
+                    self.attention = self._sdpa
+                else:
+                    raise
+                self._graphs.clear()
 
     def forward(self, inputs: torch.Tensor, w: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """The decode step for inputs [4, b] over the first w columns (fixed shapes); logits [b, V]
@@ -206,28 +253,19 @@ class SlotDecoder:
         slots = torch.arange(b, device=inputs.device)
         hidden = m.embed_tokens(ids[:, None])  # [b, 1, hidden]
         cos, sin = m.rotary_emb(hidden, positions[:, None])
-        shape = (b, 1, -1, self.head_dim)
         for i, (layer, kv) in enumerate(zip(m.layers, self.cache.kv, strict=True)):
-            attn = layer.self_attn
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-            q, k = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape)
-            if self.qk_norm:
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = self.rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-            v = attn.v_proj(x).view(shape).transpose(1, 2)
+            q, k, v = self._before(layer, hidden, cos, sin, self.rope, self.qk_norm, self.head_dim)
             keys, values = kv[0, :b, :, :w], kv[1, :b, :, :w]  # [b, kv_heads, w, head_dim]
             keys[slots, :, ends] = k[:, :, 0]
             values[slots, :, ends] = v[:, :, 0]
-            o = attention(q, keys, values, attn.scaling)  # [b, heads, 1, head_dim]
+            scale = layer.self_attn.scaling
+            o = attention(q, keys, values, scale)  # [b, heads, 1, head_dim]
             if check and i == 0:
                 self._sdpa.prepare(starts, ends, w)
-                if not agree(o, self._sdpa(q, keys, values, attn.scaling)):
+                if not agree(o, self._sdpa(q, keys, values, scale)):
                     raise RuntimeError(f"{attention.name} attention disagrees with SDPA")
                 self._check_kernel = False
-            hidden = residual + attn.o_proj(o.reshape(b, 1, -1))
-            residual = hidden
-            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = self._after(layer, hidden, o)
         normed = m.norm(hidden)[:, 0]
         head = self.model.lm_head
         if out is None:

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 BLOCK_N = 64  # columns per load: 64 x head_dim x 2 bytes per K (or V) tile
+WARPS, STAGES = 4, 2  # the split kernel's launch (read at each call: the profile script tries others)
 
 
 @triton.jit
@@ -125,10 +126,13 @@ def splits_for(rows: int, kv_heads: int, width: int, programs: int) -> int:
 
 def decode_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor, ends: torch.Tensor,
-    scale: float, splits: int,
+    scale: float, splits: int, *, block: int | None = None, warps: int | None = None, stages: int | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """q [b, heads, 1, d] (head h = kv_head * group + g), keys/values [b, kv_heads, w, d] (any strides,
-    last dim contiguous), row i attends to columns starts[i]..ends[i] inclusive -> [b, heads, 1, d]."""
+    last dim contiguous), row i attends to columns starts[i]..ends[i] inclusive -> [b, heads, 1, d].
+    block, warps, stages: the split kernel's launch parameters (benchmarks/engine_gpu_profile.py
+    times the alternatives); BLOCK_N, WARPS, STAGES when None."""
+    block, warps, stages = block or BLOCK_N, warps or WARPS, stages or STAGES
     b, heads, _, dim = q.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
@@ -143,7 +147,7 @@ def decode_attention(
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
         scale * math.log2(math.e), kv_heads, splits,
-        HEAD_DIM=dim, GROUP=group, GROUP_PAD=group_pad, BLOCK=BLOCK_N, num_warps=4, num_stages=2,
+        HEAD_DIM=dim, GROUP=group, GROUP_PAD=group_pad, BLOCK=block, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     _merge_kernel[(b * kv_heads,)](
         part, lse, out, out.stride(0), out.stride(1), kv_heads, splits,

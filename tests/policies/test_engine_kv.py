@@ -227,6 +227,7 @@ def test_each_model_family_decodes_on_the_slot_path_like_a_full_recompute(kind, 
     run(full, reference)
     assert_same(cached, reference)
     assert slot._decoder.cuda_graphs == (device == "cuda") and (device == "cpu" or slot._decoder._graphs)
+    assert slot._decoder.compiled == (device == "cuda")  # compiled layers on a GPU, and no fallback taken
 
 
 @CUDA
@@ -251,3 +252,29 @@ def test_decode_attention_kernels_match_sdpa_on_a_gpu(kind):
     got, want = kernel(q, keys, values, dim**-0.5), sdpa(q, keys, values, dim**-0.5)
     assert got.shape == want.shape == (rows, kv_heads * group, 1, dim) and agree(got, want)
     assert not agree(got[1:], want[:-1])  # the check can fail
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_compiled_decoder_layers_decode_like_a_full_recompute(monkeypatch):
+    """ASYNCRL_ENGINE_COMPILE=1 compiles the layers' non-attention work on CPU too (on CUDA it is the
+    default): the slot path still agrees with recomputation, and every layer reuses the one compiled
+    graph of each function (no recompile per layer: a graph or two per function, not one per layer)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("ASYNCRL_ENGINE_COMPILE", "1")
+    shape = dict(vocab_size=40, hidden_size=48, intermediate_size=96, num_hidden_layers=6, num_attention_heads=6,
+                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3Config(**shape), attn_implementation="sdpa")
+    counters.clear()
+    slot, full = (
+        ModelRunner(model.eval(), device=torch.device("cpu")),
+        ModelRunner(model, device=torch.device("cpu"), use_kv_cache=False),
+    )
+    cached, reference = script(), script()
+    run(slot, cached)
+    run(full, reference)
+    assert_same(cached, reference)
+    assert slot._decoder.compiled
+    assert 2 <= counters["stats"]["unique_graphs"] <= 4  # 2 functions; b = 1 specialises once more
