@@ -104,7 +104,7 @@ def _sample_by_kernel(logits: torch.Tensor, rows: list[RowParams]) -> Sampled:
 
     params = [[r.temperature for r in rows], [r.generator.random() if r.generator is not None else 0.0 for r in rows]]
     temps, uniforms = torch.tensor(params, dtype=torch.float32).to(logits.device, non_blocking=True)
-    tokens, logprobs = sample_rows(logits, temps, uniforms)
+    tokens, logprobs = sample_rows(logits if logits.stride(-1) == 1 else logits.contiguous(), temps, uniforms)
     both = torch.stack([tokens.double(), logprobs.double()]).tolist()
     return Sampled([int(t) for t in both[0]], both[1], [None] * len(rows))
 

@@ -278,3 +278,31 @@ def test_compiled_decoder_layers_decode_like_a_full_recompute(monkeypatch):
     assert_same(cached, reference)
     assert slot._decoder.compiled
     assert 2 <= counters["stats"]["unique_graphs"] <= 4  # 2 functions; b = 1 specialises once more
+
+
+def test_a_compile_that_fails_falls_back_to_eager_layers(monkeypatch, caplog):
+    """A torch.compile that cannot run here (a fake: its compiled function raises, as a missing C
+    compiler or an inductor bug would) costs one logged fallback, not a failed step: decoding goes
+    on with eager layers and still agrees with recomputation."""
+    from policies.engine import slot_decoder
+
+    def broken_compile(fn, **_):  # noqa: ANN001, ANN202
+        def run(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            raise RuntimeError("inductor: no working C compiler")
+
+        return run
+
+    monkeypatch.setenv(slot_decoder.COMPILE_ENV, "1")
+    monkeypatch.setattr(slot_decoder.torch, "compile", broken_compile)
+    shape = dict(vocab_size=40, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=6,
+                 num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(3)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3Config(**shape), attn_implementation="sdpa")
+    slot = ModelRunner(model.eval(), device=torch.device("cpu"))
+    assert slot._decoder.compiled
+    cached, reference = script(), script()
+    run(slot, cached)
+    run(ModelRunner(model, device=torch.device("cpu"), use_kv_cache=False), reference)
+    assert_same(cached, reference)
+    assert not slot._decoder.compiled
+    assert sum("compiled decoder layers failed" in r.message for r in caplog.records) == 1
