@@ -213,37 +213,36 @@ class SlotDecoder:
                 self.forward(inputs, w, out=self._logits[:b])
             self._graphs[b, w] = graph
         except Exception:
-            if self.compiled:
-                log.exception("CUDA graph capture of the compiled decoder layers failed: eager layers from now")
-                self.compiled = False
-                self._before, self._after = attention_inputs, attention_output
-            elif self.attention is not self._sdpa:
-                log.exception("CUDA graph capture with %s attention failed: decoding with SDPA", self.attention.name)
-                self.attention = self._sdpa
-            else:
+            if not self._give_up_fastest("CUDA graph capture"):
                 log.exception("CUDA graph capture failed: decoding without graphs")
                 self.cuda_graphs = False
-            self._graphs.clear()
+                self._graphs.clear()
         return logits
 
     def _eager(self, inputs: torch.Tensor, w: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        """`forward`, falling back for good to eager layers if their compile fails, then to SDPA if
-        the Triton or flex attention fails (the cache writes a failed run made are the same the
-        rerun makes)."""
+        """`forward`, giving up for good the compiled layers, then the Triton or flex attention, at
+        each failure (the cache writes a failed run made are the same the rerun makes)."""
         while True:
             try:
                 return self.forward(inputs, w, out=out)
             except Exception:
-                if self.compiled:
-                    log.exception("compiled decoder layers failed: decoding with eager layers")
-                    self.compiled = False
-                    self._before, self._after = attention_inputs, attention_output
-                elif self.attention is not self._sdpa:
-                    log.exception("%s attention failed: decoding with SDPA", self.attention.name)
-                    self.attention = self._sdpa
-                else:
+                if not self._give_up_fastest("a decode step"):
                     raise
-                self._graphs.clear()
+
+    def _give_up_fastest(self, what: str) -> bool:
+        """After a failure of `what` (logged here): leave the compiled layers for eager ones or, when
+        they are already eager, the Triton/flex attention for SDPA. False when nothing is left."""
+        if self.compiled:
+            log.exception("%s with compiled decoder layers failed: eager layers from now", what)
+            self.compiled = False
+            self._before, self._after = attention_inputs, attention_output
+        elif self.attention is not self._sdpa:
+            log.exception("%s with %s attention failed: SDPA from now", what, self.attention.name)
+            self.attention = self._sdpa
+        else:
+            return False
+        self._graphs.clear()
+        return True
 
     def forward(self, inputs: torch.Tensor, w: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """The decode step for inputs [4, b] over the first w columns (fixed shapes); logits [b, V]

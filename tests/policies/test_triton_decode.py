@@ -10,30 +10,18 @@ mid-block, a single-column row, splits past a row's end, head_dim 64 and 128, st
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
+
+from tests.policies.triton_interpreter import run_interpreted
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
     pytest.mark.timeout(300),
 ]
 
-CHILD = textwrap.dedent(
-    """
+CHILD = """
     import torch
-    import triton.runtime.interpreter as interpreter
-
-    # the interpreter converts its scalars with int() on a 1-element array, which NumPy 2 refuses
-    _patch = interpreter._patch_lang_tensor
-    def _patched(tensor):
-        _patch(tensor)
-        tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
-    interpreter._patch_lang_tensor = _patched
 
     from policies.engine.decode_attention import SdpaDecode, agree
     from policies.engine.triton_decode import decode_attention, splits_for
@@ -56,12 +44,8 @@ CHILD = textwrap.dedent(
         assert not agree(got[1:], want[:-1])
     assert splits_for(512, 8, 768, 1056) == 1 and splits_for(8, 8, 4096, 1056) == 16
     print("ok")
-    """
-)
+"""
 
 
 def test_kernel_matches_sdpa_under_the_interpreter():
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
-    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=280)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_interpreted(CHILD)

@@ -1,7 +1,7 @@
 """The Triton sampling kernel (policies/engine/triton_sample.py) against sampling.sample's torch path.
 
 On CPU under Triton's interpreter in a child process (TRITON_INTERPRET=1 is read at import; the
-NumPy-2 patch as in test_triton_decode.py); skipped where triton is not installed. Cases: greedy and
+NumPy-2 patch of tests/policies/triton_interpreter.py); skipped where triton is not installed. Cases: greedy and
 sampled rows at several temperatures in one batch, a vocabulary that is not a multiple of the block,
 bf16 and float32 logits, -inf logits (a masked token is never drawn), a uniform of 0 and one deep in
 the tail (0.999; next to 1 the pick is decided by rounding, which differs between the two).
@@ -10,33 +10,21 @@ the tail (0.999; next to 1 the pick is decided by rounding, which differs betwee
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
 
 from policies.engine.sampling import RowParams
+from tests.policies.triton_interpreter import run_interpreted
 
 pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed"),
     pytest.mark.timeout(300),
 ]
 
-CHILD = textwrap.dedent(
-    """
+CHILD = """
     import random
     import torch
-    import triton.runtime.interpreter as interpreter
-
-    _patch = interpreter._patch_lang_tensor
-    def _patched(tensor):
-        _patch(tensor)
-        tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
-    interpreter._patch_lang_tensor = _patched
 
     from policies.engine.sampling import RowParams, sample
     from policies.engine.triton_sample import sample_rows
@@ -66,15 +54,11 @@ CHILD = textwrap.dedent(
         assert tokens[5] < 100
         assert tokens[0] == logits[0].float().argmax() and tokens[4] == logits[4].float().argmax()  # greedy
     print("ok")
-    """
-)
+"""
 
 
 def test_kernel_draws_like_the_torch_sampler_under_the_interpreter():
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(root), *sys.path])}
-    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=280)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_interpreted(CHILD)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
